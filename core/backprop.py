@@ -1,0 +1,115 @@
+"""Backpropagation, BP1–BP4, for one example and for a whole batch.
+
+BP1: δ^L = ∇_a C ⊙ σ'(z^L)
+BP2: δ^l = ((w^{l+1})^T δ^{l+1}) ⊙ σ'(z^l)
+BP3: ∂C/∂b^l_j = δ^l_j
+BP4: ∂C/∂w^l_jk = a^{l-1}_k δ^l_j
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.functions import activation_named, cost_named, one_hot
+from core.network import Network, split_params
+
+
+def backprop_example(network: Network, x: np.ndarray, label: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """∂C_x/∂w and ∂C_x/∂b for one training example x, as the book's ``backprop`` does.
+
+    Returns (nabla_w, nabla_b): lists shaped like ``network.weights`` and ``network.biases``.
+    This is the reference the batched path is tested against; it is not fast.
+    """
+    sigma = activation_named(network.activation)
+    cost = cost_named(network.cost)
+    activation = np.asarray(x, dtype=network.dtype)
+    activations = [activation]  # a^1 … a^L, each (n_l,)
+    for w, b in zip(network.weights, network.biases):
+        z = w @ activation + b  # eq. 25
+        activation = sigma.fn(z)
+        activations.append(activation)
+    y = one_hot(np.array([label]), network.sizes[-1], dtype=network.dtype)[0]
+    delta = cost.delta(activations[-1][None, :], y[None, :], sigma)[0]  # BP1
+    nabla_w = [np.empty(0)] * len(network.weights)
+    nabla_b = [np.empty(0)] * len(network.biases)
+    nabla_b[-1] = delta  # BP3
+    nabla_w[-1] = np.outer(delta, activations[-2])  # BP4
+    for layer in range(2, len(network.sizes)):
+        sp = sigma.prime_from_output(activations[-layer])
+        delta = (network.weights[-layer + 1].T @ delta) * sp  # BP2
+        nabla_b[-layer] = delta
+        nabla_w[-layer] = np.outer(delta, activations[-layer - 1])
+    return nabla_w, nabla_b
+
+
+class Workspace:
+    """Buffers for the batched backward pass, reused across steps.
+
+    At a mini-batch of 10 the arithmetic is tiny and allocation is a large share of
+    the time, so every intermediate array lives here. One workspace per thread.
+    """
+
+    def __init__(self, sizes: list[int], rows: int, dtype):
+        self.sizes, self.rows, self.dtype = list(sizes), rows, np.dtype(dtype)
+        self.activations = [np.empty((rows, n), dtype) for n in sizes[1:]]  # a^l, (rows, n_l)
+        self.deltas = [np.empty((rows, n), dtype) for n in sizes[1:]]  # δ^l, (rows, n_l)
+        self.primes = [np.empty((rows, n), dtype) for n in sizes[1:]]  # σ'(z^l)
+        self.targets = np.zeros((rows, sizes[-1]), dtype)  # y(x), one-hot rows
+
+    def fits(self, network: Network, rows: int) -> bool:
+        return self.sizes == network.sizes and self.dtype == network.dtype and rows <= self.rows
+
+
+def gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, out: np.ndarray | None = None,
+                 workspace: Workspace | None = None) -> tuple[np.ndarray, int]:
+    """Σ_x ∂C_x/∂params over the rows of x, fully matrix-based, and the example count.
+
+    Returns (nabla, count): ``nabla`` is flat, laid out like ``network.params``
+    (``split_params`` gives nabla_w and nabla_b). Examples are rows, so BP4's sum over
+    examples of δ^l (a^{l-1})^T is one product (δ^l)^T a^{l-1}.
+    """
+    m = labels.shape[0]
+    if out is None:
+        out = np.empty_like(network.params)
+    if m == 0:
+        out.fill(0.0)
+        return out, 0
+    if workspace is None or not workspace.fits(network, m):
+        workspace = Workspace(network.sizes, m, network.dtype)
+    sigma = activation_named(network.activation)
+    cost = cost_named(network.cost)
+    nabla_w, nabla_b = split_params(out, network.sizes)
+    acts = [a[:m] for a in workspace.activations]
+    deltas = [d[:m] for d in workspace.deltas]
+    primes = [p[:m] for p in workspace.primes]
+
+    a_prev = x
+    for w, b, a in zip(network.weights, network.biases, acts):
+        np.matmul(a_prev, w.T, out=a)  # z^l = a^{l-1} (w^l)^T + b^l, eq. 25
+        a += b
+        sigma.fn(a, out=a)
+        a_prev = a
+
+    y = one_hot(labels, network.sizes[-1], dtype=network.dtype, out=workspace.targets[:m])
+    cost.delta(acts[-1], y, sigma, out=deltas[-1])  # BP1
+    for layer in range(len(deltas) - 1, -1, -1):
+        delta = deltas[layer]
+        a_in = x if layer == 0 else acts[layer - 1]
+        np.matmul(delta.T, a_in, out=nabla_w[layer])  # BP4, summed over the batch
+        np.sum(delta, axis=0, out=nabla_b[layer])  # BP3, summed over the batch
+        if layer > 0:
+            below = deltas[layer - 1]
+            np.matmul(delta, network.weights[layer], out=below)  # BP2
+            below *= sigma.prime_from_output(acts[layer - 1], out=primes[layer - 1])
+    return out, m
+
+
+def per_example_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """The same sum as ``gradient_sum``, one example at a time: the oracle for the batched path."""
+    out = np.zeros_like(network.params)
+    nabla_w, nabla_b = split_params(out, network.sizes)
+    for xi, label in zip(x, labels):
+        dw, db = backprop_example(network, xi, int(label))
+        for acc, g in zip(nabla_w + nabla_b, dw + db):
+            acc += g
+    return out, labels.shape[0]

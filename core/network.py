@@ -1,0 +1,167 @@
+"""A feedforward network in the book's notation, stored in one flat parameter vector.
+
+Weights w^l have shape (n_l, n_{l-1}) and biases b^l shape (n_l,), l = 1 … L-1 in the
+book's indexing (index 0 here is the book's layer 2). All of them are views into a
+single contiguous vector ``params``: weights first, then biases. One vector makes the
+update one operation, the broadcast to workers one object, and L2 decay a slice.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.functions import activation_named, cost_named, one_hot
+
+INITS = ("standard", "scaled")
+DTYPES = {"float64": np.float64, "float32": np.float32}
+
+
+def parameter_count(sizes: list[int]) -> int:
+    return sum(n_out * n_in for n_in, n_out in zip(sizes[:-1], sizes[1:])) + sum(sizes[1:])
+
+
+def weight_count(sizes: list[int]) -> int:
+    return sum(n_out * n_in for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+
+
+def split_params(params: np.ndarray, sizes: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Views of a flat vector as weight matrices and bias vectors (weights first)."""
+    weights, biases, offset = [], [], 0
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        weights.append(params[offset : offset + n_out * n_in].reshape(n_out, n_in))  # (n_out, n_in)
+        offset += n_out * n_in
+    for n_out in sizes[1:]:
+        biases.append(params[offset : offset + n_out])  # (n_out,)
+        offset += n_out
+    return weights, biases
+
+
+@dataclass
+class Network:
+    sizes: list[int]
+    params: np.ndarray  # flat, weights then biases
+    cost: str = "quadratic"
+    activation: str = "sigmoid"
+
+    def __post_init__(self):
+        self.sizes = [int(n) for n in self.sizes]
+        if len(self.sizes) < 2 or min(self.sizes) < 1:
+            raise ValueError(f"sizes must list at least two positive layer sizes, got {self.sizes}")
+        if self.params.shape != (parameter_count(self.sizes),):
+            raise ValueError(f"params has shape {self.params.shape}, sizes {self.sizes} need "
+                             f"({parameter_count(self.sizes)},)")
+        cost_named(self.cost)
+        activation_named(self.activation)
+        self.weights, self.biases = split_params(self.params, self.sizes)
+
+    @classmethod
+    def create(cls, sizes, init: str = "standard", seed: int = 0, cost: str = "quadratic",
+               activation: str = "sigmoid", dtype: str = "float64") -> "Network":
+        """Gaussian initialisation from an explicit seed.
+
+        ``standard``: weights and biases N(0, 1), the book's chapter 1 network.
+        ``scaled``: weights N(0, 1/n_in), biases N(0, 1), the book's chapter 3.
+        Draws happen in float64 (biases first, then weights, as the book does) so a
+        float32 network starts from the same values, rounded.
+        """
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        sizes = [int(n) for n in sizes]
+        rng = np.random.default_rng(seed)
+        biases = [rng.standard_normal(n_out) for n_out in sizes[1:]]
+        weights = [rng.standard_normal((n_out, n_in)) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+        if init == "scaled":
+            weights = [w / np.sqrt(w.shape[1]) for w in weights]
+        params = np.concatenate([w.ravel() for w in weights] + biases).astype(dtype_named(dtype))
+        return cls(sizes, params, cost, activation)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.params.dtype
+
+    @property
+    def n_weights(self) -> int:
+        return weight_count(self.sizes)
+
+    def copy(self) -> "Network":
+        return Network(list(self.sizes), self.params.copy(), self.cost, self.activation)
+
+    def astype(self, dtype: str) -> "Network":
+        return Network(list(self.sizes), self.params.astype(dtype_named(dtype)), self.cost, self.activation)
+
+    def feedforward(self, x: np.ndarray) -> np.ndarray:
+        """Eq. 25, a^l = σ(w^l a^{l-1} + b^l), for a batch of rows at once.  # (m, n_L)
+
+        Rows are examples, so the product is a^{l-1} (w^l)^T.
+        """
+        sigma = activation_named(self.activation).fn
+        a = np.asarray(x, dtype=self.dtype)
+        for w, b in zip(self.weights, self.biases):
+            z = a @ w.T
+            z += b
+            a = sigma(z, out=z)
+        return a
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The digit each row is taken for: the output neuron with the largest activation."""
+        return np.argmax(self.feedforward(x), axis=1)
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray, batch_rows: int = 10_000) -> tuple[float, float]:
+        """Mean cost C = (1/n) Σ_x C_x (without the L2 term) and accuracy on a dataset."""
+        n = labels.shape[0]
+        if n == 0:
+            raise ValueError("cannot evaluate on an empty dataset")
+        cost = cost_named(self.cost)
+        total_cost, correct = 0.0, 0
+        for start in range(0, n, batch_rows):
+            a = self.feedforward(x[start : start + batch_rows])
+            part = labels[start : start + batch_rows]
+            y = one_hot(part, self.sizes[-1], dtype=a.dtype)
+            total_cost += float(cost.per_example(a, y).sum(dtype=np.float64))
+            correct += int(np.count_nonzero(np.argmax(a, axis=1) == part))
+        return total_cost / n, correct / n
+
+    def save(self, path) -> None:
+        """Write ``.npz`` readable with ``allow_pickle=False``; atomically (temp file, rename)."""
+        arrays = {f"weights_{i}": w for i, w in enumerate(self.weights)}
+        arrays.update({f"biases_{i}": b for i, b in enumerate(self.biases)})
+        arrays.update(sizes=np.array(self.sizes, dtype=np.int64), cost=np.array(self.cost),
+                      activation=np.array(self.activation))
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "Network":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                sizes = [int(n) for n in data["sizes"]]
+                n_layers = len(sizes) - 1
+                weights = [data[f"weights_{i}"] for i in range(n_layers)]
+                biases = [data[f"biases_{i}"] for i in range(n_layers)]
+                cost, activation = str(data["cost"]), str(data["activation"])
+        except KeyError as e:
+            raise ValueError(f"{path}: not a gradavg weights file, missing array {e}") from None
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            if w.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
+                raise ValueError(f"{path}: layer {i} has weights {w.shape} and biases {b.shape}, "
+                                 f"sizes {sizes} need {(sizes[i + 1], sizes[i])} and {(sizes[i + 1],)}")
+        params = np.concatenate([w.ravel() for w in weights] + biases)
+        return cls(sizes, params, cost, activation)
+
+
+def dtype_named(name: str) -> np.dtype:
+    try:
+        return np.dtype(DTYPES[name])
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None

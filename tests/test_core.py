@@ -1,0 +1,202 @@
+"""Core's math against oracles: finite differences, the per-example path, hand-worked numbers."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import core
+from core import Network, add_in_order, average, chunk_bounds, gradient_sum, split_params, update_in_place
+
+
+def random_problem(sizes, cost, init, seed, m=7, dtype="float64"):
+    net = Network.create(sizes, init=init, seed=seed, cost=cost, dtype=dtype)
+    rng = np.random.default_rng(seed + 100)
+    return net, rng.random((m, sizes[0])), rng.integers(0, sizes[-1], m)
+
+
+def test_core_imports_numpy_only():
+    code = "import sys, core; bad = {'ray', 'mlflow', 'yaml', 'jobs', 'cluster'} & set(sys.modules); print(sorted(bad))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_shapes_follow_the_book():
+    net = Network.create([784, 30, 10], seed=0)
+    assert [w.shape for w in net.weights] == [(30, 784), (10, 30)]
+    assert [b.shape for b in net.biases] == [(30,), (10,)]
+    assert net.params.size == core.parameter_count([784, 30, 10]) == 784 * 30 + 30 * 10 + 40
+    assert all(np.shares_memory(w, net.params) for w in net.weights)
+
+
+def test_initialisations_have_the_stated_spread():
+    standard = Network.create([400, 300, 10], init="standard", seed=3)
+    scaled = Network.create([400, 300, 10], init="scaled", seed=3)
+    assert standard.weights[0].std() == pytest.approx(1.0, rel=0.01)
+    assert scaled.weights[0].std() == pytest.approx(1 / np.sqrt(400), rel=0.01)
+    assert scaled.biases[0].std() == pytest.approx(1.0, rel=0.15)
+    assert np.array_equal(standard.params, Network.create([400, 300, 10], seed=3).params)
+    assert not np.array_equal(standard.params, Network.create([400, 300, 10], seed=4).params)
+
+
+def test_feedforward_is_eq25_layer_by_layer():
+    net, x, _ = random_problem([5, 4, 3], "quadratic", "standard", 1)
+    a = x[2]
+    for w, b in zip(net.weights, net.biases):
+        a = 1.0 / (1.0 + np.exp(-(w @ a + b)))
+    np.testing.assert_allclose(net.feedforward(x)[2], a, rtol=1e-14)
+
+
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("init", ["standard", "scaled"])
+@pytest.mark.parametrize("sizes", [[6, 4], [7, 5, 3], [6, 5, 4, 3]])
+def test_gradient_check_float64(cost, init, sizes):
+    net, x, y = random_problem(sizes, cost, init, seed=len(sizes))
+    assert core.gradient_check(net, x, y) < 1e-7
+
+
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+def test_gradient_check_float32(cost):
+    net, x, y = random_problem([8, 6, 4], cost, "scaled", seed=5, dtype="float32")
+    assert net.params.dtype == np.float32
+    assert core.gradient_check(net, x, y) < core.TOLERANCES["float32"]
+
+
+def test_gradient_check_catches_a_wrong_gradient(monkeypatch):
+    """The check is an oracle only if it fails on a wrong backprop: drop σ' from BP2."""
+    net, x, y = random_problem([5, 4, 3], "quadratic", "standard", 2)
+    import core.gradcheck as gc
+
+    def wrong_sum(network, xs, labels):
+        nabla, n = gradient_sum(network, xs, labels)
+        nabla[: network.weights[0].size] *= 1.01
+        return nabla, n
+
+    monkeypatch.setattr(gc, "gradient_sum", wrong_sum)
+    assert core.gradient_check(net, x, y) > 1e-3
+
+
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("sizes", [[6, 4], [7, 5, 3], [9, 6, 5, 4]])
+def test_batched_sum_equals_per_example_sum(cost, sizes):
+    net, x, y = random_problem(sizes, cost, "standard", seed=11, m=23)
+    batched, n = gradient_sum(net, x, y)
+    looped, n_looped = core.per_example_gradient_sum(net, x, y)
+    assert n == n_looped == 23
+    assert np.max(np.abs(batched - looped)) <= 1e-12 * np.max(np.abs(looped))
+
+
+def test_workspace_reuse_gives_the_same_bits():
+    net, x, y = random_problem([10, 8, 4], "quadratic", "standard", 4, m=12)
+    ws = core.Workspace(net.sizes, 12, net.dtype)
+    first = gradient_sum(net, x, y, workspace=ws)[0].copy()
+    gradient_sum(net, x[:5], y[:5], workspace=ws)  # a smaller batch in between
+    assert np.array_equal(gradient_sum(net, x, y, workspace=ws)[0], first)
+
+
+def test_unequal_parts_average_to_the_whole_batch():
+    net, x, y = random_problem([7, 5, 3], "cross_entropy", "scaled", 8, m=17)
+    whole, n = gradient_sum(net, x, y)
+    parts = [gradient_sum(net, x[:3], y[:3]), gradient_sum(net, x[3:], y[3:])]
+    np.testing.assert_allclose(average(parts), whole / n, rtol=1e-13, atol=1e-16)
+    mean_of_means = (parts[0][0] / 3 + parts[1][0] / 14) / 2
+    assert not np.allclose(mean_of_means, whole / n, rtol=1e-6)
+
+
+def test_add_in_order_is_left_to_right():
+    parts = [(np.array([1e16]), 1), (np.array([1.0]), 1), (np.array([-1e16]), 1)]
+    total, count = add_in_order(parts)
+    assert count == 3 and total[0] == 0.0  # (1e16 + 1) - 1e16 rounds to 0 in float64
+    assert parts[0][0][0] == 1e16  # the first part was copied, not mutated
+
+
+def test_chunk_bounds_do_not_depend_on_anything_but_n_and_size():
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(3, 5) == [(0, 3)]
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_bounds(3, 0)
+
+
+def test_hand_worked_2_2_1_network():
+    """Every number below was worked out by hand (to 10 places) from eq. 25 and BP1-BP4.
+
+    w2 = [[0.1, 0.2], [0.3, 0.4]], b2 = 0; w3 = [[0.5, 0.6]], b3 = 0; x = [1, 0]; one output
+    neuron whose desired value is 1 (label 0 of one class), quadratic cost.
+    z2 = [0.1, 0.3], a2 = σ(z2) = [0.5249791875, 0.5744425168]
+    z3 = 0.5·0.5249791875 + 0.6·0.5744425168 = 0.6071551038, a3 = σ(z3) = 0.6472915700
+    BP1: δ3 = (a3 − 1)·a3(1 − a3) = −0.3527084300 · 0.2283051934 = −0.0805251663
+    BP3, BP4: ∂C/∂b3 = δ3, ∂C/∂w3 = δ3·a2 = [−0.0422740364, −0.0462570792]
+    BP2: δ2 = w3ᵀδ3 ⊙ σ'(z2) = [−0.0402625832·0.2493760402, −0.0483150998·0.2444583117]
+       = [−0.0100405236, −0.0118110277]
+    ∂C/∂w2 = δ2 xᵀ = [[−0.0100405236, 0], [−0.0118110277, 0]], ∂C/∂b2 = δ2
+    C = ½(1 − a3)² = 0.0622016183
+    """
+    params = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.0, 0.0, 0.0])
+    net = Network([2, 2, 1], params, cost="quadratic")
+    nabla, n = gradient_sum(net, np.array([[1.0, 0.0]]), np.array([0]))
+    nabla_w, nabla_b = split_params(nabla, net.sizes)
+    assert n == 1
+    np.testing.assert_allclose(nabla_w[1], [[-0.0422740364, -0.0462570792]], atol=1e-9)
+    np.testing.assert_allclose(nabla_b[1], [-0.0805251663], atol=1e-9)
+    np.testing.assert_allclose(nabla_w[0], [[-0.0100405236, 0.0], [-0.0118110277, 0.0]], atol=1e-9)
+    np.testing.assert_allclose(nabla_b[0], [-0.0100405236, -0.0118110277], atol=1e-9)
+    cost, accuracy = net.evaluate(np.array([[1.0, 0.0]]), np.array([0]))
+    assert cost == pytest.approx(0.0622016183, abs=1e-10) and accuracy == 1.0
+
+
+def test_update_with_and_without_weight_decay():
+    net = Network([1, 1], np.array([2.0, 1.0]))
+    update_in_place(net, np.array([0.5, 0.25]), count=5, eta=2.0)
+    np.testing.assert_array_equal(net.params, [2.0 - 2.0 * 0.1, 1.0 - 2.0 * 0.05])
+    net = Network([1, 1], np.array([2.0, 1.0]))
+    update_in_place(net, np.array([0.5, 0.25]), count=5, eta=2.0, lmbda=10.0, n_train=100)
+    # w ← (1 − ηλ/n) w − η ∂C/∂w = 0.8·2 − 0.2; the bias is not decayed
+    np.testing.assert_allclose(net.params, [0.8 * 2.0 - 0.2, 1.0 - 0.1], rtol=1e-15)
+
+
+def test_cross_entropy_value_by_hand():
+    net = Network([1, 2], np.array([0.0, 0.0, 0.0, 0.0]), cost="cross_entropy")
+    cost, _ = net.evaluate(np.array([[1.0]]), np.array([1]))
+    assert cost == pytest.approx(2 * np.log(2), rel=1e-14)  # a = [½, ½] against y = [0, 1]
+
+
+def test_evaluate_counts_argmax_hits():
+    net = Network([2, 2], np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]))  # identity weights
+    x = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]])
+    _, accuracy = net.evaluate(x, np.array([0, 1, 1, 0]))
+    assert accuracy == 0.75
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_save_and_load_round_trip(tmp_path, dtype):
+    net = Network.create([6, 5, 3], init="scaled", seed=9, cost="cross_entropy", dtype=dtype)
+    net.save(tmp_path / "weights.npz")
+    with np.load(tmp_path / "weights.npz", allow_pickle=False) as data:
+        assert sorted(data.files) == ["activation", "biases_0", "biases_1", "cost", "sizes",
+                                      "weights_0", "weights_1"]
+        assert data["weights_0"].shape == (5, 6) and data["biases_1"].shape == (3,)
+        assert str(data["cost"]) == "cross_entropy"
+    loaded = Network.load(tmp_path / "weights.npz")
+    assert loaded.sizes == [6, 5, 3] and loaded.cost == "cross_entropy" and loaded.dtype == np.dtype(dtype)
+    assert np.array_equal(loaded.params, net.params)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_load_refuses_a_file_that_is_not_weights(tmp_path):
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a gradavg weights file"):
+        Network.load(tmp_path / "other.npz")
+
+
+def test_names_are_looked_up_in_one_table():
+    assert set(core.COSTS) == {"quadratic", "cross_entropy"} and set(core.ACTIVATIONS) == {"sigmoid"}
+    with pytest.raises(ValueError, match="unknown cost 'hinge'; valid: quadratic, cross_entropy"):
+        Network.create([2, 2], cost="hinge")
+    with pytest.raises(ValueError, match="unknown init"):
+        Network.create([2, 2], init="xavier")
+
+
+def test_sigmoid_does_not_overflow():
+    with np.errstate(all="raise"):
+        np.testing.assert_array_equal(core.sigmoid(np.array([-1000.0, 0.0, 1000.0])), [0.0, 0.5, 1.0])
