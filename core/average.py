@@ -7,7 +7,7 @@ same bits whoever computed the parts.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

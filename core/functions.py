@@ -6,8 +6,8 @@ Examples are rows here (the book uses columns): ``a`` and ``y`` are (m, n_L).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -112,7 +112,8 @@ def _synthetic_shape(spec: str) -> tuple[int, int, int]:
     try:
         n, n_in, n_out = (int(part) for part in spec.split(":")[1:])
     except ValueError:
-        raise DataError(f"data={spec!r}: write synthetic:EXAMPLES:INPUTS:CLASSES, e.g. synthetic:50000:784:10") from None
+        raise DataError(f"data={spec!r}: write synthetic:EXAMPLES:INPUTS:CLASSES, "
+                        "e.g. synthetic:50000:784:10") from None
     if min(n, n_in, n_out) < 1 or n_out < 2:
         raise DataError(f"data={spec!r}: examples and inputs must be positive and classes at least 2")
     return n, n_in, n_out
@@ -211,10 +212,15 @@ def _load_idx_dir(folder: Path) -> "_Source":
 
 def _load_npz(path: Path) -> "_Source":
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise DataError(f"{path}: not a readable .npz (no zip header); save it with numpy.savez")
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except PermissionError:
         raise DataError(f"{path}: cannot be read (permission denied); check the file's permissions") from None
+    except DataError:
+        raise
     except ValueError as e:
         raise DataError(f"{path}: holds pickled objects ({e}); save plain numeric arrays x and y") from None
     except Exception as e:  # zipfile.BadZipFile, EOFError, OSError: a damaged archive
@@ -242,7 +248,7 @@ def _npz_pair(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.
             raise DataError(f"{path}: labels y must be whole numbers, got dtype {y.dtype}")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: x must be numeric, got dtype {x.dtype}")
-    return x.reshape(x.shape[0], -1).astype(np.float64), y.astype(np.int64)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))).astype(np.float64), y.astype(np.int64)
 
 
 def _load_book_pickle(path: Path, allow_pickle: bool) -> "_Source":

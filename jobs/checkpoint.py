@@ -1,0 +1,50 @@
+"""Checkpoints: weights, step, epoch, the shuffle generator's state and the resolved config.
+
+Written to a temporary file and renamed, so a file under the final name is always whole;
+read without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from core import Network
+from jobs.config import JobConfig, build_config
+from jobs.train import TrainingState
+
+
+def save(state: TrainingState, cfg: JobConfig, path) -> Path:
+    path = Path(path)
+    net = state.network
+    arrays = dict(params=net.params, sizes=np.array(net.sizes, dtype=np.int64), cost=np.array(net.cost),
+                  activation=np.array(net.activation), epoch=np.array(state.epoch), step=np.array(state.step),
+                  shuffle_state=np.array(json.dumps(state.shuffle.bit_generator.state)),
+                  config=np.array(cfg.to_yaml()))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path) -> tuple[TrainingState, JobConfig]:
+    with np.load(path, allow_pickle=False) as data:
+        net = Network([int(n) for n in data["sizes"]], data["params"].copy(), str(data["cost"]),
+                      str(data["activation"]))
+        shuffle = np.random.default_rng()
+        shuffle.bit_generator.state = json.loads(str(data["shuffle_state"]))
+        cfg = build_config(yaml.safe_load(str(data["config"])))
+        state = TrainingState(net, epoch=int(data["epoch"]), step=int(data["step"]), shuffle=shuffle)
+    return state, cfg

@@ -1,0 +1,62 @@
+"""Progress output: a bar on a terminal, plain lines in a log (a file, a cluster's job log)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from jobs.train import EpochResult, Hooks, TrainingState
+
+
+class Progress(Hooks):
+    def __init__(self, epochs: int, stream: TextIO | None = None, quiet: bool = False):
+        self.stream = stream or sys.stderr
+        self.epochs, self.quiet = epochs, quiet
+        self.tty = self.stream.isatty()
+        self._epoch_started = time.perf_counter()
+
+    def on_epoch_start(self, epoch: int, n_batches: int) -> None:
+        self._epoch = epoch
+        self._epoch_started = time.perf_counter()
+
+    def on_batches(self, done: int, n_batches: int) -> None:
+        if self.tty and not self.quiet:
+            filled = int(30 * done / n_batches)
+            self.stream.write(f"\repoch {self._epoch}/{self.epochs} [{'#' * filled}{'.' * (30 - filled)}] "
+                              f"{done}/{n_batches}")
+            self.stream.flush()
+
+    def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None:
+        if self.quiet:
+            return
+        validation = (f", validation {100 * result.validation_accuracy:.2f}%"
+                      if result.validation_accuracy is not None else "")
+        line = (f"epoch {result.epoch}/{self.epochs}: train cost {result.train_cost:.4f}{validation}, "
+                f"test {100 * result.test_accuracy:.2f}% ({result.epoch_seconds:.2f} s, "
+                f"{result.examples_per_second:,.0f} examples/s)")
+        self.stream.write(("\r\x1b[K" if self.tty else "") + line + "\n")
+        self.stream.flush()
+
+
+class HookChain(Hooks):
+    """Several hooks heard as one."""
+
+    def __init__(self, *hooks: Hooks):
+        self.hooks = [h for h in hooks if h is not None]
+
+    def on_epoch_start(self, epoch, n_batches):
+        for h in self.hooks:
+            h.on_epoch_start(epoch, n_batches)
+
+    def on_batches(self, done, n_batches):
+        for h in self.hooks:
+            h.on_batches(done, n_batches)
+
+    def on_batch_cost(self, step, cost):
+        for h in self.hooks:
+            h.on_batch_cost(step, cost)
+
+    def on_epoch_end(self, result, state):
+        for h in self.hooks:
+            h.on_epoch_end(result, state)

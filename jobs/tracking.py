@@ -1,0 +1,187 @@
+"""MLflow tracking: one run per job, opened and closed here and nowhere else.
+
+The tracking URI is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's own
+default (``sqlite:///mlflow.db`` in the working directory). Metrics go in batches:
+one ``log_batch`` per epoch carries that epoch's metrics and the buffered mini-batch
+costs, sent asynchronously so the training loop does not wait on the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from jobs import __version__
+from jobs.config import JobConfig
+from jobs.data import Dataset
+from jobs.train import EpochResult, Hooks, TrainingState
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says how to fix it."""
+
+
+def resolve_uri(cli_uri: str | None) -> str:
+    import mlflow
+
+    if cli_uri:
+        return cli_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before training, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+            if reply.status == 200:
+                return
+            problem = f"answered HTTP {reply.status}"
+    except urllib.error.HTTPError as e:
+        problem = f"answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        problem = f"cannot be reached ({getattr(e, 'reason', e)})"
+    raise TrackingError(f"MLflow tracking server {uri} {problem}; start one with `mlflow server --host 127.0.0.1 "
+                        f"--port 5000` or pass --tracking-uri sqlite:///mlflow.db")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+class RunTracker(Hooks):
+    """Opens the run, logs what the loop reports, and closes it with the right status."""
+
+    def __init__(self, cfg: JobConfig, uri: str, backend_name: str, workers: int):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.cfg, self.uri = cfg, uri
+        self._mlflow = mlflow
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # our own progress lines say enough
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        self._backend_name, self._workers = backend_name, workers
+        self._costs: list = []
+        self._pending: list = []
+        self._artifacts = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
+        self.run_id: str | None = None
+
+    # -- opening and closing
+    def start(self, data: Dataset) -> str:
+        mlflow = self._mlflow
+        experiment = mlflow.set_experiment(self.cfg.experiment)
+        run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=self.cfg.run_name)
+        self.run_id = run.info.run_id
+        self.experiment_id = experiment.experiment_id
+        params = {k: str(v) for k, v in self.cfg.to_dict().items()}
+        tags = {"backend": self._backend_name, "workers": str(self._workers), "dataset": data.name,
+                "dataset_digest": data.digest, "gradavg_version": __version__}
+        if commit := git_commit():
+            tags["git_commit"] = commit
+        from mlflow.entities import Param, RunTag
+
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
+                              tags=[RunTag(k, v) for k, v in tags.items()])
+        mlflow.log_text(self.cfg.to_yaml(), "config.yaml")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a dataset name is not a path; MLflow guesses
+            dataset = mlflow.data.from_numpy(data.x_train, targets=data.y_train, source=self.cfg.data,
+                                             name=data.name, digest=data.digest[:16])
+        mlflow.log_input(dataset, context="training")
+        return self.run_id
+
+    def end(self, status: str) -> None:
+        if self.run_id is None:
+            return
+        self.flush()
+        self._mlflow.end_run(status=status)
+
+    # -- hooks from the training loop
+    def on_batch_cost(self, step: int, cost: float) -> None:
+        from mlflow.entities import Metric
+
+        self._costs.append(Metric("batch_cost", cost, int(time.time() * 1000), step))
+
+    def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, result.epoch) for k, v in result.metrics().items()] + self._costs
+        self._costs = []
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+            self._pending.append(self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000],
+                                                       synchronous=False))
+        if self.cfg.checkpoint_every and result.epoch % self.cfg.checkpoint_every == 0:
+            self.log_checkpoint(state)
+
+    def flush(self) -> None:
+        for operation in self._pending:
+            operation.wait()
+        self._pending = []
+
+    # -- artifacts
+    def log_checkpoint(self, state: TrainingState) -> None:
+        from jobs import checkpoint
+
+        path = checkpoint.save(state, self.cfg, self._artifacts / "checkpoint.npz")
+        self.client.log_artifact(self.run_id, str(path), "checkpoints")
+
+    def log_results(self, state: TrainingState, data: Dataset) -> None:
+        from jobs import plots
+
+        network = state.network
+        out = self._artifacts
+        if state.history:
+            plots.curves(state.history, out / "curves.png")
+            self.client.log_artifact(self.run_id, str(out / "curves.png"), "plots")
+        predicted = network.predict(np.asarray(data.x_test, dtype=network.dtype))
+        plots.confusion(data.y_test, predicted, network.sizes[-1], out / "confusion_matrix.png")
+        self.client.log_artifact(self.run_id, str(out / "confusion_matrix.png"), "plots")
+        network.save(out / "weights.npz")
+        self.client.log_artifact(self.run_id, str(out / "weights.npz"))
+        self.log_model(out / "weights.npz", data)
+
+    def log_model(self, weights_path: Path, data: Dataset) -> None:
+        from mlflow.models import infer_signature
+
+        from core import Network
+
+        example = np.asarray(data.x_test[:5], dtype=np.float64)
+        signature = infer_signature(example, Network.load(weights_path).predict(example))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # asks for type hints; the signature is explicit
+            self._log_model(weights_path, signature, example)
+
+    def _log_model(self, weights_path: Path, signature, example: np.ndarray) -> None:
+        import mlflow.pyfunc
+
+        mlflow.pyfunc.log_model(
+            name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
+            artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,
+            code_paths=[str(PROJECT_ROOT / "core")],
+            pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={self._mlflow.__version__}"],
+        )

@@ -1,0 +1,125 @@
+"""The training loop: one loop for every backend.
+
+Each epoch: a seeded shuffle, mini-batches, the gradient sum through the backend,
+the update w ← (1 − ηλ/n) w − η ∂C/∂w, then evaluation. What happens around it
+(tracking, progress, checkpoints) is told through ``Hooks``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core import Network, update_in_place
+from jobs.backends import Backend
+from jobs.config import JobConfig
+from jobs.data import Dataset
+
+
+class DivergedError(RuntimeError):
+    """The cost became NaN or Inf: training cannot go on from here."""
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based: the number of epochs completed
+    step: int  # mini-batch updates completed in all
+    train_cost: float
+    train_accuracy: float
+    validation_cost: float | None
+    validation_accuracy: float | None
+    test_cost: float
+    test_accuracy: float
+    epoch_seconds: float
+    examples_per_second: float
+
+    def metrics(self) -> dict[str, float]:
+        keys = ("train_cost", "train_accuracy", "validation_cost", "validation_accuracy", "test_cost",
+                "test_accuracy", "epoch_seconds", "examples_per_second")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue training exactly where it stopped."""
+
+    network: Network
+    epoch: int = 0
+    step: int = 0
+    shuffle: np.random.Generator = field(default_factory=np.random.default_rng)
+    history: list[EpochResult] = field(default_factory=list)
+
+
+class Hooks:
+    """What the loop tells the outside world. The default does nothing."""
+
+    def on_epoch_start(self, epoch: int, n_batches: int) -> None: ...
+
+    def on_batches(self, done: int, n_batches: int) -> None: ...
+
+    def on_batch_cost(self, step: int, cost: float) -> None: ...
+
+    def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None: ...
+
+
+def initial_state(cfg: JobConfig) -> TrainingState:
+    network = Network.create(cfg.sizes, init=cfg.init, seed=cfg.seed, cost=cfg.cost,
+                             activation=cfg.activation, dtype=cfg.dtype)
+    return TrainingState(network, shuffle=np.random.default_rng([cfg.seed, 1]))
+
+
+def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState | None = None,
+          hooks: Hooks | None = None) -> TrainingState:
+    """Train from ``state`` (a fresh network by default) to ``cfg.epochs`` epochs."""
+    state = state or initial_state(cfg)
+    hooks = hooks or Hooks()
+    network = state.network
+    x_train = np.ascontiguousarray(data.x_train, dtype=network.dtype)
+    splits = {name: (np.asarray(getattr(data, f"x_{name}"), dtype=network.dtype), getattr(data, f"y_{name}"))
+              for name in ("validation", "test")}
+    n_train = x_train.shape[0]
+    n_batches = math.ceil(n_train / cfg.batch_size)
+    scratch = np.empty_like(network.params)
+    backend.start(network, x_train, data.y_train)
+    try:
+        while state.epoch < cfg.epochs:
+            hooks.on_epoch_start(state.epoch + 1, n_batches)
+            started = time.perf_counter()
+            order = state.shuffle.permutation(n_train)
+            for b, lo in enumerate(range(0, n_train, cfg.batch_size)):
+                batch = order[lo : lo + cfg.batch_size]
+                nabla, count = backend.gradient_sum(network, batch)
+                update_in_place(network, nabla, count, cfg.eta, cfg.lmbda, n_train, scratch=scratch)
+                state.step += 1
+                if state.step % cfg.log_every == 0:
+                    cost, _ = network.evaluate(x_train[batch], data.y_train[batch])
+                    _check_finite(cost, state, cfg, "mini-batch")
+                    hooks.on_batch_cost(state.step, cost)
+                    hooks.on_batches(b + 1, n_batches)
+            seconds = time.perf_counter() - started
+            state.epoch += 1
+            result = _evaluate(network, x_train, data.y_train, splits, state, seconds, n_train)
+            _check_finite(result.train_cost, state, cfg, "training")
+            state.history.append(result)
+            hooks.on_epoch_end(result, state)
+    finally:
+        backend.close()
+    return state
+
+
+def _evaluate(network, x_train, y_train, splits, state, seconds, n_train) -> EpochResult:
+    train_cost, train_accuracy = network.evaluate(x_train, y_train)
+    x_val, y_val = splits["validation"]
+    val_cost, val_accuracy = network.evaluate(x_val, y_val) if y_val.size else (None, None)
+    test_cost, test_accuracy = network.evaluate(*splits["test"])
+    return EpochResult(state.epoch, state.step, train_cost, train_accuracy, val_cost, val_accuracy, test_cost,
+                       test_accuracy, seconds, n_train / seconds if seconds > 0 else float("inf"))
+
+
+def _check_finite(cost: float, state: TrainingState, cfg: JobConfig, what: str) -> None:
+    if not math.isfinite(cost) or not np.all(np.isfinite(state.network.params)):
+        raise DivergedError(f"the {what} cost became {cost} at epoch {state.epoch + 1}, step {state.step}: "
+                            f"training diverged; lower the learning rate (eta={cfg.eta})")

@@ -1,0 +1,40 @@
+"""Shared fixtures: a template MLflow sqlite store made once per session and copied per test.
+
+Creating a fresh store runs MLflow's migrations (seconds); copying one takes a fraction.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# Every Ray process that tests start listens on loopback and reports nothing outside.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def template_store(tmp_path_factory) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    db = folder / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()  # creates the schema
+    return db
+
+
+@pytest.fixture
+def tracking_uri(template_store, tmp_path, monkeypatch) -> str:
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_store, db)
+    monkeypatch.chdir(tmp_path)  # artifacts land under tmp_path/mlruns
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

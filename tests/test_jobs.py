@@ -1,0 +1,183 @@
+"""The training job end to end: configs, the loop, MLflow tracking and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS, ROOT
+from core import Network
+from jobs.cli import main
+from jobs.config import ConfigError, JobConfig, load_config
+
+PER_EPOCH = ["train_cost", "train_accuracy", "validation_cost", "validation_accuracy", "test_cost",
+             "test_accuracy", "epoch_seconds", "examples_per_second"]
+
+
+def only_run(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.status for r in runs]
+    return client, runs[0]
+
+
+def test_digits_run_end_to_end(tracking_uri, capsys):
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=4", "log_every=20", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    client, run = only_run(tracking_uri)
+    assert run.info.run_id in out and "mlflow ui --backend-store-uri" in out and "127.0.0.1" in out
+    assert run.info.status == "FINISHED"
+    cfg = load_config(CONFIGS / "digits.yaml", ["epochs=4", "log_every=20"])
+    assert run.data.params == {k: str(v) for k, v in cfg.to_dict().items()}
+    assert run.data.tags["backend"] == "local" and run.data.tags["dataset"] == "digits"
+    assert len(run.data.tags["dataset_digest"]) == 64 and run.data.tags["gradavg_version"]
+    for key in PER_EPOCH:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3, 4], key
+    n_train = 1797 - 359 - 200
+    steps = 4 * -(-n_train // 10)
+    assert len(client.get_metric_history(run.info.run_id, "batch_cost")) == steps // 20
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "weights.npz", "plots", "checkpoints"} <= top
+    for png in ("plots/curves.png", "plots/confusion_matrix.png"):
+        assert open(client.download_artifacts(run.info.run_id, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+
+    network = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
+    test_acc = client.get_metric_history(run.info.run_id, "test_accuracy")[-1].value
+    from jobs.data import load_dataset
+
+    data = load_dataset("digits", validation_size=200)
+    assert network.evaluate(data.x_test, data.y_test)[1] == test_acc
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    model = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    assert model.metadata.signature is not None
+    assert np.array_equal(model.predict(data.x_test), network.predict(data.x_test))
+
+
+def test_a_diverging_run_ends_failed(tracking_uri, capsys):
+    assert main(["run", str(CONFIGS / "digits.yaml"), "eta=1e6", "lmbda=1e6", "epochs=2", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradavg: error:") and "diverged; lower the learning rate (eta=1000000.0)" in err
+    assert len(err.splitlines()) == 1
+    assert only_run(tracking_uri)[1].info.status == "FAILED"
+
+
+def test_an_interrupted_run_ends_killed(tracking_uri, tmp_path):
+    """SIGTERM (what a stopped job gets) mid-training: the run is KILLED, not left RUNNING."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(CONFIGS / "nielsen-ch1.yaml"), "epochs=200", "log_every=1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stderr:  # progress lines arrive once an epoch ends
+        if line.startswith("epoch 1/200"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert only_run(tracking_uri)[1].info.status == "KILLED"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learning_rate=0.1", "unknown key 'learning_rate'"),
+    ("eta=fast", "eta=fast: must be a number"),
+    ("eta=0", "eta=0.0: the learning rate η must be a finite number > 0"),
+    ("eta=-1", "eta=-1.0: the learning rate η must be a finite number > 0"),
+    ("batch_size=0", "batch_size=0: the mini-batch size must be >= 1"),
+    ("batch_size=2.5", "batch_size=2.5: must be a whole number"),
+    ("sizes=[784,30,10]", "sizes=[784, 30, 10]: the input layer has 784 neurons but digits has 64 inputs"),
+    ("sizes=[64,30,5]", "sizes=[64, 30, 5]: the output layer has 5 neurons but digits has labels up to 9"),
+    ("data=no-such-dataset", "data='no-such-dataset': no such file or folder; use a bundled dataset"),
+    ("cost=hinge", "cost=hinge: one of quadratic, cross_entropy"),
+    ("backend=spark", "backend=spark: one of local, ray"),
+    ("sizes=[64]", "sizes=[64]: needs at least two layer sizes"),
+    ("eta", "override 'eta': write key=value"),
+])
+def test_config_mistakes_exit_2_with_one_line(tracking_uri, capsys, override, message):
+    assert main(["run", str(CONFIGS / "digits.yaml"), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradavg: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_unknown_key_in_yaml_suggests_the_right_one(tmp_path):
+    (tmp_path / "job.yaml").write_text("data: digits\nbatchsize: 10\n")
+    with pytest.raises(ConfigError, match="unknown key 'batchsize': did you mean 'batch_size'"):
+        load_config(tmp_path / "job.yaml")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "digits.yaml", ["eta=1", "sizes=[64, 20, 10]", "run_name=123", "lmbda=0.5"])
+    assert cfg.eta == 1.0 and isinstance(cfg.eta, float) and cfg.sizes == (64, 20, 10)
+    assert cfg.run_name == "123" and cfg.lmbda == 0.5
+    assert isinstance(cfg, JobConfig)
+
+
+def test_cli_errors_print_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(CONFIGS / "digits.yaml"), "epochs=0"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gradavg: error: epochs=0: must be >= 1"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_config_file(capsys):
+    assert main(["run", "configs/nope.yaml"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_gradcheck_command(capsys):
+    assert main(["gradcheck", str(CONFIGS / "digits.yaml"), "sizes=[64,5,10]", "--examples", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "worst relative error" in out and out.strip().endswith("ok")
+    assert main(["gradcheck", str(CONFIGS / "digits.yaml"), "sizes=[64,5,10]", "--tolerance", "1e-30"]) == 1
+
+
+def test_evaluate_command(tracking_uri, tmp_path, capsys):
+    net = Network.create([64, 10, 10], seed=1)
+    net.save(tmp_path / "w.npz")
+    assert main(["evaluate", str(tmp_path / "w.npz"), "--data", "digits"]) == 0
+    from jobs.data import load_dataset
+
+    data = load_dataset("digits")
+    cost, accuracy = net.evaluate(data.x_test, data.y_test)
+    assert f"accuracy {100 * accuracy:.2f}%, mean cost {cost:.4f}" in capsys.readouterr().out
+    assert main(["evaluate", "runs:/0123456789abcdef"]) == 2
+    assert "no such run" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "w.npz"), "--data", "mnist-5k"]) == 2
+    assert "has 784 inputs per example but the model takes 64" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_fails_fast(capsys):
+    started = time.perf_counter()
+    code = main(["run", str(CONFIGS / "digits.yaml"), "--tracking-uri", "http://127.0.0.1:9"])
+    assert code == 2 and time.perf_counter() - started < 15
+    err = capsys.readouterr().err
+    assert "MLflow tracking server http://127.0.0.1:9 cannot be reached" in err and "mlflow server" in err
+
+
+def test_plain_progress_lines_when_not_a_terminal(capsys):
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=2", "track=false"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "\r" not in "".join(lines)
+
+
+@pytest.mark.slow
+def test_nielsen_ch1_on_mnist_5k_reaches_89_percent():
+    from jobs.run import run_job
+
+    result = run_job(load_config(CONFIGS / "nielsen-ch1.yaml", ["track=false"]), quiet=True)
+    assert result.state.history[-1].test_accuracy >= 0.89
