@@ -1,0 +1,16 @@
+"""gradavg's Ray side: shard workers that return gradient sums with counts, and the driver's step.
+
+Everything that crosses a process boundary here is plain numpy.
+
+Ray reads these settings when it is imported, so they are set here, before any module of
+this package imports Ray: a local cluster listens on 127.0.0.1 only, reports no usage
+statistics, and keeps token authentication on (``ray.init`` writes ``~/.ray/auth_token``
+when there is none). Values already in the environment win.
+"""
+
+import os
+
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+for _key, _value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)

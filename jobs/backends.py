@@ -10,14 +10,13 @@ every backend and every worker count gives the same bits.
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from core import Network, Workspace, add_in_order, chunk_bounds, gradient_sum
+from core import Network, add_in_order, chunk_bounds
+from core.chunks import ChunkEngine
 
 
 class Backend(Protocol):
@@ -41,47 +40,29 @@ class LocalBackend:
     def __init__(self, chunk_size: int, threads: int = 0):
         self.chunk_size = chunk_size
         self.workers = threads or os.cpu_count() or 1
-        self._pool: ThreadPoolExecutor | None = None
-        self._local = threading.local()
+        self._engine: ChunkEngine | None = None
         self._blas_limit = None
 
     def start(self, network: Network, x: np.ndarray, labels: np.ndarray) -> None:
-        self._x, self._labels = x, labels
-        self._sizes, self._dtype = network.sizes, network.dtype
-        self._chunk_sums: list[np.ndarray] = []
-        self._total = np.empty_like(network.params)
         # One BLAS thread for every chunk, as in every Ray worker: OpenBLAS gives other bits with more.
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
-        if self.workers > 1:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="gradavg-chunk")
+        self._engine = ChunkEngine(x, labels, self.workers)
+        self._chunk_sums: list[np.ndarray] = []
+        self._total = np.empty_like(network.params)
 
     def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         bounds = chunk_bounds(batch.shape[0], self.chunk_size)
         while len(self._chunk_sums) < len(bounds):
             self._chunk_sums.append(np.empty_like(self._total))
-        jobs = [(network, batch[lo:hi], self._chunk_sums[i]) for i, (lo, hi) in enumerate(bounds)]
-        if self._pool is None or len(jobs) == 1:
-            parts = [self._chunk(*job) for job in jobs]
-        else:
-            parts = list(self._pool.map(lambda job: self._chunk(*job), jobs))
+        parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], self._chunk_sums)
         if len(parts) == 1:
             return parts[0]
         return add_in_order(parts, out=self._total)
 
-    def _chunk(self, network: Network, indices: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int]:
-        state = self._local
-        m = indices.shape[0]
-        if getattr(state, "rows", 0) < m:
-            state.rows = m
-            state.workspace = Workspace(self._sizes, state.rows, self._dtype)
-            state.x = np.empty((state.rows, self._x.shape[1]), self._dtype)
-        x = np.take(self._x, indices, axis=0, out=state.x[:m])
-        return gradient_sum(network, x, self._labels[indices], out=out, workspace=state.workspace)
-
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         if self._blas_limit is not None:
             self._blas_limit.restore_original_limits()
             self._blas_limit = None

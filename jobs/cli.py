@@ -31,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from cluster.errors import ClusterError
     from jobs.config import ConfigError
     from jobs.data import DataError
     from jobs.tracking import TrackingError
     from jobs.train import DivergedError
 
-    user_errors = (ConfigError, DataError, TrackingError, UsageError)
+    user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError)
     try:
         return args.handler(args)
     except user_errors as e:

@@ -1,0 +1,48 @@
+"""Computing the gradient sums of several chunks of a training set, on a few threads.
+
+numpy releases the GIL inside BLAS, so chunks computed on threads run in parallel. The
+caller pins BLAS to one thread per call (threadpoolctl, outside core): every chunk's
+products then give the same bits here, in another thread, or in another process.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from core.backprop import Workspace, gradient_sum
+from core.network import Network
+
+
+class ChunkEngine:
+    """Owns a training set and returns Σ_x ∂C_x/∂params for chunks of its rows."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, threads: int = 1):
+        self.x, self.labels = x, labels
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gradavg-chunk") if self.threads > 1 else None
+        self._local = threading.local()
+
+    def compute(self, network: Network, chunks: list[np.ndarray], outs) -> list[tuple[np.ndarray, int]]:
+        """One (sum, count) per chunk of row indices, in chunk order; ``outs[i]`` receives chunk i's sum."""
+        jobs = list(zip(chunks, outs))
+        if self._pool is None or len(jobs) == 1:
+            return [self._chunk(network, idx, out) for idx, out in jobs]
+        return list(self._pool.map(lambda job: self._chunk(network, *job), jobs))
+
+    def _chunk(self, network: Network, indices: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int]:
+        state = self._local
+        m = indices.shape[0]
+        if getattr(state, "rows", 0) < m or state.workspace.sizes != network.sizes:
+            state.rows = m
+            state.workspace = Workspace(network.sizes, m, network.dtype)
+            state.x = np.empty((m, self.x.shape[1]), network.dtype)
+        x = np.take(self.x, indices, axis=0, out=state.x[:m])  # a contiguous copy of the chunk's rows
+        return gradient_sum(network, x, self.labels[indices], out=out, workspace=state.workspace)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,0 +1,104 @@
+"""The Ray backend against the single-process run: the same bits, whatever the worker count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from cluster.driver import RayBackend, split_in_order
+from cluster.errors import ClusterError
+from conftest import CONFIGS
+from core import Network, gradient_sum
+from jobs.backends import LocalBackend
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.data import load_dataset
+from jobs.train import train
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024**2, logging_level="WARNING",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mnist_shaped():
+    # 540 training examples: mini-batches 250, 250, 40; chunks of 60 split 5 ways, unevenly over workers
+    return load_dataset("synthetic:600:784:10", test_size=60)
+
+
+def final_weights(backend, data, overrides):
+    cfg = load_config(None, ["data=synthetic:600:784:10", "sizes=[784,30,10]", *overrides])
+    return train(cfg, data, backend).network.params
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_local_and_ray_1_2_3_workers_are_bit_identical(mnist_shaped, dtype):
+    overrides = ["batch_size=250", "chunk_size=60", "epochs=2", "eta=0.5", f"dtype={dtype}"]
+    local = final_weights(LocalBackend(60, threads=2), mnist_shaped, overrides)
+    assert local.dtype == np.dtype(dtype)
+    untrained = Network.create([784, 30, 10], seed=0, dtype=dtype).params
+    assert not np.array_equal(local, untrained)
+    for workers in (1, 2, 3):
+        weights = final_weights(RayBackend(workers, chunk_size=60), mnist_shaped, overrides)
+        assert np.array_equal(weights, local), f"{workers} workers"
+
+
+def test_single_threaded_local_run_gives_the_same_bits(mnist_shaped):
+    overrides = ["batch_size=250", "chunk_size=60", "epochs=1"]
+    one = final_weights(LocalBackend(60, threads=1), mnist_shaped, overrides)
+    two = final_weights(LocalBackend(60, threads=2), mnist_shaped, overrides)
+    assert np.array_equal(one, two)
+
+
+def test_driver_average_equals_the_whole_batch_gradient_for_unequal_shards(mnist_shaped):
+    data = mnist_shaped
+    network = Network.create([784, 30, 10], seed=3)
+    batch = np.arange(5, 22)  # 17 examples, chunks 5 5 5 2, shards of 2, 1 and 1 chunks
+    backend = RayBackend(3, chunk_size=5)
+    backend.start(network, data.x_train, data.y_train)
+    try:
+        nabla, count = backend.gradient_sum(network, batch)
+        nabla = nabla.copy()
+    finally:
+        backend.close()
+    whole, n = gradient_sum(network, data.x_train[batch], data.y_train[batch])
+    assert count == n == 17
+    np.testing.assert_allclose(nabla / count, whole / n, rtol=1e-12, atol=1e-15)
+    local = LocalBackend(5, threads=1)
+    local.start(network, data.x_train, data.y_train)
+    assert np.array_equal(local.gradient_sum(network, batch)[0], nabla)
+    local.close()
+
+
+def test_split_in_order():
+    assert split_in_order([1, 2, 3, 4, 5], 3) == [[1, 2], [3, 4], [5]]
+    assert split_in_order([1], 3) == [[1]]
+
+
+def test_more_workers_than_the_cluster_can_place_is_an_error(mnist_shaped):
+    backend = RayBackend(10, chunk_size=60)
+    with pytest.raises(ClusterError, match="workers=10 with num_cpus=1.0 need 10 CPUs but the Ray cluster has 3"):
+        backend.start(Network.create([784, 30, 10]), mnist_shaped.x_train, mnist_shaped.y_train)
+
+
+def test_gradavg_run_digits_on_two_ray_workers(tracking_uri, capsys):
+    code = main(["run", str(CONFIGS / "digits.yaml"), "backend=ray", "workers=2", "chunk_size=4", "epochs=2",
+                 "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["backend"] == "ray" and run.data.tags["workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
+    weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz")).params
+    cfg = load_config(CONFIGS / "digits.yaml", ["chunk_size=4", "epochs=2"])
+    local = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(4, threads=2))
+    assert np.array_equal(weights, local.network.params)

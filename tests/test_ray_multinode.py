@@ -1,0 +1,48 @@
+"""Training across two Ray nodes on this machine (ray.cluster_utils.Cluster)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.driver import RayBackend
+from jobs.backends import LocalBackend
+from jobs.config import load_config
+from jobs.data import load_dataset
+from jobs.train import train
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                           "object_store_memory": 200 * 1024**2})
+    cluster.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_training_across_two_nodes_matches_one_process(two_nodes):
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    cfg = load_config(None, ["data=digits", "sizes=[64,30,10]", "batch_size=100", "chunk_size=30", "epochs=2"])
+    data = load_dataset("digits")
+    backend = RayBackend(2, cfg.chunk_size)
+    nodes = []
+
+    original_start = backend.start
+
+    def start_and_look(network, x, labels):
+        original_start(network, x, labels)
+        nodes.extend(ray.get([a.node_id.remote() for a in backend.actors]))
+
+    backend.start = start_and_look
+    weights = train(cfg, data, backend).network.params
+    assert len(set(nodes)) == 2, "each worker should sit on its own node"
+    local = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1)).network.params
+    assert np.array_equal(weights, local)
