@@ -102,7 +102,9 @@ def synthetic(n: int, n_inputs: int, n_classes: int, seed: int = 0) -> tuple[np.
     rng = np.random.default_rng(seed)
     x = rng.random((n, n_inputs))
     teacher = rng.standard_normal((n_inputs, n_classes))
-    y = np.argmax((x - 0.5) @ teacher, axis=1).astype(np.int64)
+    y = np.empty(n, dtype=np.int64)
+    for lo in range(0, n, 10_000):  # in blocks: no second copy of x, however large
+        y[lo : lo + 10_000] = np.argmax((x[lo : lo + 10_000] - 0.5) @ teacher, axis=1)
     return x, y
 
 
@@ -308,13 +310,27 @@ class _Source:
             raise DataError(f"validation_size={validation_size}: must be at least 0 and less than the "
                             f"{order.size} training examples of {self.name}")
         val_idx, train_idx = order[:validation_size], np.sort(order[validation_size:])
-        parts = dict(x_train=np.ascontiguousarray(self.x[train_idx]), y_train=self.y[train_idx],
-                     x_validation=self.x[val_idx], y_validation=self.y[val_idx], x_test=x_test, y_test=y_test)
+        parts = dict(x_validation=self.x[val_idx], y_validation=self.y[val_idx], x_test=x_test, y_test=y_test,
+                     y_train=self.y[train_idx], x_train=_compact_rows(self.x, train_idx))
         digest = hashlib.sha256()
         for key in sorted(parts):
             digest.update(key.encode())
-            digest.update(np.ascontiguousarray(parts[key]).tobytes())
+            digest.update(np.ascontiguousarray(parts[key]).reshape(-1).view(np.uint8))  # no bytes copy
         return Dataset(name=self.name, n_classes=self.n_classes, digest=digest.hexdigest(), **parts)
+
+
+def _compact_rows(x: np.ndarray, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """x[rows] for sorted rows, moved to the front of x in place: no second copy of a large x.
+
+    Safe because rows[k] >= k: each block reads rows at or after the ones it writes.
+    x is the loader's own array, so nobody else sees it change.
+    """
+    if not x.flags.c_contiguous or not x.flags.writeable:
+        return np.ascontiguousarray(x[rows])
+    for lo in range(0, rows.size, block):
+        hi = min(lo + block, rows.size)
+        x[lo:hi] = x[rows[lo:hi]]
+    return x[: rows.size]
 
 
 def save_npz(path, x: np.ndarray, y: np.ndarray, **extra) -> None:

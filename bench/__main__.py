@@ -1,0 +1,217 @@
+"""``python -m bench``: gradavg against its anchors, side by side, in one run.
+
+Prints seconds per 50,000-example epoch of [784, 30, 10] (sigmoid, quadratic cost,
+η = 3.0) on the same synthetic MNIST-shaped data, and the ratios between them; then the
+Ray figures, peak memory and the cost of MLflow tracking. Figures from one run on one
+machine: read ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+N_TRAIN = 50_000
+SIZES = [784, 30, 10]
+ETA = 3.0
+BATCHES = (10, 100, 1000)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("single", "ray", "memory", "tracking"), action="append",
+                        help="run only these parts (repeatable; default: all)")
+    parser.add_argument("--slow-examples", type=int, default=5_000,
+                        help="examples the slow anchors (the book's loop, PyTorch at small batches) are timed on; "
+                             "their seconds per epoch are scaled up from these (default 5,000)")
+    args = parser.parse_args(argv)
+    parts = args.only or ["single", "ray", "memory", "tracking"]
+    print(f"gradavg benchmark: {os.cpu_count()} cores, numpy {np.__version__}, python {sys.version.split()[0]}")
+    if "single" in parts:
+        single_process(args.slow_examples)
+    if "ray" in parts:
+        from bench.ray_bench import ray_figures
+
+        ray_figures()
+    if "memory" in parts:
+        peak_memory()
+    if "tracking" in parts:
+        tracking_cost()
+    return 0
+
+
+# ------------------------------------------------------------------ single process
+
+
+def data(dtype="float64"):
+    from jobs.data import load_dataset
+
+    d = load_dataset(f"synthetic:{N_TRAIN + 1000}:784:10", test_size=1000)
+    assert d.x_train.shape[0] == N_TRAIN
+    return d
+
+
+def gradavg_epoch(d, batch_size: int, dtype: str, threads: int = 0) -> float:
+    from jobs.backends import LocalBackend
+    from jobs.config import load_config
+    from jobs.train import train
+
+    cfg = load_config(None, [f"data=synthetic:{N_TRAIN + 1000}:784:10", "sizes=[784,30,10]", f"eta={ETA}",
+                             f"batch_size={batch_size}", "epochs=1", f"dtype={dtype}", "track=false",
+                             "log_every=1000000"])
+    return train(cfg, d, LocalBackend(cfg.chunk_size, threads)).history[-1].epoch_seconds
+
+
+def book_epoch(d, batch_size: int, n: int) -> float:
+    from bench.reference import BookNetwork
+    from core import Network
+
+    net = Network.create(SIZES, seed=0)
+    book = BookNetwork(net.weights, net.biases)
+    order = np.random.default_rng(1).permutation(N_TRAIN)[:n]
+    started = time.perf_counter()
+    for lo in range(0, n, batch_size):
+        idx = order[lo : lo + batch_size]
+        book.update_mini_batch(d.x_train[idx], d.y_train[idx], ETA)
+    return (time.perf_counter() - started) * N_TRAIN / n
+
+
+def torch_epoch(d, batch_size: int, n: int) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 30), torch.nn.Sigmoid(), torch.nn.Linear(30, 10),
+                                torch.nn.Sigmoid()).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=ETA)
+    x = torch.from_numpy(d.x_train)
+    y = torch.nn.functional.one_hot(torch.from_numpy(d.y_train), 10).double()
+    order = torch.from_numpy(np.random.default_rng(1).permutation(N_TRAIN)[:n])
+    started = time.perf_counter()
+    for lo in range(0, n, batch_size):
+        idx = order[lo : lo + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        # the book's C = (1/2n) Σ ‖y − a‖², so its gradient is the mean of the per-example gradients
+        loss = 0.5 * ((model(x[idx]) - y[idx]) ** 2).sum() / idx.shape[0]
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - started) * N_TRAIN / n
+
+
+def gemm_rate(dtype="float64") -> float:
+    """FLOP/s of a large matrix product with the threads this process may use (the best of 5)."""
+    a = np.random.default_rng(0).random((2000, 2000)).astype(dtype)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(5))
+    return 2 * 2000**3 / best
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def single_process(slow_examples: int) -> None:
+    from core import parameter_count
+
+    d = data()
+    params = parameter_count(SIZES)
+    rate = {dt: gemm_rate(dt) for dt in ("float64", "float32")}
+    floor = {dt: 6 * params * N_TRAIN / rate[dt] for dt in rate}
+    print(f"\n## Single process: seconds per {N_TRAIN:,}-example epoch of {SIZES}, η = {ETA}")
+    print(f"floor = 6 × {params:,} parameters × {N_TRAIN:,} examples at the measured GEMM rate "
+          f"({rate['float64'] / 1e9:.1f} GFLOP/s float64, {rate['float32'] / 1e9:.1f} float32, "
+          f"{os.cpu_count()} threads)")
+    header = ("mini-batch", "gradavg f64", "gradavg f32", "book loop", "PyTorch f64", "floor f64",
+              "book/gradavg", "torch/gradavg", "gradavg/floor", "f64/f32")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for batch_size in BATCHES:
+        f64 = statistics.median(gradavg_epoch(d, batch_size, "float64") for _ in range(3))
+        f32 = statistics.median(gradavg_epoch(d, batch_size, "float32") for _ in range(3))
+        book = book_epoch(d, batch_size, max(slow_examples, batch_size))
+        torch_n = slow_examples if batch_size < 1000 else N_TRAIN
+        torch_s = torch_epoch(d, batch_size, torch_n)
+        row = [f"{batch_size:,}", f"{f64:.3f}", f"{f32:.3f}", f"{book:.2f}",
+               "n/a" if torch_s is None else f"{torch_s:.3f}", f"{floor['float64']:.3f}", f"{book / f64:.1f}×",
+               "n/a" if torch_s is None else f"{torch_s / f64:.1f}×", f"{f64 / floor['float64']:.2f}×",
+               f"{f64 / f32:.2f}×"]
+        print("| " + " | ".join(row) + " |", flush=True)
+    if torch_epoch(d, 10, 10) is None:
+        print("(PyTorch is not installed: `pip install torch==2.13.0` adds its column)")
+    print(f"(the book's loop{' and PyTorch below mini-batch 1,000' if True else ''} timed on {slow_examples:,} "
+          "examples and scaled to an epoch; gradavg figures are medians of 3 full epochs)")
+
+
+# ------------------------------------------------------------------ memory
+
+
+def peak_memory() -> None:
+    """Peak resident memory of a whole 50,000-example job, in a process of its own."""
+    print(f"\n## Peak memory of a {N_TRAIN:,}-example run (one epoch, float64, no tracking)")
+    code = ("import resource, sys; from jobs.cli import main; "
+            f"rc = main(['run', 'configs/synthetic-large.yaml', 'epochs=1', 'track=false', '--quiet']); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"the run failed: {proc.stderr.strip().splitlines()[-1]}")
+        return
+    peak_mb = int(proc.stderr.strip().splitlines()[-1]) / 1024
+    data_mb = N_TRAIN * 784 * 8 / 1e6 / 1.048576
+    print(f"training data {data_mb:.0f} MiB; peak {peak_mb:.0f} MiB; "
+          f"target 2 × data + 300 = {2 * data_mb + 300:.0f} MiB: {'met' if peak_mb <= 2 * data_mb + 300 else 'MISSED'}")
+
+
+# ------------------------------------------------------------------ tracking
+
+
+def tracking_cost() -> None:
+    """A one-epoch mnist-5k run at mini-batch 10: the training loop with MLflow hooks against without."""
+    from jobs.backends import LocalBackend
+    from jobs.config import load_config
+    from jobs.run import prepare_data
+    from jobs.tracking import RunTracker
+    from jobs.train import train
+
+    print("\n## MLflow tracking cost: one epoch of mnist-5k, mini-batch 10, local sqlite store")
+    cfg = load_config("configs/nielsen-ch1.yaml", ["epochs=1", "log_every=10"])
+    d = prepare_data(cfg)
+    off, on, setup = [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        uri = f"sqlite:///{folder}/mlflow.db"
+        for _ in range(5):
+            started = time.perf_counter()
+            train(cfg, d, LocalBackend(cfg.chunk_size))
+            off.append(time.perf_counter() - started)
+            tracker = RunTracker(cfg, uri, "local", 1)
+            opened = time.perf_counter()
+            tracker.start(d)
+            setup.append(time.perf_counter() - opened)
+            started = time.perf_counter()
+            train(cfg, d, LocalBackend(cfg.chunk_size), hooks=tracker)
+            tracker.flush()
+            on.append(time.perf_counter() - started)
+            tracker.end("FINISHED")
+    t_off, t_on = statistics.median(off), statistics.median(on)
+    steps = d.x_train.shape[0] // cfg.batch_size
+    print(f"training loop, tracking off {t_off:.3f} s, on {t_on:.3f} s ({steps // cfg.log_every} mini-batch costs "
+          f"and 8 epoch metrics in one log_batch, checkpoint artifact): {100 * (t_on / t_off - 1):+.1f}% "
+          f"(target at most +5%)")
+    print(f"opening the run (params, tags, config, dataset input) {statistics.median(setup):.2f} s, once a run; "
+          "closing it adds the plots, weights.npz and the pyfunc model (seconds, once a run)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
