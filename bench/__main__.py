@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -161,7 +160,7 @@ def peak_memory() -> None:
     """Peak resident memory of a whole 50,000-example job, in a process of its own."""
     print(f"\n## Peak memory of a {N_TRAIN:,}-example run (one epoch, float64, no tracking)")
     code = ("import resource, sys; from jobs.cli import main; "
-            f"rc = main(['run', 'configs/synthetic-large.yaml', 'epochs=1', 'track=false', '--quiet']); "
+            "rc = main(['run', 'configs/synthetic-large.yaml', 'epochs=1', 'track=false', '--quiet']); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)

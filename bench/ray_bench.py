@@ -32,9 +32,9 @@ def _steps_per_second(backend, network, x, labels, batch_size: int, steps: int) 
 
 
 def ray_figures() -> None:
-    import cluster  # noqa: F401  (sets Ray's loopback and auth settings before Ray is imported)
     import ray
 
+    import cluster  # noqa: F401  (sets Ray's loopback and auth settings before Ray is imported)
     from cluster.driver import RayBackend
     from cluster.worker import ShardWorker
     from core import Network

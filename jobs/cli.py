@@ -101,7 +101,8 @@ def cmd_run(args) -> int:
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet)
     last = result.state.history[-1]
     validation = f", validation {100 * last.validation_accuracy:.2f}%" if last.validation_accuracy is not None else ""
-    print(f"test accuracy {100 * last.test_accuracy:.2f}%{validation} after {last.epoch} epochs "
+    epochs = f"{last.epoch} epoch{'' if last.epoch == 1 else 's'}"
+    print(f"test accuracy {100 * last.test_accuracy:.2f}%{validation} after {epochs} "
           f"({result.data.name}, {cfg.backend} backend) in {result.seconds:.1f} s")
     if result.run_id:
         print(f"MLflow run {result.run_id} in {result.tracking_uri}")

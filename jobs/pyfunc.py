@@ -4,8 +4,6 @@ Logged as "model from code": MLflow stores this file and ``core`` with the model
 this file to build it, so loading the model unpickles nothing.
 """
 
-from __future__ import annotations
-
 import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
@@ -19,7 +17,7 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.network = Network.load(context.artifacts["weights"])
 
-    def predict(self, context, model_input, params=None):  # noqa: D102 - signature is logged explicitly
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         x = np.asarray(model_input, dtype=self.network.dtype)
         if x.ndim == 1:
             x = x[None, :]

@@ -172,9 +172,7 @@ class RunTracker(Hooks):
 
         example = np.asarray(data.x_test[:5], dtype=np.float64)
         signature = infer_signature(example, Network.load(weights_path).predict(example))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # asks for type hints; the signature is explicit
-            self._log_model(weights_path, signature, example)
+        self._log_model(weights_path, signature, example)
 
     def _log_model(self, weights_path: Path, signature, example: np.ndarray) -> None:
         import mlflow.pyfunc

@@ -181,3 +181,12 @@ def test_nielsen_ch1_on_mnist_5k_reaches_89_percent():
 
     result = run_job(load_config(CONFIGS / "nielsen-ch1.yaml", ["track=false"]), quiet=True)
     assert result.state.history[-1].test_accuracy >= 0.89
+
+
+def test_quickstart_reaches_what_the_readme_says():
+    """README: `gradavg run configs/digits.yaml` ends at about 96.7% test accuracy."""
+    from jobs.run import run_job
+
+    result = run_job(load_config(CONFIGS / "digits.yaml", ["track=false"]), quiet=True)
+    assert len(result.state.history) == 30
+    assert result.state.history[-1].test_accuracy >= 0.96

@@ -7,6 +7,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from cluster.auth import ensure_token
 from cluster.driver import RayBackend
 from jobs.backends import LocalBackend
 from jobs.config import load_config
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    ensure_token()  # Cluster starts its head without ray.init, which would write the token
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                            "object_store_memory": 200 * 1024**2})
     cluster.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
