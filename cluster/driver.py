@@ -6,8 +6,11 @@ decides the cluster; with none, an embedded local cluster starts on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 
 import numpy as np
 
@@ -21,6 +24,26 @@ def connect(cpus_needed: float) -> bool:
 
     if ray.is_initialized():
         return False
+    with _keeping_sigterm_handler():
+        _init(cpus_needed)
+    return True
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit``; keep the caller's own."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(cpus_needed: float) -> None:
+    import ray
+
     if os.environ.get("RAY_ADDRESS"):
         try:
             ray.init(logging_level="WARNING", log_to_driver=False)
@@ -31,7 +54,6 @@ def connect(cpus_needed: float) -> bool:
     else:
         ray.init(num_cpus=max(1, math.ceil(cpus_needed)), include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False)
-    return True
 
 
 def split_in_order(items: list, parts: int) -> list[list]:

@@ -7,6 +7,7 @@ an unreachable server), 1 a failed job, 130 an interrupted one.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ EPILOG = """examples:
   gradavg run configs/digits.yaml backend=ray workers=2
   gradavg gradcheck configs/digits.yaml
   gradavg evaluate runs:/RUN_ID --data digits
+  gradavg cluster up
+  gradavg submit configs/digits.yaml workers=2 --address http://127.0.0.1:8265 \
+      --tracking-uri http://127.0.0.1:5000 --follow
 
 Any config key can be overridden with key=value; `gradavg keys` lists them."""
 
@@ -34,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.errors import ClusterError
     from jobs.config import ConfigError
     from jobs.data import DataError
+    from jobs.local_cluster import ClusterUpError
+    from jobs.submit import SubmitError
     from jobs.tracking import TrackingError
     from jobs.train import DivergedError
 
-    user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError)
+    user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError, SubmitError, ClusterUpError)
     try:
         return args.handler(args)
     except user_errors as e:
@@ -60,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a network from a YAML config", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("config", help="a YAML job config, e.g. configs/digits.yaml")
+    run.add_argument("config", help="a YAML job config, e.g. configs/digits.yaml ('-' for none: defaults and "
+                                    "overrides only)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                             "sqlite:///mlflow.db here)")
@@ -82,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tracking-uri")
     evaluate.set_defaults(handler=cmd_evaluate)
 
+    submit = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs)")
+    submit.add_argument("config")
+    submit.add_argument("overrides", nargs="*", metavar="key=value")
+    submit.add_argument("--address", help="the cluster's dashboard, http://HOST:8265 (default: $RAY_ADDRESS)")
+    submit.add_argument("--tracking-uri", help="MLflow tracking URI the cluster can reach (default: "
+                                               "$MLFLOW_TRACKING_URI)")
+    submit.add_argument("--follow", action="store_true", help="stream the job's log until it ends; exit 0 only "
+                                                              "if it SUCCEEDED")
+    submit.set_defaults(handler=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
+    jobs.add_argument("action", choices=("list", "status", "logs", "stop"))
+    jobs.add_argument("job_id", nargs="?", help="the id `gradavg submit` printed")
+    jobs.add_argument("--address", help="the cluster's dashboard (default: $RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+    jobs.set_defaults(handler=cmd_jobs)
+
+    cluster = sub.add_parser("cluster", help="start or stop a local Ray head and MLflow server on 127.0.0.1")
+    cluster.add_argument("action", choices=("up", "down"))
+    cluster.add_argument("--state-dir", default=".gradavg", help="where the servers keep their state and logs "
+                                                                 "(default .gradavg)")
+    cluster.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (default: all)")
+    cluster.add_argument("--dashboard-port", type=int, default=8265)
+    cluster.add_argument("--mlflow-port", type=int, default=5000)
+    cluster.set_defaults(handler=cmd_cluster)
+
     keys = sub.add_parser("keys", help="list the config keys, their defaults and what is valid")
     keys.set_defaults(handler=cmd_keys)
     return parser
@@ -96,7 +129,7 @@ def cmd_run(args) -> int:
     from jobs.run import run_job
     from jobs.tracking import ui_command
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(None if args.config == "-" else args.config, args.overrides)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet)
     last = result.state.history[-1]
@@ -172,6 +205,66 @@ def _load_model(model: str, tracking_uri: str | None):
         return Network.load(model), None
     except (ValueError, OSError) as e:
         raise UsageError(f"{model}: cannot be loaded as weights ({e})") from None
+
+
+def cmd_submit(args) -> int:
+    from jobs import submit
+    from jobs.config import load_config
+    from jobs.tracking import resolve_uri
+
+    cfg = load_config(args.config, args.overrides)  # validated here, before anything is sent
+    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise UsageError("a job on a cluster needs a tracking server it can reach: pass --tracking-uri "
+                         "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
+    job_id = submit.submit(cfg, args.address, resolve_uri(args.tracking_uri))
+    print(job_id)
+    if not args.follow:
+        print(f"follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    state = submit.follow(args.address, job_id)
+    print(f"job {job_id} {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from jobs import submit
+
+    if args.action == "list":
+        for job_id, state, entry in submit.list_jobs(args.address):
+            print(f"{job_id:<28} {state:<10} {entry}")
+        return 0
+    if not args.job_id:
+        raise UsageError(f"gradavg jobs {args.action} needs a JOB_ID (`gradavg jobs list` shows them)")
+    if args.action == "status":
+        print(submit.status(args.address, args.job_id))
+    elif args.action == "logs":
+        if args.follow:
+            state = submit.follow(args.address, args.job_id)
+            return 0 if state == "SUCCEEDED" else 1
+        sys.stdout.write(submit.logs(args.address, args.job_id))
+    elif args.action == "stop":
+        submit.stop(args.address, args.job_id)
+        state = submit.wait(args.address, args.job_id, timeout=60)
+        print(f"job {args.job_id} {state}")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from jobs import local_cluster
+
+    if args.action == "down":
+        stopped = local_cluster.down(args.state_dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing to stop ({args.state_dir}/cluster.json "
+                                                                "is absent)")
+        return 0
+    print("starting a Ray head and an MLflow server on 127.0.0.1 (about a minute)...", file=sys.stderr)
+    servers = local_cluster.up(args.state_dir, args.num_cpus, args.dashboard_port, args.mlflow_port)
+    print(f"Ray dashboard   {servers.dashboard}")
+    print(f"MLflow server   {servers.tracking_uri}")
+    print(f"submit a job:   gradavg submit configs/digits.yaml workers=2 --address {servers.dashboard} "
+          f"--tracking-uri {servers.tracking_uri} --follow")
+    print(f"stop both:      gradavg cluster down --state-dir {args.state_dir}")
+    return 0
 
 
 def cmd_keys(args) -> int:

@@ -53,7 +53,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         if tracker:
             tracker.log_results(state, data)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from a stopped job
         status = "KILLED"
         raise
     finally:

@@ -1,0 +1,149 @@
+"""``gradavg cluster up|down``: a Ray head and an MLflow tracking server on 127.0.0.1.
+
+For trying the whole path (submit, track, review) on one machine. Each server runs in a
+process group of its own, recorded in ``STATE/cluster.json``; ``down`` signals exactly
+those groups, never every Ray process on the machine (as ``ray stop`` would).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cluster  # noqa: F401  (Ray's loopback and auth settings)
+from cluster.auth import ensure_token, token_path
+
+
+class ClusterUpError(RuntimeError):
+    """A server did not come up; the message says which and where its log is."""
+
+
+@dataclass
+class Servers:
+    state_dir: str
+    ray_pgid: int
+    ray_port: int
+    dashboard: str  # http://127.0.0.1:PORT, the address for `gradavg submit --address`
+    mlflow_pgid: int
+    tracking_uri: str  # http://127.0.0.1:PORT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(name: str) -> str:
+    here = Path(sys.executable).with_name(name)
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)  # its own process group, for `down`
+
+
+def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, dashboard_port: int = 8265,
+       mlflow_port: int = 5000, timeout: float = 180.0) -> Servers:
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / "cluster.json").exists():
+        raise ClusterUpError(f"{state / 'cluster.json'} exists: a cluster from here is up; "
+                             "`gradavg cluster down` stops it first")
+    ensure_token()
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs find this python
+    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "15")  # time for a stopped job to end its MLflow run
+    ray_port = free_port()
+    ray = _spawn([_cli("ray"), "start", "--head", "--block", "--port", str(ray_port), "--node-ip-address",
+                  "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+                  "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus or os.cpu_count() or 1),
+                  "--disable-usage-stats", "--include-dashboard", "true"], state / "ray.log", env)
+    mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow = _spawn([_cli("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                     "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+                     "--artifacts-destination", str(state / "mlartifacts")], state / "mlflow.log", mlflow_env)
+    servers = Servers(str(state), ray.pid, ray_port, f"http://127.0.0.1:{dashboard_port}", mlflow.pid,
+                      f"http://127.0.0.1:{mlflow_port}")
+    (state / "cluster.json").write_text(json.dumps(asdict(servers), indent=2))
+    try:
+        _wait_healthy(ray, f"{servers.dashboard}/api/version", state / "ray.log", timeout, auth=True)
+        _wait_healthy(mlflow, f"{servers.tracking_uri}/health", state / "mlflow.log", timeout)
+    except BaseException:
+        down(state)
+        raise
+    return servers
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float, auth: bool = False) -> None:
+    headers = {}
+    if auth and token_path().exists():
+        headers["Authorization"] = f"Bearer {token_path().read_text().strip()}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ClusterUpError(f"{url.split('/')[2]} exited with status {proc.returncode} while starting; see {log}")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise ClusterUpError(f"{url} did not answer within {timeout:.0f} s; see {log}")
+
+
+def down(state_dir: str | os.PathLike = ".gradavg", grace: float = 40.0) -> list[str]:
+    """Stop the process groups ``up`` started; return what was stopped."""
+    state = Path(state_dir).resolve()
+    record = state / "cluster.json"
+    if not record.exists():
+        return []
+    servers = Servers(**json.loads(record.read_text()))
+    stopped = []
+    for name, pgid in (("MLflow server", servers.mlflow_pgid), ("Ray head", servers.ray_pgid)):
+        if _stop_group(pgid, grace):
+            stopped.append(name)
+    record.unlink()
+    return stopped
+
+
+def _stop_group(pgid: int, grace: float) -> bool:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        _reap()
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _reap() -> None:
+    """Collect exited children of this process so that their group can disappear."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass

@@ -1,0 +1,179 @@
+"""Submitting jobs to a Ray cluster through Ray Jobs, and watching them.
+
+The job runs the same ``gradavg run`` with ``backend=ray``; the project goes along as
+the job's working directory. The config is validated here, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from urllib.parse import urlparse
+
+import yaml
+
+import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
+from jobs.config import JobConfig
+from jobs.tracking import PROJECT_ROOT, TrackingError, check_reachable
+
+# Left behind: environments, tracking stores and caches are not part of the job.
+EXCLUDES = [".venv", "venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "*.db", "__pycache__", "*.egg-info",
+            ".pytest_cache", ".ruff_cache", "bench-results", ".gradavg", "*.npz.part"]
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class SubmitError(RuntimeError):
+    """The job cannot be sent, or the cluster cannot be reached; the message says what to do."""
+
+
+def resolve_address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HOST:8265 (the Ray dashboard) or set RAY_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def client(address: str | None):
+    """A JobSubmissionClient that authenticates with the cluster's token when auth is on."""
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    for name in ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]:
+        logging.getLogger(name).setLevel(logging.ERROR)  # not a line per file uploaded
+    address = resolve_address(address)
+    headers = {}
+    if token := _token():
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        return JobSubmissionClient(address, headers=headers or None)
+    except Exception as e:  # ConnectionError, RuntimeError, ValueError, auth errors: Ray raises several
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SubmitError(f"cannot reach the Ray cluster at {address} ({first[:200]}); check the address "
+                          "and that the cluster runs (`gradavg cluster up` starts one here)") from None
+
+
+def _token() -> str | None:
+    from cluster.auth import token_path
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return None
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token.strip()
+    path = token_path()
+    return path.read_text().strip() if path.exists() else None
+
+
+def check_tracking_uri(uri: str, address: str) -> None:
+    """Refuse a tracking URI that the cluster's job cannot reach."""
+    host = urlparse(address).hostname or ""
+    remote = host not in LOOPBACK
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        if parsed.hostname in LOOPBACK and remote:
+            problem = f"--tracking-uri {uri} is this machine's loopback, which the cluster at {address} cannot reach"
+        else:
+            try:
+                check_reachable(uri)
+            except TrackingError as e:
+                raise SubmitError(str(e)) from None
+            return
+    elif parsed.scheme in ("", "file", "sqlite"):
+        path = uri.removeprefix("sqlite:///").removeprefix("file://") if parsed.scheme else uri
+        if not os.path.isabs(path):
+            problem = f"tracking URI {uri} is a path relative to this machine's folder, which the job does not run in"
+        elif remote:
+            problem = f"tracking URI {uri} is a path on this machine, which the cluster at {address} cannot reach"
+        else:
+            return
+    else:
+        return  # databricks, postgresql://… : reachable or not, the job will say
+    raise SubmitError(f"{problem}; run an MLflow tracking server the cluster can reach, e.g. `mlflow server --host "
+                      "0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db --artifacts-destination "
+                      "./mlartifacts`, and pass --tracking-uri http://THAT_HOST:5000")
+
+
+def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None) -> str:
+    """The job's command: the resolved config, every key spelled out, on the cluster's Ray."""
+    values = {**cfg.to_dict(), "backend": "ray"}
+    args = ["exec", "python", "-m", "jobs.cli", "run", "-"]
+    for key, value in values.items():
+        args.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    args += ["--quiet", "--tracking-uri", tracking_uri]
+    if resume:
+        args += ["--resume", resume]
+    return " ".join(shlex.quote(a) if a != "exec" else a for a in args)
+
+
+def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None) -> str:
+    if cfg.backend != "ray":
+        cfg = JobConfig(**{**cfg.__dict__, "backend": "ray"})
+    address = resolve_address(address)
+    check_tracking_uri(tracking_uri, address)
+    jobs = client(address)
+    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES,
+                   "env_vars": {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri}}
+    try:
+        return jobs.submit_job(entrypoint=entrypoint(cfg, tracking_uri, resume), runtime_env=runtime_env,
+                               metadata={"gradavg_config": cfg.data, "experiment": cfg.experiment})
+    except Exception as e:
+        raise SubmitError(f"the cluster at {address} refused the job: {str(e).strip().splitlines()[0][:300]}") from None
+
+
+def status(address: str | None, job_id: str) -> str:
+    jobs = client(address)
+    try:
+        return str(jobs.get_job_status(job_id).value)
+    except RuntimeError as e:
+        raise SubmitError(f"no job {job_id!r} at {resolve_address(address)} ({str(e).splitlines()[0][:120]}); "
+                          "`gradavg jobs list` shows the jobs") from None
+
+
+def wait(address: str | None, job_id: str, timeout: float | None = None, poll: float = 0.5) -> str:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = status(address, job_id)
+        if state in TERMINAL:
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            return state
+        time.sleep(poll)
+
+
+def logs(address: str | None, job_id: str) -> str:
+    status(address, job_id)  # a clear error for an unknown job
+    return client(address).get_job_logs(job_id)
+
+
+def follow(address: str | None, job_id: str, stream=None) -> str:
+    """Print the job's log as it grows until the job ends; return its final status."""
+    stream = stream or sys.stdout
+    status(address, job_id)
+    jobs = client(address)
+
+    async def tail():
+        async for chunk in jobs.tail_job_logs(job_id):
+            stream.write(chunk)
+            stream.flush()
+
+    asyncio.run(tail())
+    return wait(address, job_id)
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    status(address, job_id)
+    return client(address).stop_job(job_id)
+
+
+def list_jobs(address: str | None) -> list[tuple[str, str, str]]:
+    rows = []
+    for job in client(address).list_jobs():
+        rows.append((job.submission_id or job.job_id or "?", str(job.status.value), job.entrypoint[:60]))
+    return rows
+

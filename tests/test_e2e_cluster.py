@@ -1,0 +1,136 @@
+"""Submit jobs to a real Ray head and track them on a real MLflow server, both on 127.0.0.1.
+
+The servers come from `gradavg cluster up` (free ports, a temporary state folder), are shared
+by the module, and `gradavg cluster down` stops exactly them at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS
+from core import Network
+from jobs import local_cluster
+from jobs.cli import main
+from jobs.data import load_dataset, save_npz, synthetic
+from jobs.submit import SubmitError, check_tracking_uri
+
+pytestmark = [pytest.mark.ray, pytest.mark.server]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
+    up = local_cluster.up(state, num_cpus=3, dashboard_port=local_cluster.free_port(),
+                          mlflow_port=local_cluster.free_port())
+    yield up
+    stopped = local_cluster.down(state)
+    assert stopped == ["MLflow server", "Ray head"]
+    for pgid in (up.ray_pgid, up.mlflow_pgid):
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+
+
+def submit(servers, capsys, *args) -> tuple[int, str]:
+    code = main(["submit", *args, "--address", servers.dashboard, "--tracking-uri", servers.tracking_uri])
+    out = capsys.readouterr().out
+    job_id = next(line for line in out.splitlines() if line.startswith("raysubmit_"))
+    return code, job_id
+
+
+def runs_of(servers, experiment: str):
+    client = MlflowClient(servers.tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([found.experiment_id]) if found else [])
+
+
+def test_submitted_job_is_tracked_on_the_server(servers, capsys):
+    code, job_id = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "workers=2", "epochs=3",
+                          "experiment=e2e-digits", "--follow")
+    assert code == 0
+    assert main(["jobs", "status", job_id, "--address", servers.dashboard]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    client, runs = runs_of(servers, "e2e-digits")
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.params["workers"] == "2" and run.data.params["backend"] == "ray"
+    assert run.data.tags["workers"] == "2" and run.data.tags["backend"] == "ray"
+    for key in ("train_cost", "validation_accuracy", "test_accuracy", "epoch_seconds"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/curves.png", "plots/confusion_matrix.png"}
+    weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
+    mlflow.set_tracking_uri(servers.tracking_uri)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    model = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    data = load_dataset("digits", validation_size=200)
+    assert np.array_equal(model.predict(data.x_test), weights.predict(data.x_test))
+    assert main(["jobs", "list", "--address", servers.dashboard]) == 0
+    assert job_id in capsys.readouterr().out
+
+
+def test_a_path_only_this_machine_has_fails_on_the_cluster(servers, capsys, tmp_path, monkeypatch):
+    x, y = synthetic(100, 64, 10)
+    save_npz(tmp_path / "mine.npz", x, y)
+    monkeypatch.chdir(tmp_path)  # the job runs in the project's copy, where mine.npz is not
+    code, job_id = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "data=mine.npz", "experiment=e2e-fail",
+                          "--follow")
+    assert code == 1
+    assert main(["jobs", "status", job_id, "--address", servers.dashboard]) == 0
+    assert capsys.readouterr().out.strip() == "FAILED"
+    assert main(["jobs", "logs", job_id, "--address", servers.dashboard]) == 0
+    logs = capsys.readouterr().out
+    assert "gradavg: error: data='mine.npz': no such file or folder" in logs
+    assert "Traceback" not in logs
+    assert runs_of(servers, "e2e-fail")[1] == []  # refused before any run was opened
+
+
+def test_stopping_a_job_ends_its_run_killed(servers, capsys):
+    code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
+                          "experiment=e2e-stop")
+    assert code == 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # the run exists once the job is past its set-up
+        runs = runs_of(servers, "e2e-stop")[1]
+        if runs and runs[0].info.status == "RUNNING":
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the job never opened its MLflow run")
+    assert main(["jobs", "stop", job_id, "--address", servers.dashboard]) == 0
+    assert capsys.readouterr().out.strip() == f"job {job_id} STOPPED"
+    deadline = time.monotonic() + 30
+    while runs_of(servers, "e2e-stop")[1][0].info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert runs_of(servers, "e2e-stop")[1][0].info.status == "KILLED"
+
+
+def test_a_tracking_uri_the_cluster_cannot_reach_is_refused(servers, capsys):
+    code = main(["submit", str(CONFIGS / "digits.yaml"), "--address", servers.dashboard,
+                 "--tracking-uri", "sqlite:///mlflow.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run an MLflow tracking server the cluster can reach" in err
+    with pytest.raises(SubmitError, match="this machine's loopback"):
+        check_tracking_uri("http://127.0.0.1:5000", "http://10.0.0.7:8265")
+    with pytest.raises(SubmitError, match="a path on this machine"):
+        check_tracking_uri("sqlite:////srv/mlflow.db", "http://ray-head:8265")
+    check_tracking_uri("sqlite:////srv/mlflow.db", "http://127.0.0.1:8265")  # same machine: reachable
+
+
+def test_config_mistakes_are_refused_before_sending(servers, capsys):
+    assert main(["submit", str(CONFIGS / "digits.yaml"), "eta=0", "--address", servers.dashboard,
+                 "--tracking-uri", servers.tracking_uri]) == 2
+    assert "eta=0.0: the learning rate" in capsys.readouterr().err
+
+
+def test_unknown_job_and_unreachable_cluster(servers, capsys):
+    assert main(["jobs", "status", "raysubmit_nope", "--address", servers.dashboard]) == 2
+    assert "no job 'raysubmit_nope'" in capsys.readouterr().err
+    assert main(["jobs", "list", "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the Ray cluster at http://127.0.0.1:9" in capsys.readouterr().err
