@@ -22,6 +22,7 @@ from core.chunks import ChunkEngine
 class Backend(Protocol):
     name: str
     workers: int
+    failures: int  # workers that died and whose chunks were computed again
 
     def start(self, network: Network, x: np.ndarray, labels: np.ndarray) -> None: ...
 
@@ -36,6 +37,7 @@ class LocalBackend:
     """Chunks computed in this process, on a small thread pool (numpy releases the GIL in BLAS)."""
 
     name = "local"
+    failures = 0  # threads do not die on their own
 
     def __init__(self, chunk_size: int, threads: int = 0):
         self.chunk_size = chunk_size
@@ -68,9 +70,11 @@ class LocalBackend:
             self._blas_limit = None
 
 
-def make_backend(cfg) -> Backend:
+def make_backend(cfg, on_failure=None) -> Backend:
+    """The backend a config names; ``on_failure`` hears of each Ray worker that died."""
     if cfg.backend == "local":
         return LocalBackend(cfg.chunk_size, cfg.threads)
     from cluster.driver import RayBackend  # Ray is imported only when a job asks for it
 
-    return RayBackend(workers=cfg.workers, chunk_size=cfg.chunk_size, num_cpus=cfg.num_cpus)
+    return RayBackend(workers=cfg.workers, chunk_size=cfg.chunk_size, num_cpus=cfg.num_cpus,
+                      max_failures=cfg.max_worker_failures, on_failure=on_failure)

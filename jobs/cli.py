@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from cluster.errors import ClusterError
+    from cluster.errors import ClusterError, WorkerFailuresError
     from jobs.config import ConfigError
     from jobs.data import DataError
     from jobs.local_cluster import ClusterUpError
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"gradavg: error: {e}", file=sys.stderr)
         return 2
-    except DivergedError as e:
+    except (DivergedError, WorkerFailuresError) as e:
         print(f"gradavg: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                             "sqlite:///mlflow.db here)")
     run.add_argument("--quiet", action="store_true", help="print only the summary")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    run.add_argument("--force", action="store_true", help="with --resume: accept a config that changes the result")
     run.set_defaults(handler=cmd_run)
 
     check = sub.add_parser("gradcheck", help="check backprop against finite differences")
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", help="the cluster's dashboard, http://HOST:8265 (default: $RAY_ADDRESS)")
     submit.add_argument("--tracking-uri", help="MLflow tracking URI the cluster can reach (default: "
                                                "$MLFLOW_TRACKING_URI)")
+    submit.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     submit.add_argument("--follow", action="store_true", help="stream the job's log until it ends; exit 0 only "
                                                               "if it SUCCEEDED")
     submit.set_defaults(handler=cmd_submit)
@@ -115,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--mlflow-port", type=int, default=5000)
     cluster.set_defaults(handler=cmd_cluster)
 
+    runs = sub.add_parser("runs", help="settle MLflow runs whose driver was killed outright")
+    runs.add_argument("action", choices=("repair",))
+    runs.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to end KILLED (default: every RUNNING run "
+                                                                    "whose driver on this machine is gone)")
+    runs.add_argument("--tracking-uri")
+    runs.set_defaults(handler=cmd_runs)
+
     keys = sub.add_parser("keys", help="list the config keys, their defaults and what is valid")
     keys.set_defaults(handler=cmd_keys)
     return parser
@@ -131,7 +141,7 @@ def cmd_run(args) -> int:
 
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
-    result = run_job(cfg, args.tracking_uri, quiet=args.quiet)
+    result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
     last = result.state.history[-1]
     validation = f", validation {100 * last.validation_accuracy:.2f}%" if last.validation_accuracy is not None else ""
     epochs = f"{last.epoch} epoch{'' if last.epoch == 1 else 's'}"
@@ -216,7 +226,7 @@ def cmd_submit(args) -> int:
     if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise UsageError("a job on a cluster needs a tracking server it can reach: pass --tracking-uri "
                          "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
-    job_id = submit.submit(cfg, args.address, resolve_uri(args.tracking_uri))
+    job_id = submit.submit(cfg, args.address, resolve_uri(args.tracking_uri), resume=args.resume)
     print(job_id)
     if not args.follow:
         print(f"follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
@@ -264,6 +274,14 @@ def cmd_cluster(args) -> int:
     print(f"submit a job:   gradavg submit configs/digits.yaml workers=2 --address {servers.dashboard} "
           f"--tracking-uri {servers.tracking_uri} --follow")
     print(f"stop both:      gradavg cluster down --state-dir {args.state_dir}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from jobs.tracking import repair, resolve_uri
+
+    for run_id, what in repair(resolve_uri(args.tracking_uri), args.run_ids):
+        print(f"{run_id}: {what}")
     return 0
 
 

@@ -49,6 +49,7 @@ class JobConfig:
     chunk_size: int = 500
     threads: int = 0
     num_cpus: float = 1.0
+    max_worker_failures: int = 3
     # tracking and output
     experiment: str = "gradavg"
     run_name: str | None = None
@@ -85,6 +86,7 @@ HELP = {
     "chunk_size": "examples per gradient chunk, >= 1; results are bit-identical for a given chunk_size",
     "threads": "threads computing chunks in the local backend, 0 for one per core",
     "num_cpus": "CPUs each Ray worker holds (and its BLAS threads), > 0",
+    "max_worker_failures": "Ray worker deaths a job survives before it stops (to be resumed), >= 0",
     "experiment": "MLflow experiment name",
     "run_name": "MLflow run name (null: MLflow picks one)",
     "log_every": "log the mini-batch cost every this many steps, >= 1",
@@ -156,6 +158,7 @@ def _validate(cfg: JobConfig) -> None:
     c("chunk_size", cfg.chunk_size, cfg.chunk_size >= 1, "must be >= 1")
     c("threads", cfg.threads, cfg.threads >= 0, "must be >= 0 (0: one per core)")
     c("num_cpus", cfg.num_cpus, cfg.num_cpus > 0, "must be > 0")
+    c("max_worker_failures", cfg.max_worker_failures, cfg.max_worker_failures >= 0, "must be >= 0")
     c("experiment", cfg.experiment, bool(cfg.experiment.strip()), "must not be empty")
     c("log_every", cfg.log_every, cfg.log_every >= 1, "must be >= 1")
     c("checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, "must be >= 0 (0: never)")
@@ -242,3 +245,14 @@ def replace(cfg: JobConfig, **changes: Any) -> JobConfig:
     return build_config({**cfg.to_dict(), **changes})
 
 
+
+
+# Keys whose change changes the numbers a run computes: a resumed run must keep them.
+RESULT_KEYS = ("data", "validation_size", "test_size", "sizes", "cost", "activation", "init", "dtype", "eta",
+               "lmbda", "batch_size", "seed", "chunk_size")
+
+
+def result_changes(before: JobConfig, after: JobConfig) -> list[str]:
+    """``key: old -> new`` for each result-changing key that differs."""
+    return [f"{key}: {_show(getattr(before, key))} -> {_show(getattr(after, key))}" for key in RESULT_KEYS
+            if getattr(before, key) != getattr(after, key)]

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -116,8 +117,19 @@ def down(state_dir: str | os.PathLike = ".gradavg", grace: float = 40.0) -> list
     for name, pgid in (("MLflow server", servers.mlflow_pgid), ("Ray head", servers.ray_pgid)):
         if _stop_group(pgid, grace):
             stopped.append(name)
+    _forget_head(servers.ray_port)
     record.unlink()
     return stopped
+
+
+def _forget_head(port: int) -> None:
+    """``ray start`` records its head for later ``ray.init()`` calls to join; a stopped head must not be."""
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if current.read_text().strip() == f"127.0.0.1:{port}":
+            current.unlink()
+    except OSError:
+        pass
 
 
 def _stop_group(pgid: int, grace: float) -> bool:

@@ -39,6 +39,11 @@ class Progress(Hooks):
         self.stream.flush()
 
 
+    def on_message(self, text: str) -> None:
+        self.stream.write(("\r\x1b[K" if self.tty else "") + f"gradavg: {text}\n")
+        self.stream.flush()
+
+
 class HookChain(Hooks):
     """Several hooks heard as one."""
 
@@ -60,3 +65,7 @@ class HookChain(Hooks):
     def on_epoch_end(self, result, state):
         for h in self.hooks:
             h.on_epoch_end(result, state)
+
+    def on_message(self, text):
+        for h in self.hooks:
+            h.on_message(text)

@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from cluster.errors import WorkerFailuresError
 from jobs.backends import make_backend
-from jobs.config import JobConfig, check_against_data
+from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
-from jobs.train import TrainingState, train
+from jobs.train import TrainingState, initial_state, train, training_inputs
 
 
 @dataclass
@@ -31,33 +32,66 @@ def prepare_data(cfg: JobConfig) -> Dataset:
     return data
 
 
-def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | None = None,
-            quiet: bool = False) -> JobResult:
+def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | None = None, quiet: bool = False,
+            resume: str | None = None, force: bool = False) -> JobResult:
+    """Train and track one job. Every check that can fail runs before the MLflow run is opened
+    (or reopened): the config, the data, the tracking server, the checkpoint, the cluster."""
     stream = stream or sys.stderr
     started = time.perf_counter()
     data = prepare_data(cfg)
-    backend = make_backend(cfg)
-    tracker = None
-    if cfg.track:
-        from jobs.tracking import RunTracker, check_reachable, resolve_uri
+    state, tracker, previous = initial_state(cfg), None, None
+    if cfg.track or resume:
+        from jobs.tracking import RunTracker, check_reachable, fetch_checkpoint, resolve_uri
 
         tracking_uri = resolve_uri(tracking_uri)
         check_reachable(tracking_uri)
-        tracker = RunTracker(cfg, tracking_uri, backend.name, backend.workers)
+        if resume:
+            previous, state, saved_cfg = fetch_checkpoint(tracking_uri, resume)
+            _check_resumable(resume, previous, saved_cfg, cfg, data, force)
     progress = Progress(cfg.epochs, stream, quiet)
+    backend = make_backend(cfg, on_failure=progress.on_message)
+    backend.start(state.network, training_inputs(data, state.network), data.y_train)
     status = "FAILED"
     try:
-        if tracker:
-            tracker.start(data)
-        state = train(cfg, data, backend, hooks=HookChain(progress, tracker))
+        if cfg.track or resume:
+            tracker = RunTracker(cfg, tracking_uri, backend.name, backend.workers)
+            if resume:
+                tracker.resume(resume, int(previous.data.tags.get("resumed", "0")) + 1)
+            else:
+                tracker.start(data)
+            progress.on_message = _both(progress.on_message, tracker.on_message)
+        state = train(cfg, data, backend, state=state, hooks=HookChain(progress, tracker), backend_started=True)
         if tracker:
             tracker.log_results(state, data)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from a stopped job
         status = "KILLED"
         raise
+    except WorkerFailuresError as e:
+        if tracker and tracker.run_id:
+            raise WorkerFailuresError(f"{e}; the last checkpoint is saved: continue with `gradavg run CONFIG "
+                                      f"--resume {tracker.run_id}`") from None
+        raise
     finally:
+        backend.close()
         if tracker:
             tracker.end(status)
-    return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri,
-                     time.perf_counter() - started)
+    return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started)
+
+
+def _both(first, second):
+    def tell(text: str) -> None:
+        first(text)
+        second(text)
+
+    return tell
+
+
+def _check_resumable(run_id: str, run, saved: JobConfig, cfg: JobConfig, data: Dataset, force: bool) -> None:
+    changes = result_changes(saved, cfg)
+    digest = run.data.tags.get("dataset_digest")
+    if digest and digest != data.digest:
+        changes.append(f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)")
+    if changes and not force:
+        raise ConfigError(f"--resume {run_id}: this config changes what the run computes ({'; '.join(changes)}); "
+                          "use the run's own values, or pass --force to continue anyway")

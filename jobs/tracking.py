@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -72,6 +73,74 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
+def _driver_tags() -> dict[str, str]:
+    """Where the driver runs, so that `gradavg runs repair` can tell a dead one."""
+    return {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
+
+
+def open_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    check_reachable(uri)
+    return MlflowClient(uri)
+
+
+def fetch_checkpoint(uri: str, run_id: str):
+    """The run and its last checkpoint: (run, TrainingState, JobConfig)."""
+    import mlflow
+
+    from jobs import checkpoint
+
+    client = open_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"--resume {run_id}: no such run in {uri}; check the id (`gradavg run` prints it) "
+                            "and the tracking URI") from None
+    try:
+        path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
+    except (mlflow.exceptions.MlflowException, OSError):
+        raise TrackingError(f"--resume {run_id}: the run has no checkpoint to resume from (was it run with "
+                            "checkpoint_every=0, or stopped before its first epoch ended?)") from None
+    state, cfg = checkpoint.load(path)
+    return run, state, cfg
+
+
+def repair(uri: str, run_ids: list[str] | None = None) -> list[tuple[str, str]]:
+    """End RUNNING runs whose driver is gone as KILLED; return (run id, what was done)."""
+    client = open_client(uri)
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") if ids else []
+    done = []
+    for run in runs:
+        if run.info.status != "RUNNING":
+            done.append((run.info.run_id, f"left as {run.info.status}"))
+            continue
+        host, pid = run.data.tags.get("driver_host"), run.data.tags.get("driver_pid")
+        alive = host == socket.gethostname() and pid and _pid_alive(int(pid))
+        if alive:
+            done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid}) is still running"))
+        elif host != socket.gethostname() and not run_ids:
+            done.append((run.info.run_id, f"left RUNNING: its driver ran on {host}; name the run to end it"))
+        else:
+            client.set_terminated(run.info.run_id, "KILLED")
+            done.append((run.info.run_id, "ended KILLED (its driver is gone)"))
+    return done
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunTracker(Hooks):
     """Opens the run, logs what the loop reports, and closes it with the right status."""
 
@@ -87,6 +156,7 @@ class RunTracker(Hooks):
         self._backend_name, self._workers = backend_name, workers
         self._costs: list = []
         self._pending: list = []
+        self._logged: dict[str, set[int]] = {}  # steps already in the store, when resuming
         self._artifacts = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
         self.run_id: str | None = None
 
@@ -99,7 +169,7 @@ class RunTracker(Hooks):
         self.experiment_id = experiment.experiment_id
         params = {k: str(v) for k, v in self.cfg.to_dict().items()}
         tags = {"backend": self._backend_name, "workers": str(self._workers), "dataset": data.name,
-                "dataset_digest": data.digest, "gradavg_version": __version__}
+                "dataset_digest": data.digest, "gradavg_version": __version__, **_driver_tags()}
         if commit := git_commit():
             tags["git_commit"] = commit
         from mlflow.entities import Param, RunTag
@@ -113,6 +183,20 @@ class RunTracker(Hooks):
                                              name=data.name, digest=data.digest[:16])
         mlflow.log_input(dataset, context="training")
         return self.run_id
+
+    def resume(self, run_id: str, times_resumed: int) -> None:
+        """Continue an existing run: the same run id, no metric logged twice at one step."""
+        from mlflow.entities import RunTag
+
+        run = self._mlflow.start_run(run_id=run_id)
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        from jobs.train import EPOCH_METRICS
+
+        for key in (*EPOCH_METRICS, "batch_cost"):
+            self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
+        tags = {**_driver_tags(), "resumed": str(times_resumed), "backend": self._backend_name,
+                "workers": str(self._workers)}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def end(self, status: str) -> None:
         if self.run_id is None:
@@ -131,7 +215,10 @@ class RunTracker(Hooks):
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, result.epoch) for k, v in result.metrics().items()] + self._costs
+        metrics = [m for m in metrics if m.step not in self._logged.get(m.key, ())]
         self._costs = []
+        if result.worker_failures:
+            self.client.set_tag(self.run_id, "worker_failures", str(result.worker_failures))
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
             self._pending.append(self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000],
                                                        synchronous=False))
@@ -155,8 +242,10 @@ class RunTracker(Hooks):
 
         network = state.network
         out = self._artifacts
-        if state.history:
-            plots.curves(state.history, out / "curves.png")
+        self.flush()
+        history = self.epoch_history()  # from the store: whole even when the run was resumed
+        if history:
+            plots.curves(history, out / "curves.png")
             self.client.log_artifact(self.run_id, str(out / "curves.png"), "plots")
         predicted = network.predict(np.asarray(data.x_test, dtype=network.dtype))
         plots.confusion(data.y_test, predicted, network.sizes[-1], out / "confusion_matrix.png")
@@ -164,6 +253,19 @@ class RunTracker(Hooks):
         network.save(out / "weights.npz")
         self.client.log_artifact(self.run_id, str(out / "weights.npz"))
         self.log_model(out / "weights.npz", data)
+
+    def epoch_history(self) -> list:
+        """The per-epoch results logged so far, rebuilt from the run's metric history."""
+        from types import SimpleNamespace
+
+        from jobs.train import EPOCH_METRICS
+
+        by_epoch: dict[int, dict[str, float]] = {}
+        for key in EPOCH_METRICS:
+            for m in self.client.get_metric_history(self.run_id, key):
+                by_epoch.setdefault(m.step, {})[key] = m.value
+        return [SimpleNamespace(epoch=epoch, **{k: values.get(k) for k in EPOCH_METRICS})
+                for epoch, values in sorted(by_epoch.items())]
 
     def log_model(self, weights_path: Path, data: Dataset) -> None:
         from mlflow.models import infer_signature

@@ -35,11 +35,14 @@ class EpochResult:
     test_accuracy: float
     epoch_seconds: float
     examples_per_second: float
+    worker_failures: int = 0  # Ray workers that died so far in this job
 
     def metrics(self) -> dict[str, float]:
-        keys = ("train_cost", "train_accuracy", "validation_cost", "validation_accuracy", "test_cost",
-                "test_accuracy", "epoch_seconds", "examples_per_second")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in EPOCH_METRICS if getattr(self, k) is not None}
+
+
+EPOCH_METRICS = ("train_cost", "train_accuracy", "validation_cost", "validation_accuracy", "test_cost",
+                 "test_accuracy", "epoch_seconds", "examples_per_second", "worker_failures")
 
 
 @dataclass
@@ -64,6 +67,9 @@ class Hooks:
 
     def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None: ...
 
+    def on_message(self, text: str) -> None:
+        """Something the user should know that is not a number: a worker that died, say."""
+
 
 def initial_state(cfg: JobConfig) -> TrainingState:
     network = Network.create(cfg.sizes, init=cfg.init, seed=cfg.seed, cost=cfg.cost,
@@ -71,20 +77,30 @@ def initial_state(cfg: JobConfig) -> TrainingState:
     return TrainingState(network, shuffle=np.random.default_rng([cfg.seed, 1]))
 
 
+def training_inputs(data: Dataset, network: Network) -> np.ndarray:
+    """The training examples in the network's dtype, contiguous (no copy when they already are)."""
+    return np.ascontiguousarray(data.x_train, dtype=network.dtype)
+
+
 def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState | None = None,
-          hooks: Hooks | None = None) -> TrainingState:
-    """Train from ``state`` (a fresh network by default) to ``cfg.epochs`` epochs."""
+          hooks: Hooks | None = None, backend_started: bool = False) -> TrainingState:
+    """Train from ``state`` (a fresh network by default) to ``cfg.epochs`` epochs.
+
+    The backend is started here unless the caller already did (with ``training_inputs``),
+    and closed here in any case.
+    """
     state = state or initial_state(cfg)
     hooks = hooks or Hooks()
     network = state.network
-    x_train = np.ascontiguousarray(data.x_train, dtype=network.dtype)
+    x_train = training_inputs(data, network)
     splits = {name: (np.asarray(getattr(data, f"x_{name}"), dtype=network.dtype), getattr(data, f"y_{name}"))
               for name in ("validation", "test")}
     n_train = x_train.shape[0]
     n_batches = math.ceil(n_train / cfg.batch_size)
     scratch = np.empty_like(network.params)
-    backend.start(network, x_train, data.y_train)
     try:
+        if not backend_started:
+            backend.start(network, x_train, data.y_train)
         while state.epoch < cfg.epochs:
             hooks.on_epoch_start(state.epoch + 1, n_batches)
             started = time.perf_counter()
@@ -100,9 +116,10 @@ def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState 
                     hooks.on_batch_cost(state.step, cost)
                     hooks.on_batches(b + 1, n_batches)
             seconds = time.perf_counter() - started
-            state.epoch += 1
             result = _evaluate(network, x_train, data.y_train, splits, state, seconds, n_train)
             _check_finite(result.train_cost, state, cfg, "training")
+            state.epoch += 1
+            result.epoch, result.worker_failures = state.epoch, backend.failures
             state.history.append(result)
             hooks.on_epoch_end(result, state)
     finally:
@@ -115,7 +132,7 @@ def _evaluate(network, x_train, y_train, splits, state, seconds, n_train) -> Epo
     x_val, y_val = splits["validation"]
     val_cost, val_accuracy = network.evaluate(x_val, y_val) if y_val.size else (None, None)
     test_cost, test_accuracy = network.evaluate(*splits["test"])
-    return EpochResult(state.epoch, state.step, train_cost, train_accuracy, val_cost, val_accuracy, test_cost,
+    return EpochResult(state.epoch + 1, state.step, train_cost, train_accuracy, val_cost, val_accuracy, test_cost,
                        test_accuracy, seconds, n_train / seconds if seconds > 0 else float("inf"))
 
 

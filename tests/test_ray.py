@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024**2, logging_level="WARNING",
+    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024**2, logging_level="WARNING",
              log_to_driver=False)
     yield
     ray.shutdown()
@@ -85,7 +85,7 @@ def test_split_in_order():
 
 def test_more_workers_than_the_cluster_can_place_is_an_error(mnist_shaped):
     backend = RayBackend(10, chunk_size=60)
-    with pytest.raises(ClusterError, match="workers=10 with num_cpus=1.0 need 10 CPUs but the Ray cluster has 3"):
+    with pytest.raises(ClusterError, match="workers=10 with num_cpus=1 need 10 CPUs but the Ray cluster has 3"):
         backend.start(Network.create([784, 30, 10]), mnist_shaped.x_train, mnist_shaped.y_train)
 
 
