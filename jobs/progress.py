@@ -39,7 +39,7 @@ class Progress(Hooks):
         self.stream.flush()
 
 
-    def on_message(self, text: str) -> None:
+    def on_worker_failure(self, failures: int, text: str) -> None:
         self.stream.write(("\r\x1b[K" if self.tty else "") + f"gradavg: {text}\n")
         self.stream.flush()
 
@@ -66,6 +66,6 @@ class HookChain(Hooks):
         for h in self.hooks:
             h.on_epoch_end(result, state)
 
-    def on_message(self, text):
+    def on_worker_failure(self, failures, text):
         for h in self.hooks:
-            h.on_message(text)
+            h.on_worker_failure(failures, text)

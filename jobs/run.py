@@ -49,7 +49,8 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             previous, state, saved_cfg = fetch_checkpoint(tracking_uri, resume)
             _check_resumable(resume, previous, saved_cfg, cfg, data, force)
     progress = Progress(cfg.epochs, stream, quiet)
-    backend = make_backend(cfg, on_failure=progress.on_message)
+    hooks = HookChain(progress)
+    backend = make_backend(cfg, on_failure=lambda text: hooks.on_worker_failure(backend.failures, text))
     backend.start(state.network, training_inputs(data, state.network), data.y_train)
     status = "FAILED"
     try:
@@ -59,8 +60,8 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
                 tracker.resume(resume, int(previous.data.tags.get("resumed", "0")) + 1)
             else:
                 tracker.start(data)
-            progress.on_message = _both(progress.on_message, tracker.on_message)
-        state = train(cfg, data, backend, state=state, hooks=HookChain(progress, tracker), backend_started=True)
+            hooks.hooks.append(tracker)
+        state = train(cfg, data, backend, state=state, hooks=hooks, backend_started=True)
         if tracker:
             tracker.log_results(state, data)
         status = "FINISHED"
@@ -77,14 +78,6 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         if tracker:
             tracker.end(status)
     return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started)
-
-
-def _both(first, second):
-    def tell(text: str) -> None:
-        first(text)
-        second(text)
-
-    return tell
 
 
 def _check_resumable(run_id: str, run, saved: JobConfig, cfg: JobConfig, data: Dataset, force: bool) -> None:

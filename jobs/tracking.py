@@ -217,13 +217,15 @@ class RunTracker(Hooks):
         metrics = [Metric(k, float(v), now, result.epoch) for k, v in result.metrics().items()] + self._costs
         metrics = [m for m in metrics if m.step not in self._logged.get(m.key, ())]
         self._costs = []
-        if result.worker_failures:
-            self.client.set_tag(self.run_id, "worker_failures", str(result.worker_failures))
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
             self._pending.append(self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000],
                                                        synchronous=False))
         if self.cfg.checkpoint_every and result.epoch % self.cfg.checkpoint_every == 0:
             self.log_checkpoint(state)
+
+    def on_worker_failure(self, failures: int, text: str) -> None:
+        self.client.set_tag(self.run_id, "worker_failures", str(failures))
+        self.client.set_tag(self.run_id, "last_worker_failure", text[:4000])
 
     def flush(self) -> None:
         for operation in self._pending:

@@ -67,8 +67,8 @@ class Hooks:
 
     def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None: ...
 
-    def on_message(self, text: str) -> None:
-        """Something the user should know that is not a number: a worker that died, say."""
+    def on_worker_failure(self, failures: int, text: str) -> None:
+        """A worker died and its chunks were computed again; ``failures`` so far in this job."""
 
 
 def initial_state(cfg: JobConfig) -> TrainingState:
@@ -95,36 +95,42 @@ def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState 
     x_train = training_inputs(data, network)
     splits = {name: (np.asarray(getattr(data, f"x_{name}"), dtype=network.dtype), getattr(data, f"y_{name}"))
               for name in ("validation", "test")}
-    n_train = x_train.shape[0]
-    n_batches = math.ceil(n_train / cfg.batch_size)
-    scratch = np.empty_like(network.params)
     try:
         if not backend_started:
             backend.start(network, x_train, data.y_train)
-        while state.epoch < cfg.epochs:
-            hooks.on_epoch_start(state.epoch + 1, n_batches)
-            started = time.perf_counter()
-            order = state.shuffle.permutation(n_train)
-            for b, lo in enumerate(range(0, n_train, cfg.batch_size)):
-                batch = order[lo : lo + cfg.batch_size]
-                nabla, count = backend.gradient_sum(network, batch)
-                update_in_place(network, nabla, count, cfg.eta, cfg.lmbda, n_train, scratch=scratch)
-                state.step += 1
-                if state.step % cfg.log_every == 0:
-                    cost, _ = network.evaluate(x_train[batch], data.y_train[batch])
-                    _check_finite(cost, state, cfg, "mini-batch")
-                    hooks.on_batch_cost(state.step, cost)
-                    hooks.on_batches(b + 1, n_batches)
-            seconds = time.perf_counter() - started
-            result = _evaluate(network, x_train, data.y_train, splits, state, seconds, n_train)
-            _check_finite(result.train_cost, state, cfg, "training")
-            state.epoch += 1
-            result.epoch, result.worker_failures = state.epoch, backend.failures
-            state.history.append(result)
-            hooks.on_epoch_end(result, state)
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is caught below, with a clear message
+            _epochs(cfg, data, backend, state, hooks, x_train, splits)
     finally:
         backend.close()
     return state
+
+
+def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
+    network = state.network
+    n_train = x_train.shape[0]
+    n_batches = math.ceil(n_train / cfg.batch_size)
+    scratch = np.empty_like(network.params)
+    while state.epoch < cfg.epochs:
+        hooks.on_epoch_start(state.epoch + 1, n_batches)
+        started = time.perf_counter()
+        order = state.shuffle.permutation(n_train)
+        for b, lo in enumerate(range(0, n_train, cfg.batch_size)):
+            batch = order[lo : lo + cfg.batch_size]
+            nabla, count = backend.gradient_sum(network, batch)
+            update_in_place(network, nabla, count, cfg.eta, cfg.lmbda, n_train, scratch=scratch)
+            state.step += 1
+            if state.step % cfg.log_every == 0:
+                cost, _ = network.evaluate(x_train[batch], data.y_train[batch])
+                _check_finite(cost, state, cfg, "mini-batch")
+                hooks.on_batch_cost(state.step, cost)
+                hooks.on_batches(b + 1, n_batches)
+        seconds = time.perf_counter() - started
+        result = _evaluate(network, x_train, data.y_train, splits, state, seconds, n_train)
+        _check_finite(result.train_cost, state, cfg, "training")
+        state.epoch += 1
+        result.epoch, result.worker_failures = state.epoch, backend.failures
+        state.history.append(result)
+        hooks.on_epoch_end(result, state)
 
 
 def _evaluate(network, x_train, y_train, splits, state, seconds, n_train) -> EpochResult:
@@ -138,5 +144,6 @@ def _evaluate(network, x_train, y_train, splits, state, seconds, n_train) -> Epo
 
 def _check_finite(cost: float, state: TrainingState, cfg: JobConfig, what: str) -> None:
     if not math.isfinite(cost) or not np.all(np.isfinite(state.network.params)):
+        decay = f" or the weight decay (lmbda={cfg.lmbda})" if cfg.lmbda else ""
         raise DivergedError(f"the {what} cost became {cost} at epoch {state.epoch + 1}, step {state.step}: "
-                            f"training diverged; lower the learning rate (eta={cfg.eta})")
+                            f"training diverged; lower the learning rate (eta={cfg.eta}){decay}")

@@ -48,3 +48,26 @@ def test_training_across_two_nodes_matches_one_process(two_nodes):
     assert len(set(nodes)) == 2, "each worker should sit on its own node"
     local = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1)).network.params
     assert np.array_equal(weights, local)
+
+
+def test_losing_a_node_mid_training_changes_no_bit(two_nodes):
+    """The worker on the removed node dies; no CPU is left for a new one, so the other covers its chunks."""
+    cfg = load_config(None, ["data=digits", "sizes=[64,30,10]", "batch_size=100", "chunk_size=30", "epochs=2"])
+    data = load_dataset("digits")
+    worker_node = [n for n in two_nodes.worker_nodes][0]
+    heard = []
+
+    class LosingANode(RayBackend):
+        steps = 0
+
+        def gradient_sum(self, network, batch):
+            self.steps += 1
+            if self.steps == 4:
+                two_nodes.remove_node(worker_node)
+            return super().gradient_sum(network, batch)
+
+    backend = LosingANode(2, cfg.chunk_size, on_failure=heard.append, replace_timeout=3)
+    weights = train(cfg, data, backend).network.params
+    local = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1)).network.params
+    assert np.array_equal(weights, local)
+    assert backend.failures == 1 and "no new worker could be placed, so the other 1 compute its chunks" in heard[0]

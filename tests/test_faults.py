@@ -1,0 +1,221 @@
+"""Faults change nothing: a dead worker, a killed and resumed driver, bit for bit; bad input is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+import jobs.run
+from cluster.driver import RayBackend
+from cluster.errors import WorkerFailuresError
+from conftest import CONFIGS, ROOT
+from core import Network
+from jobs import checkpoint
+from jobs.backends import LocalBackend
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.data import load_dataset
+from jobs.train import train
+
+pytestmark = pytest.mark.ray
+DIGITS = str(CONFIGS / "digits.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=200 * 1024**2,
+             logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def kill_worker_process(actor) -> None:
+    os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+
+
+class KillingRayBackend(RayBackend):
+    """A real RayBackend whose first worker's process is killed outright after ``after`` steps."""
+
+    def __init__(self, *args, after: int, times: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after, self.times, self.steps = after, times, 0
+
+    def gradient_sum(self, network, batch):
+        self.steps += 1
+        if self.steps >= self.after and self.times > 0:
+            self.times -= 1
+            kill_worker_process(self.actors[0])
+        return super().gradient_sum(network, batch)
+
+
+def digits_cfg(*overrides):
+    return load_config(CONFIGS / "digits.yaml", ["epochs=3", "batch_size=100", "chunk_size=30", *overrides])
+
+
+def test_a_killed_worker_changes_no_bit():
+    cfg = digits_cfg()
+    data = load_dataset("digits", cfg.validation_size)
+    heard = []
+    backend = KillingRayBackend(2, cfg.chunk_size, after=5, on_failure=heard.append)
+    state = train(cfg, data, backend)
+    local = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1))
+    assert np.array_equal(state.network.params, local.network.params)
+    assert backend.failures == 1 and state.history[-1].worker_failures == 1
+    assert len(heard) == 1 and "worker 1 died" in heard[0] and "computes its chunks again" in heard[0]
+
+
+def test_workers_that_keep_dying_stop_the_job_with_a_checkpoint_to_resume(tracking_uri, capsys, monkeypatch):
+    made = []
+
+    def dying_backend(cfg, on_failure=None):
+        made.append(KillingRayBackend(cfg.workers, cfg.chunk_size, max_failures=cfg.max_worker_failures,
+                                      on_failure=on_failure, after=20, times=3))
+        return made[-1]
+
+    monkeypatch.setattr(jobs.run, "make_backend", dying_backend)
+    args = ["run", DIGITS, "backend=ray", "workers=2", "batch_size=100", "chunk_size=30", "epochs=3",
+            "max_worker_failures=1", "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Ray workers failed 2 times, more than max_worker_failures=1" in err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and f"--resume {run.info.run_id}" in err
+    assert run.data.tags["worker_failures"] == "1"
+    saved, _ = checkpoint.load(client.download_artifacts(run.info.run_id, "checkpoints/checkpoint.npz"))
+    assert saved.epoch == 1  # 13 steps an epoch: the second failure came in epoch 2
+
+    monkeypatch.undo()
+    assert main(["run", DIGITS, "backend=ray", "workers=2", "batch_size=100", "chunk_size=30", "epochs=3",
+                 "--resume", run.info.run_id, "--quiet"]) == 0
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz")).params
+    cfg = digits_cfg()
+    local = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(cfg.chunk_size, threads=2))
+    assert np.array_equal(weights, local.network.params)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2, 3]
+
+
+def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys):
+    args = [DIGITS, "epochs=6", "log_every=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stderr:
+        if line.startswith("epoch 3/6"):
+            break
+    proc.send_signal(signal.SIGKILL)  # no handler runs: the run is left RUNNING
+    proc.wait(timeout=30)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run_id = run.info.run_id
+    assert run.info.status == "RUNNING"
+
+    assert main(["runs", "repair"]) == 0
+    assert f"{run_id}: ended KILLED (its driver is gone)" in capsys.readouterr().out
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    assert main(["run", *args, "--resume", run_id, "--quiet"]) == 0
+    capsys.readouterr()
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["resumed"] == "1"
+    for key in ("train_cost", "test_accuracy", "epoch_seconds"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4, 5, 6], key
+    steps = [m.step for m in client.get_metric_history(run_id, "batch_cost")]
+    assert sorted(steps) == list(range(10, 6 * 124 + 1, 10))  # 124 steps an epoch, none twice
+    weights = Network.load(client.download_artifacts(run_id, "weights.npz")).params
+    cfg = load_config(CONFIGS / "digits.yaml", ["epochs=6"])
+    uninterrupted = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(cfg.chunk_size))
+    assert np.array_equal(weights, uninterrupted.network.params)
+
+
+def test_a_resume_that_would_change_the_result_is_refused(tracking_uri, capsys):
+    assert main(["run", DIGITS, "epochs=1", "--quiet"]) == 0
+    run_id = capsys.readouterr().out.split("MLflow run ")[1].split()[0]
+    assert main(["run", DIGITS, "epochs=2", "eta=0.5", "seed=3", "--resume", run_id]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gradavg: error: --resume {run_id}: this config changes what the run computes")
+    assert "eta: 3.0 -> 0.5" in err and "seed: 0 -> 3" in err and "--force" in err
+    assert len(err.splitlines()) == 1
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
+    assert main(["run", DIGITS, "epochs=2", "eta=0.5", "--resume", run_id, "--force", "--quiet"]) == 0
+
+
+def test_resume_of_a_run_that_does_not_exist(tracking_uri, capsys):
+    assert main(["run", DIGITS, "--resume", "0123456789abcdef0123456789abcdef"]) == 2
+    assert "no such run" in capsys.readouterr().err
+
+
+def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tracking_uri, capsys):
+    # L2 decay this strong multiplies the weights by about -51 a step: they overflow in epoch 2
+    assert main(["run", DIGITS, "lmbda=21459", "epochs=3", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "lmbda=21459.0" in err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    saved, _ = checkpoint.load(client.download_artifacts(run.info.run_id, "checkpoints/checkpoint.npz"))
+    assert saved.epoch == 1 and np.all(np.isfinite(saved.network.params))
+
+
+def test_more_workers_than_can_be_placed_refused_before_any_run(tracking_uri, capsys):
+    started = time.perf_counter()
+    assert main(["run", DIGITS, "backend=ray", "workers=40"]) == 2
+    assert time.perf_counter() - started < 15
+    assert "workers=40 with num_cpus=1 need 40 CPUs but the Ray cluster has 3" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_an_unreachable_ray_address_fails_fast(tmp_path):
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", DIGITS, "backend=ray", "track=false"],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "127.0.0.1:1"})
+    assert time.perf_counter() - started < 30
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("gradavg: error: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:1")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_is_whole_or_absent(tmp_path):
+    cfg = digits_cfg("epochs=1")
+    state = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(cfg.chunk_size, threads=1))
+    path = checkpoint.save(state, cfg, tmp_path / "checkpoint.npz")
+    loaded, loaded_cfg = checkpoint.load(path)
+    assert np.array_equal(loaded.network.params, state.network.params) and loaded_cfg == cfg
+    assert loaded.shuffle.bit_generator.state == state.shuffle.bit_generator.state
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]  # no temporary file left
+
+    class Boom(Exception):
+        pass
+
+    def failing_savez(f, **arrays):
+        f.write(b"PK\x03\x04 half a file")
+        raise Boom
+
+    original = checkpoint.np.savez
+    checkpoint.np.savez = failing_savez
+    try:
+        with pytest.raises(Boom):
+            checkpoint.save(state, cfg, tmp_path / "checkpoint.npz")
+    finally:
+        checkpoint.np.savez = original
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]
+    assert np.array_equal(checkpoint.load(path)[0].network.params, state.network.params)
+
+
+def test_worker_failures_surface_even_without_tracking():
+    with pytest.raises(WorkerFailuresError, match="more than max_worker_failures=0"):
+        cfg = digits_cfg()
+        train(cfg, load_dataset("digits", cfg.validation_size),
+              KillingRayBackend(2, cfg.chunk_size, max_failures=0, after=3))
