@@ -67,8 +67,11 @@ def test_submitted_job_is_tracked_on_the_server(servers, capsys):
         "plots/curves.png", "plots/confusion_matrix.png"}
     weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
     mlflow.set_tracking_uri(servers.tracking_uri)
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    model = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    try:
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+        model = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    finally:
+        mlflow.set_tracking_uri(None)  # later tests take theirs from MLFLOW_TRACKING_URI
     data = load_dataset("digits", validation_size=200)
     assert np.array_equal(model.predict(data.x_test), weights.predict(data.x_test))
     assert main(["jobs", "list", "--address", servers.dashboard]) == 0

@@ -19,7 +19,7 @@ from cluster.errors import WorkerFailuresError
 from conftest import CONFIGS, ROOT
 from core import Network
 from jobs import checkpoint
-from jobs.backends import LocalBackend
+from jobs.backends import LocalBackend, make_backend
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.data import load_dataset
@@ -93,7 +93,7 @@ def test_workers_that_keep_dying_stop_the_job_with_a_checkpoint_to_resume(tracki
     saved, _ = checkpoint.load(client.download_artifacts(run.info.run_id, "checkpoints/checkpoint.npz"))
     assert saved.epoch == 1  # 13 steps an epoch: the second failure came in epoch 2
 
-    monkeypatch.undo()
+    monkeypatch.setattr(jobs.run, "make_backend", make_backend)
     assert main(["run", DIGITS, "backend=ray", "workers=2", "batch_size=100", "chunk_size=30", "epochs=3",
                  "--resume", run.info.run_id, "--quiet"]) == 0
     resumed = client.get_run(run.info.run_id)
