@@ -133,6 +133,18 @@ class RayBackend:
             self._x_ref, self._labels_ref, *self._network_spec, threads)
 
     def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
+        parts, _ = self._gather(network, batch, with_stats=False)
+        if len(parts) == 1:
+            return parts[0]
+        return add_in_order(parts, out=self._total)
+
+    def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+        parts, stats = self._gather(network, batch, with_stats=True)
+        nabla, count = add_in_order(parts)
+        return nabla, count, add_in_order((row, 0) for row in stats)[0]
+
+    def _gather(self, network: Network, batch: np.ndarray, with_stats: bool):
+        """Every chunk's (sum, count), and its diagnostic sums when asked, in chunk order."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -140,7 +152,7 @@ class RayBackend:
         chunks = [batch[lo:hi] for lo, hi in bounds]
         params_ref = ray.put(network.params)  # one broadcast a step, the same reference to every worker
         groups = split_in_order(chunks, len(self.actors))
-        pending = {actor.gradient_sums.remote(params_ref, group): k
+        pending = {actor.gradient_sums.remote(params_ref, group, with_stats): k
                    for k, (actor, group) in enumerate(zip(self.actors, groups))}
         results: list = [None] * len(groups)
         while pending:
@@ -150,13 +162,13 @@ class RayBackend:
                 results[k] = ray.get(ready[0])
             except RayActorError as error:
                 actor = self._recover(k, error)
-                pending[actor.gradient_sums.remote(params_ref, groups[k])] = k
-        parts = []
-        for sums, counts in results:  # in group order, which is chunk order
+                pending[actor.gradient_sums.remote(params_ref, groups[k], with_stats)] = k
+        parts, stats = [], []
+        for sums, counts, chunk_stats in results:  # in group order, which is chunk order
             parts.extend(zip(sums, counts))
-        if len(parts) == 1:
-            return parts[0]
-        return add_in_order(parts, out=self._total)
+            if chunk_stats is not None:
+                stats.extend(chunk_stats)
+        return parts, stats
 
     def _recover(self, k: int, error: Exception):
         """A worker died: count it, then hand its chunks to a new worker or a surviving one."""

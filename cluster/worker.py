@@ -9,6 +9,7 @@ from threadpoolctl import threadpool_limits
 
 from core import Network
 from core.chunks import ChunkEngine
+from core.diagnostics import stats_size
 
 
 class ShardWorker:
@@ -27,12 +28,15 @@ class ShardWorker:
         self.sizes, self.cost, self.activation = list(sizes), cost, activation
         self.engine = ChunkEngine(x, labels, threads)
 
-    def gradient_sums(self, params: np.ndarray, chunks: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
-        """Sums stacked as rows, (len(chunks), n_params), and the count of each chunk."""
+    def gradient_sums(self, params: np.ndarray, chunks: list[np.ndarray],
+                      with_stats: bool = False) -> tuple[np.ndarray, list[int], np.ndarray | None]:
+        """Sums stacked as rows, (len(chunks), n_params), the count of each chunk and, when asked,
+        each chunk's diagnostic sums, (len(chunks), stats_size)."""
         network = Network(self.sizes, params, self.cost, self.activation)
         sums = np.empty((len(chunks), params.size), dtype=params.dtype)
-        parts = self.engine.compute(network, chunks, list(sums))
-        return sums, [n for _, n in parts]
+        stats = np.zeros((len(chunks), stats_size(self.sizes))) if with_stats else None
+        parts = self.engine.compute(network, chunks, list(sums), None if stats is None else list(stats))
+        return sums, [n for _, n in parts], stats
 
     def echo(self, array: np.ndarray) -> np.ndarray:
         """A bare round trip carrying an array each way: the benchmark's baseline."""

@@ -61,12 +61,17 @@ class Workspace:
 
 
 def gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, out: np.ndarray | None = None,
-                 workspace: Workspace | None = None) -> tuple[np.ndarray, int]:
+                 workspace: Workspace | None = None, stats: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Σ_x ∂C_x/∂params over the rows of x, fully matrix-based, and the example count.
 
     Returns (nabla, count): ``nabla`` is flat, laid out like ``network.params``
     (``split_params`` gives nabla_w and nabla_b). Examples are rows, so BP4's sum over
     examples of δ^l (a^{l-1})^T is one product (δ^l)^T a^{l-1}.
+
+    With ``stats`` (float64, ``3 * (len(sizes) - 1)``), also fills per layer, in the
+    order of ``core.diagnostics.STATS``: Σ|δ^l|, the count of saturated neurons
+    (σ'(z^l) < SATURATED) and the count of low activations feeding the layer
+    (a^{l-1} < LOW_ACTIVATION), all summed over the batch like the gradient.
     """
     m = labels.shape[0]
     if out is None:
@@ -101,7 +106,25 @@ def gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, out: np.nd
             below = deltas[layer - 1]
             np.matmul(delta, network.weights[layer], out=below)  # BP2
             below *= sigma.prime_from_output(acts[layer - 1], out=primes[layer - 1])
+    if stats is not None:
+        _layer_stats(x, acts, deltas, primes, sigma, stats)
     return out, m
+
+
+# Thresholds of the diagnostics (chapter 2's closing lesson): a neuron is saturated when
+# σ'(z) < 0.01, i.e. |z| > 4.6 and a within 0.01 of 0 or 1 (σ' is at most 0.25); an input
+# has low activation when a < 0.01.
+SATURATED = 0.01
+LOW_ACTIVATION = 0.01
+
+
+def _layer_stats(x, acts, deltas, primes, sigma, stats: np.ndarray) -> None:
+    sigma.prime_from_output(acts[-1], out=primes[-1])  # the output layer's σ' is not kept by BP1
+    for layer, (delta, prime) in enumerate(zip(deltas, primes)):
+        a_in = x if layer == 0 else acts[layer - 1]
+        stats[3 * layer] = np.abs(delta).sum(dtype=np.float64)
+        stats[3 * layer + 1] = np.count_nonzero(prime < SATURATED)
+        stats[3 * layer + 2] = np.count_nonzero(a_in < LOW_ACTIVATION)
 
 
 def per_example_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:

@@ -25,14 +25,16 @@ class ChunkEngine:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gradavg-chunk") if self.threads > 1 else None
         self._local = threading.local()
 
-    def compute(self, network: Network, chunks: list[np.ndarray], outs) -> list[tuple[np.ndarray, int]]:
-        """One (sum, count) per chunk of row indices, in chunk order; ``outs[i]`` receives chunk i's sum."""
-        jobs = list(zip(chunks, outs))
+    def compute(self, network: Network, chunks: list[np.ndarray], outs, stats=None) -> list[tuple[np.ndarray, int]]:
+        """One (sum, count) per chunk of row indices, in chunk order; ``outs[i]`` receives chunk i's sum
+        (and ``stats[i]`` its diagnostic sums, when given)."""
+        jobs = list(zip(chunks, outs, stats if stats is not None else [None] * len(chunks)))
         if self._pool is None or len(jobs) == 1:
-            return [self._chunk(network, idx, out) for idx, out in jobs]
+            return [self._chunk(network, *job) for job in jobs]
         return list(self._pool.map(lambda job: self._chunk(network, *job), jobs))
 
-    def _chunk(self, network: Network, indices: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int]:
+    def _chunk(self, network: Network, indices: np.ndarray, out: np.ndarray,
+               stats: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         state = self._local
         m = indices.shape[0]
         if getattr(state, "rows", 0) < m or state.workspace.sizes != network.sizes:
@@ -40,7 +42,7 @@ class ChunkEngine:
             state.workspace = Workspace(network.sizes, m, network.dtype)
             state.x = np.empty((m, self.x.shape[1]), network.dtype)
         x = np.take(self.x, indices, axis=0, out=state.x[:m])  # a contiguous copy of the chunk's rows
-        return gradient_sum(network, x, self.labels[indices], out=out, workspace=state.workspace)
+        return gradient_sum(network, x, self.labels[indices], out=out, workspace=state.workspace, stats=stats)
 
     def close(self) -> None:
         if self._pool is not None:

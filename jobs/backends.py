@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from core import Network, add_in_order, chunk_bounds
 from core.chunks import ChunkEngine
+from core.diagnostics import stats_size
 
 
 class Backend(Protocol):
@@ -28,6 +29,10 @@ class Backend(Protocol):
 
     def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         """Σ_x ∂C_x/∂params over ``x[batch]`` and its count. The array is valid until the next call."""
+        ...
+
+    def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+        """As ``gradient_sum``, with the per-layer diagnostic sums (``core.diagnostics``) added in chunk order."""
         ...
 
     def close(self) -> None: ...
@@ -60,6 +65,14 @@ class LocalBackend:
         if len(parts) == 1:
             return parts[0]
         return add_in_order(parts, out=self._total)
+
+    def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+        bounds = chunk_bounds(batch.shape[0], self.chunk_size)
+        sums = [np.empty_like(network.params) for _ in bounds]
+        stats = np.zeros((len(bounds), stats_size(network.sizes)))
+        parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], sums, list(stats))
+        nabla, count = add_in_order(parts)
+        return nabla, count, add_in_order((row, 0) for row in stats)[0]
 
     def close(self) -> None:
         if self._engine is not None:

@@ -31,7 +31,7 @@ class UsageError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, sys.argv[1:] if argv is None else argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -55,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradavg: interrupted; the MLflow run was ended as KILLED", file=sys.stderr)
         return 130
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options may stand anywhere, before or after key=value overrides."""
+    commands = parser.commands
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="list the config keys, their defaults and what is valid")
     keys.set_defaults(handler=cmd_keys)
+    parser.commands = sub.choices  # for _parse
     return parser
 
 

@@ -36,6 +36,7 @@ class JobConfig:
     cost: str = "quadratic"
     activation: str = "sigmoid"
     init: str = "standard"
+    init_scale: float = 1.0
     dtype: str = "float64"
     # stochastic gradient descent
     eta: float = 3.0
@@ -54,6 +55,8 @@ class JobConfig:
     experiment: str = "gradavg"
     run_name: str | None = None
     log_every: int = 100
+    diagnostics: bool = True
+    diagnostics_every: int = 0
     checkpoint_every: int = 1
     track: bool = True
 
@@ -75,6 +78,7 @@ HELP = {
     "cost": f"one of {', '.join(COSTS)}",
     "activation": f"one of {', '.join(ACTIVATIONS)}",
     "init": f"one of {', '.join(INITS)}",
+    "init_scale": "multiplies the initial weights, > 0 (large values start the network saturated)",
     "dtype": f"one of {', '.join(DTYPES)}",
     "eta": "learning rate η, > 0",
     "lmbda": "L2 weight decay λ, >= 0",
@@ -90,6 +94,8 @@ HELP = {
     "experiment": "MLflow experiment name",
     "run_name": "MLflow run name (null: MLflow picks one)",
     "log_every": "log the mini-batch cost every this many steps, >= 1",
+    "diagnostics": "log per-layer diagnostics (|δ|, gradient norms, saturation) every epoch",
+    "diagnostics_every": "also log them every this many steps, 0 for only once an epoch",
     "checkpoint_every": "save a checkpoint every this many epochs, 0 for never",
     "track": "track the run in MLflow (false: train without tracking)",
 }
@@ -144,6 +150,7 @@ def _validate(cfg: JobConfig) -> None:
     c("cost", cfg.cost, cfg.cost in COSTS, HELP["cost"])
     c("activation", cfg.activation, cfg.activation in ACTIVATIONS, HELP["activation"])
     c("init", cfg.init, cfg.init in INITS, HELP["init"])
+    c("init_scale", cfg.init_scale, 0 < cfg.init_scale < float("inf"), "must be a finite number > 0")
     c("dtype", cfg.dtype, cfg.dtype in DTYPES, HELP["dtype"])
     c("eta", cfg.eta, cfg.eta > 0 and cfg.eta == cfg.eta and cfg.eta != float("inf"),
       "the learning rate η must be a finite number > 0, e.g. eta=3.0")
@@ -161,6 +168,7 @@ def _validate(cfg: JobConfig) -> None:
     c("max_worker_failures", cfg.max_worker_failures, cfg.max_worker_failures >= 0, "must be >= 0")
     c("experiment", cfg.experiment, bool(cfg.experiment.strip()), "must not be empty")
     c("log_every", cfg.log_every, cfg.log_every >= 1, "must be >= 1")
+    c("diagnostics_every", cfg.diagnostics_every, cfg.diagnostics_every >= 0, "must be >= 0 (0: once an epoch)")
     c("checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, "must be >= 0 (0: never)")
     c("data", cfg.data, bool(cfg.data.strip()), HELP["data"])
 
@@ -248,7 +256,8 @@ def replace(cfg: JobConfig, **changes: Any) -> JobConfig:
 
 
 # Keys whose change changes the numbers a run computes: a resumed run must keep them.
-RESULT_KEYS = ("data", "validation_size", "test_size", "sizes", "cost", "activation", "init", "dtype", "eta",
+RESULT_KEYS = ("data", "validation_size", "test_size", "sizes", "cost", "activation", "init", "init_scale", "dtype",
+               "eta",
                "lmbda", "batch_size", "seed", "chunk_size")
 
 

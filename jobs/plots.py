@@ -50,3 +50,57 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int, path, t
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def per_layer(series: dict[str, list[tuple[int, float]]], path, title: str, ylabel: str, log: bool = False) -> None:
+    """One line per layer over training: ``series`` maps 'layer 2' to [(epoch, value), ...]."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, points in series.items():
+        if points:
+            epochs, values = zip(*sorted(points))
+            ax.plot(epochs, values, marker=".", label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, shape: tuple[int, int], path,
+                  limit: int = 36) -> int:
+    """A grid of test images the network got wrong, each titled 'true → predicted'. Returns how many."""
+    wrong = np.flatnonzero(labels != predicted)[:limit]
+    cols = 6
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong):
+        ax.imshow(images[i].reshape(shape), cmap="gray_r")
+        ax.set_title(f"{labels[i]} → {predicted[i]}", fontsize=9, color="firebrick")
+    fig.suptitle("misclassified test images (true → predicted)" if len(wrong) else "no misclassified test images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(wrong)
+
+
+def first_layer_weights(weights: np.ndarray, shape: tuple[int, int], path, limit: int = 40) -> None:
+    """Each hidden neuron's incoming weights w^2_j drawn as an image: what it looks for."""
+    shown = weights[:limit]
+    cols = min(10, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.1), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for j, (ax, w) in enumerate(zip(axes.ravel(), shown)):
+        bound = np.abs(w).max() or 1.0
+        ax.imshow(w.reshape(shape), cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_title(str(j), fontsize=7)
+    fig.suptitle("first layer's weights, one image per hidden neuron (red +, blue −)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -66,6 +66,10 @@ class HookChain(Hooks):
         for h in self.hooks:
             h.on_epoch_end(result, state)
 
+    def on_step_diagnostics(self, step, metrics):
+        for h in self.hooks:
+            h.on_step_diagnostics(step, metrics)
+
     def on_worker_failure(self, failures, text):
         for h in self.hooks:
             h.on_worker_failure(failures, text)

@@ -190,9 +190,7 @@ class RunTracker(Hooks):
 
         run = self._mlflow.start_run(run_id=run_id)
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
-        from jobs.train import EPOCH_METRICS
-
-        for key in (*EPOCH_METRICS, "batch_cost"):
+        for key in self.client.get_run(run_id).data.metrics:
             self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         tags = {**_driver_tags(), "resumed": str(times_resumed), "backend": self._backend_name,
                 "workers": str(self._workers)}
@@ -223,6 +221,12 @@ class RunTracker(Hooks):
         if self.cfg.checkpoint_every and result.epoch % self.cfg.checkpoint_every == 0:
             self.log_checkpoint(state)
 
+    def on_step_diagnostics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._costs.extend(Metric(f"steps/{k}", v, now, step) for k, v in metrics.items())
+
     def on_worker_failure(self, failures: int, text: str) -> None:
         self.client.set_tag(self.run_id, "worker_failures", str(failures))
         self.client.set_tag(self.run_id, "last_worker_failure", text[:4000])
@@ -240,21 +244,39 @@ class RunTracker(Hooks):
         self.client.log_artifact(self.run_id, str(path), "checkpoints")
 
     def log_results(self, state: TrainingState, data: Dataset) -> None:
-        from jobs import plots
-
         network = state.network
         out = self._artifacts
         self.flush()
-        history = self.epoch_history()  # from the store: whole even when the run was resumed
-        if history:
-            plots.curves(history, out / "curves.png")
-            self.client.log_artifact(self.run_id, str(out / "curves.png"), "plots")
-        predicted = network.predict(np.asarray(data.x_test, dtype=network.dtype))
-        plots.confusion(data.y_test, predicted, network.sizes[-1], out / "confusion_matrix.png")
-        self.client.log_artifact(self.run_id, str(out / "confusion_matrix.png"), "plots")
+        self.log_plots(network, data)
         network.save(out / "weights.npz")
         self.client.log_artifact(self.run_id, str(out / "weights.npz"))
         self.log_model(out / "weights.npz", data)
+
+    def log_plots(self, network, data: Dataset) -> None:
+        """Every plot, drawn from the run's whole metric history (so a resumed run's too)."""
+        from jobs import plots
+
+        out = self._artifacts / "plots"
+        out.mkdir(exist_ok=True)
+        history = self.epoch_history()
+        if history:
+            plots.curves(history, out / "curves.png")
+        layers = range(2, len(network.sizes) + 1)
+        if f"layer{layers[0]}/grad_w_norm" in self.client.get_run(self.run_id).data.metrics:
+            for name, title, ylabel, log in (
+                    ("grad_w_norm", "‖∂C/∂w^l‖ per layer", "gradient norm (log scale)", True),
+                    ("saturated_fraction", "saturated neurons per layer (σ'(z) < 0.01)", "fraction", False)):
+                series = {f"layer {l}": [(m.step, m.value) for m in
+                                         self.client.get_metric_history(self.run_id, f"layer{l}/{name}")]
+                          for l in layers}
+                plots.per_layer(series, out / f"{name.replace('grad_w_norm', 'gradient_norms')}.png", title,
+                                ylabel, log)
+        predicted = network.predict(np.asarray(data.x_test, dtype=network.dtype))
+        plots.confusion(data.y_test, predicted, network.sizes[-1], out / "confusion_matrix.png")
+        if data.image_shape:
+            plots.misclassified(data.x_test, data.y_test, predicted, data.image_shape, out / "misclassified.png")
+            plots.first_layer_weights(network.weights[0], data.image_shape, out / "first_layer_weights.png")
+        self.client.log_artifacts(self.run_id, str(out), "plots")
 
     def epoch_history(self) -> list:
         """The per-epoch results logged so far, rebuilt from the run's metric history."""
