@@ -20,12 +20,20 @@ from jobs.train import TrainingState
 
 
 def save(state: TrainingState, cfg: JobConfig, path) -> Path:
-    path = Path(path)
+    return write(snapshot(state, cfg), path)
+
+
+def snapshot(state: TrainingState, cfg: JobConfig) -> dict[str, np.ndarray]:
+    """The checkpoint's arrays, copied: training may go on while they are written."""
     net = state.network
-    arrays = dict(params=net.params, sizes=np.array(net.sizes, dtype=np.int64), cost=np.array(net.cost),
-                  activation=np.array(net.activation), epoch=np.array(state.epoch), step=np.array(state.step),
-                  shuffle_state=np.array(json.dumps(state.shuffle.bit_generator.state)),
-                  config=np.array(cfg.to_yaml()))
+    return dict(params=net.params.copy(), sizes=np.array(net.sizes, dtype=np.int64), cost=np.array(net.cost),
+                activation=np.array(net.activation), epoch=np.array(state.epoch), step=np.array(state.step),
+                shuffle_state=np.array(json.dumps(state.shuffle.bit_generator.state)),
+                config=np.array(cfg.to_yaml()))
+
+
+def write(arrays: dict[str, np.ndarray], path) -> Path:
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,8 @@ class RunTracker(Hooks):
         self._costs: list = []
         self._pending: list = []
         self._logged: dict[str, set[int]] = {}  # steps already in the store, when resuming
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="gradavg-upload")  # in order, one at a time
+        self._uploads: list = []
         self._artifacts = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
         self.run_id: str | None = None
 
@@ -199,8 +202,11 @@ class RunTracker(Hooks):
     def end(self, status: str) -> None:
         if self.run_id is None:
             return
-        self.flush()
-        self._mlflow.end_run(status=status)
+        try:
+            self.flush()
+        finally:
+            self._uploader.shutdown(wait=True)
+            self._mlflow.end_run(status=status)
 
     # -- hooks from the training loop
     def on_batch_cost(self, step: int, cost: float) -> None:
@@ -232,16 +238,33 @@ class RunTracker(Hooks):
         self.client.set_tag(self.run_id, "last_worker_failure", text[:4000])
 
     def flush(self) -> None:
+        """Wait for every metric batch and checkpoint upload still on its way."""
         for operation in self._pending:
             operation.wait()
         self._pending = []
+        for upload in self._uploads:
+            upload.result()
+        self._uploads = []
 
     # -- artifacts
     def log_checkpoint(self, state: TrainingState) -> None:
+        """Snapshot now, write and upload in the background: the next epoch need not wait.
+
+        The upload first waits for the metrics logged so far: a checkpoint never gets ahead
+        of its metrics, so a run resumed from it has every metric up to its step.
+        """
         from jobs import checkpoint
 
-        path = checkpoint.save(state, self.cfg, self._artifacts / "checkpoint.npz")
-        self.client.log_artifact(self.run_id, str(path), "checkpoints")
+        arrays = checkpoint.snapshot(state, self.cfg)
+        metrics_so_far = list(self._pending)
+
+        def upload():
+            for operation in metrics_so_far:
+                operation.wait()
+            path = checkpoint.write(arrays, self._artifacts / "checkpoint.npz")
+            self.client.log_artifact(self.run_id, str(path), "checkpoints")
+
+        self._uploads.append(self._uploader.submit(upload))
 
     def log_results(self, state: TrainingState, data: Dataset) -> None:
         network = state.network

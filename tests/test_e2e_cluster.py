@@ -63,8 +63,9 @@ def test_submitted_job_is_tracked_on_the_server(servers, capsys):
     assert run.data.tags["workers"] == "2" and run.data.tags["backend"] == "ray"
     for key in ("train_cost", "validation_accuracy", "test_accuracy", "epoch_seconds"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
-        "plots/curves.png", "plots/confusion_matrix.png"}
+    plots = {"curves", "confusion_matrix", "gradient_norms", "saturated_fraction", "misclassified",
+             "first_layer_weights"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {f"plots/{p}.png" for p in plots}
     weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
     mlflow.set_tracking_uri(servers.tracking_uri)
     try:

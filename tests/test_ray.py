@@ -102,3 +102,19 @@ def test_gradavg_run_digits_on_two_ray_workers(tracking_uri, capsys):
     cfg = load_config(CONFIGS / "digits.yaml", ["chunk_size=4", "epochs=2"])
     local = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(4, threads=2))
     assert np.array_equal(weights, local.network.params)
+
+
+def test_diagnostics_are_the_same_bits_on_ray(mnist_shaped):
+    network = Network.create([784, 30, 10], seed=5, weight_scale=2.0)
+    rows = np.arange(0, 300, 2)
+    local = LocalBackend(60, threads=2)
+    local.start(network, mnist_shaped.x_train, mnist_shaped.y_train)
+    want = local.gradient_stats(network, rows)
+    local.close()
+    ray_backend = RayBackend(3, chunk_size=60)
+    ray_backend.start(network, mnist_shaped.x_train, mnist_shaped.y_train)
+    got = ray_backend.gradient_stats(network, rows)
+    ray_backend.close()
+    assert got[1] == want[1] == 150
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[2], want[2])
+    assert got[2][1] > 0  # some neurons saturated, so the counts are tested
