@@ -55,9 +55,25 @@ class Workspace:
         self.deltas = [np.empty((rows, n), dtype) for n in sizes[1:]]  # δ^l, (rows, n_l)
         self.primes = [np.empty((rows, n), dtype) for n in sizes[1:]]  # σ'(z^l)
         self.targets = np.zeros((rows, sizes[-1]), dtype)  # y(x), one-hot rows
+        self.rows_index = np.arange(rows)
+        self._views: dict[int, tuple] = {}
+        self._nabla: tuple | None = None
 
     def fits(self, network: Network, rows: int) -> bool:
         return self.sizes == network.sizes and self.dtype == network.dtype and rows <= self.rows
+
+    def views(self, m: int) -> tuple[list, list, list, np.ndarray, np.ndarray]:
+        """The first m rows of every buffer, made once per m: slicing costs as much as a small product."""
+        if m not in self._views:
+            self._views[m] = ([a[:m] for a in self.activations], [d[:m] for d in self.deltas],
+                              [p[:m] for p in self.primes], self.targets[:m], self.rows_index[:m])
+        return self._views[m]
+
+    def nabla_views(self, out: np.ndarray) -> tuple[list, list]:
+        """nabla_w and nabla_b views of ``out``, kept while the same array is passed again."""
+        if self._nabla is None or self._nabla[0] is not out:
+            self._nabla = (out, *split_params(out, self.sizes))
+        return self._nabla[1], self._nabla[2]
 
 
 def gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, out: np.ndarray | None = None,
@@ -83,10 +99,8 @@ def gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, out: np.nd
         workspace = Workspace(network.sizes, m, network.dtype)
     sigma = activation_named(network.activation)
     cost = cost_named(network.cost)
-    nabla_w, nabla_b = split_params(out, network.sizes)
-    acts = [a[:m] for a in workspace.activations]
-    deltas = [d[:m] for d in workspace.deltas]
-    primes = [p[:m] for p in workspace.primes]
+    nabla_w, nabla_b = workspace.nabla_views(out)
+    acts, deltas, primes, targets, rows = workspace.views(m)
 
     a_prev = x
     for w, b, a in zip(network.weights, network.biases, acts):
@@ -95,8 +109,9 @@ def gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, out: np.nd
         sigma.fn(a, out=a)
         a_prev = a
 
-    y = one_hot(labels, network.sizes[-1], dtype=network.dtype, out=workspace.targets[:m])
-    cost.delta(acts[-1], y, sigma, out=deltas[-1])  # BP1
+    targets.fill(0.0)
+    targets[rows, labels] = 1.0  # y(x), one-hot
+    cost.delta(acts[-1], targets, sigma, out=deltas[-1], scratch=primes[-1])  # BP1
     for layer in range(len(deltas) - 1, -1, -1):
         delta = deltas[layer]
         a_in = x if layer == 0 else acts[layer - 1]

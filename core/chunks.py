@@ -30,10 +30,10 @@ class ChunkEngine:
         (and ``stats[i]`` its diagnostic sums, when given)."""
         jobs = list(zip(chunks, outs, stats if stats is not None else [None] * len(chunks)))
         if self._pool is None or len(jobs) == 1:
-            return [self._chunk(network, *job) for job in jobs]
-        return list(self._pool.map(lambda job: self._chunk(network, *job), jobs))
+            return [self.chunk(network, *job) for job in jobs]
+        return list(self._pool.map(lambda job: self.chunk(network, *job), jobs))
 
-    def _chunk(self, network: Network, indices: np.ndarray, out: np.ndarray,
+    def chunk(self, network: Network, indices: np.ndarray, out: np.ndarray,
                stats: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         state = self._local
         m = indices.shape[0]

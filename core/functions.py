@@ -42,7 +42,7 @@ class Cost:
     name: str
     # (a, y) -> C_x for each row, shape (m,)
     per_example: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    # (a, y, activation, out) -> δ^L, shape (m, n_L)
+    # (a, y, activation, out=None, scratch=None) -> δ^L, shape (m, n_L)
     delta: Callable[..., np.ndarray]
 
 
@@ -52,11 +52,10 @@ def _quadratic_per_example(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 0.5 * np.einsum("ij,ij->i", diff, diff)
 
 
-def _quadratic_delta(a, y, activation: Activation, out=None):
+def _quadratic_delta(a, y, activation: Activation, out=None, scratch=None):
     """BP1: δ^L = (a^L − y) ⊙ σ'(z^L)."""
     out = np.subtract(a, y, out=out)
-    prime = activation.prime_from_output(a)
-    out *= prime
+    out *= activation.prime_from_output(a, out=scratch)
     return out
 
 
@@ -71,7 +70,7 @@ def _cross_entropy_per_example(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return terms.sum(axis=1)
 
 
-def _cross_entropy_delta(a, y, activation: Activation, out=None):
+def _cross_entropy_delta(a, y, activation: Activation, out=None, scratch=None):
     """BP1 for cross-entropy with sigmoid output: the σ'(z^L) cancels, δ^L = a^L − y."""
     if activation.name != "sigmoid":
         raise ValueError(f"cross_entropy's δ^L = a − y holds for sigmoid output, not {activation.name!r}")

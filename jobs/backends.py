@@ -58,6 +58,10 @@ class LocalBackend:
         self._total = np.empty_like(network.params)
 
     def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
+        if batch.shape[0] <= self.chunk_size:  # one chunk: the common small mini-batch, kept short
+            if not self._chunk_sums:
+                self._chunk_sums.append(np.empty_like(self._total))
+            return self._engine.chunk(network, batch, self._chunk_sums[0])
         bounds = chunk_bounds(batch.shape[0], self.chunk_size)
         while len(self._chunk_sums) < len(bounds):
             self._chunk_sums.append(np.empty_like(self._total))
