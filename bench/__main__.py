@@ -161,9 +161,11 @@ def single_process(slow_examples: int) -> None:
 def peak_memory() -> None:
     """Peak resident memory of a whole 50,000-example job, in a process of its own."""
     print(f"\n## Peak memory of a {N_TRAIN:,}-example run (one epoch, float64, no tracking)")
-    code = ("import resource, sys; from jobs.cli import main; "
+    # VmHWM, the peak of this process's own memory: ru_maxrss would carry over the parent's across exec
+    code = ("import sys; from jobs.cli import main; "
             "rc = main(['run', 'configs/synthetic-large.yaml', 'epochs=1', 'track=false', '--quiet']); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print(hwm, file=sys.stderr); sys.exit(rc)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:

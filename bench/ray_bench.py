@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+import cluster  # noqa: F401  (Ray's loopback and auth settings; Ray reads them when it is imported)
+
 
 def _steps_per_second(backend, network, x, labels, batch_size: int, steps: int) -> float:
     """Median seconds of one step (gradient sum and update), after one warm-up step."""
@@ -34,14 +36,13 @@ def _steps_per_second(backend, network, x, labels, batch_size: int, steps: int) 
 def ray_figures() -> None:
     import ray
 
-    import cluster  # noqa: F401  (sets Ray's loopback and auth settings before Ray is imported)
     from cluster.driver import RayBackend
     from cluster.worker import ShardWorker
     from core import Network
     from jobs.backends import LocalBackend
     from jobs.data import synthetic
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         x, labels = synthetic(50_000, 784, 10)
         print("\n## Ray on this machine (2 CPUs, local cluster)")

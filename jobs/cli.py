@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradavg: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("gradavg: interrupted; the MLflow run was ended as KILLED", file=sys.stderr)
+        print("gradavg: interrupted (a run in progress ends KILLED)", file=sys.stderr)
         return 130
 
 
