@@ -189,7 +189,7 @@ def tracking_cost() -> None:
     from jobs.train import train
 
     print("\n## MLflow tracking cost: one epoch of mnist-5k, mini-batch 10, local sqlite store")
-    cfg = load_config("configs/nielsen-ch1.yaml", ["epochs=1", "log_every=10", "diagnostics=false"])
+    cfg = load_config("configs/nielsen-ch1.yaml", ["epochs=1", "diagnostics=false"])
     d = prepare_data(cfg)
     off, on, setup, drain = [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
@@ -227,7 +227,7 @@ def diagnostics_cost() -> None:
     from jobs.run import prepare_data
     from jobs.train import train
 
-    print("\n## Per-layer diagnostics cost (once an epoch, on a fiftieth of the training data, at most 1,000)")
+    print("\n## Per-layer diagnostics cost (once an epoch, on a fiftieth of the training data, at most 500)")
     for spec, batch_size in ((f"synthetic:{N_TRAIN + 1000}:784:10", 100), ("mnist-5k", 10)):
         common = [f"data={spec}", "sizes=[784,30,10]", f"batch_size={batch_size}", "epochs=1", "track=false"]
         if spec.startswith("synthetic"):

@@ -113,8 +113,8 @@ def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState 
 
 def diagnostic_rows(n_train: int) -> np.ndarray:
     """The training examples the diagnostics are computed on: the same every epoch and every
-    backend; few enough (a fiftieth of the data, at most 1,000) to cost about 2% of an epoch."""
-    return np.arange(min(1000, max(1, n_train // 50)))
+    backend; few enough (a fiftieth of the data, at most 500) to cost 1-2% of an epoch."""
+    return np.arange(min(500, max(1, n_train // 50)))
 
 
 def _diagnostics(backend, network, rows) -> dict[str, float]:

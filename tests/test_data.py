@@ -164,3 +164,24 @@ def test_npz_that_is_not_a_dataset(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
         load_dataset(str(tmp_path / "junk.npz"))
+
+
+def test_unreadable_file_as_any_user(tmp_path, monkeypatch):
+    """Permissions do not stop root, so the operating system's refusal is simulated at open()."""
+    x, y = synthetic(10, 4, 2)
+    save_npz(tmp_path / "d.npz", x, y)
+    (tmp_path / "idx").mkdir()
+    mnist_folder(tmp_path / "idx")
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda self: refusing_open(self))
+    with pytest.raises(DataError, match=r"d.npz: cannot be read \(permission denied\)"):
+        load_dataset(str(tmp_path / "d.npz"))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: cannot be read \(permission denied\)"):
+        load_dataset(str(tmp_path / "idx"))
