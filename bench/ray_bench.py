@@ -69,13 +69,13 @@ def ray_figures() -> None:
 
         # 2. scaling from 1 to 2 workers on a large mini-batch
         big = Network.create([784, 100, 10], seed=0)
-        print("\n[784, 100, 10], chunk_size 1,000: examples per second")
+        print("\n[784, 100, 10], chunk_size 2,500: examples per second")
         print("| mini-batch | Ray 1 worker | Ray 2 workers | 2 / 1 workers | local 1 thread | local 2 threads |")
         print("|---|---|---|---|---|---|")
         for batch_size in (10_000, 20_000):
             rates = [batch_size / _steps_per_second(backend, big.copy(), x, labels, batch_size, 8)
-                     for backend in (RayBackend(1, 1000), RayBackend(2, 1000), LocalBackend(1000, 1),
-                                     LocalBackend(1000, 2))]
+                     for backend in (RayBackend(1, 2500), RayBackend(2, 2500), LocalBackend(2500, 1),
+                                     LocalBackend(2500, 2))]
             print(f"| {batch_size:,} | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[1] / rates[0]:.2f}× "
                   f"(target ≥ 1.6×) | {rates[2]:,.0f} | {rates[3]:,.0f} |", flush=True)
 
