@@ -190,3 +190,48 @@ def test_quickstart_reaches_what_the_readme_says():
     result = run_job(load_config(CONFIGS / "digits.yaml", ["track=false"]), quiet=True)
     assert len(result.state.history) == 30
     assert result.state.history[-1].test_accuracy >= 0.96
+
+
+@pytest.mark.server
+def test_mlflow_models_serve_serves_the_model(tracking_uri, tmp_path, capsys):
+    """`mlflow models serve` on 127.0.0.1 answers /invocations with the labels Core predicts."""
+    import json
+    import shutil
+    import socket
+    import urllib.request
+
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    network = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", f"models:/{model.model_id}", "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the model server did not start"
+                time.sleep(0.3)
+        from jobs.data import load_dataset
+
+        x = load_dataset("digits").x_test[:20]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": x.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            predictions = json.loads(reply.read())["predictions"]
+        assert predictions == network.predict(x).tolist()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
