@@ -21,6 +21,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray cluster of 3 CPUs on 127.0.0.1 for one test module (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024**2,
+             logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def template_store(tmp_path_factory) -> Path:
     from mlflow.tracking import MlflowClient

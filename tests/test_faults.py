@@ -25,16 +25,8 @@ from jobs.config import load_config
 from jobs.data import load_dataset
 from jobs.train import train
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]  # one cluster for the module
 DIGITS = str(CONFIGS / "digits.yaml")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=200 * 1024**2,
-             logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def kill_worker_process(actor) -> None:

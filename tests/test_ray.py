@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from cluster.driver import RayBackend, split_in_order
@@ -17,15 +16,7 @@ from jobs.config import load_config
 from jobs.data import load_dataset
 from jobs.train import train
 
-pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024**2,
-             logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]  # one cluster for the module
 
 
 @pytest.fixture(scope="module")
