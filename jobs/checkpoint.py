@@ -51,8 +51,8 @@ def load(path) -> tuple[TrainingState, JobConfig]:
     with np.load(path, allow_pickle=False) as data:
         net = Network([int(n) for n in data["sizes"]], data["params"].copy(), str(data["cost"]),
                       str(data["activation"]))
-        shuffle = np.random.default_rng()
-        shuffle.bit_generator.state = json.loads(str(data["shuffle_state"]))
+        shuffle = np.random.Generator(np.random.PCG64())
+        shuffle.bit_generator.state = json.loads(str(data["shuffle_state"]))  # the saved state, not this seed
         cfg = build_config(yaml.safe_load(str(data["config"])))
         state = TrainingState(net, epoch=int(data["epoch"]), step=int(data["step"]), shuffle=shuffle)
     return state, cfg

@@ -103,7 +103,11 @@ def fetch_checkpoint(uri: str, run_id: str):
     except (mlflow.exceptions.MlflowException, OSError):
         raise TrackingError(f"--resume {run_id}: the run has no checkpoint to resume from (was it run with "
                             "checkpoint_every=0, or stopped before its first epoch ended?)") from None
-    state, cfg = checkpoint.load(path)
+    try:
+        state, cfg = checkpoint.load(path)
+    except Exception as e:  # a damaged file, or one that is not a checkpoint: never taken for a good one
+        raise TrackingError(f"--resume {run_id}: its checkpoint cannot be read ({type(e).__name__}: {e}); "
+                            "start a new run instead") from None
     return run, state, cfg
 
 

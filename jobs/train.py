@@ -53,9 +53,9 @@ class TrainingState:
     """Everything needed to continue training exactly where it stopped."""
 
     network: Network
+    shuffle: np.random.Generator  # seeded from the config; its state goes into every checkpoint
     epoch: int = 0
     step: int = 0
-    shuffle: np.random.Generator = field(default_factory=np.random.default_rng)
     history: list[EpochResult] = field(default_factory=list)
 
 
