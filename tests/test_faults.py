@@ -215,3 +215,14 @@ def test_worker_failures_surface_even_without_tracking():
         cfg = digits_cfg()
         train(cfg, load_dataset("digits", cfg.validation_size),
               KillingRayBackend(2, cfg.chunk_size, max_failures=0, after=3))
+
+
+def test_a_damaged_checkpoint_is_not_taken_for_a_good_one(tracking_uri, tmp_path, capsys):
+    assert main(["run", DIGITS, "epochs=1", "--quiet"]) == 0
+    run_id = capsys.readouterr().out.split("MLflow run ")[1].split()[0]
+    (tmp_path / "checkpoint.npz").write_bytes(b"PK\x03\x04 cut short")
+    MlflowClient(tracking_uri).log_artifact(run_id, str(tmp_path / "checkpoint.npz"), "checkpoints")
+    assert main(["run", DIGITS, "epochs=2", "--resume", run_id]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {run_id}: its checkpoint cannot be read" in err and len(err.strip().splitlines()) == 1
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
