@@ -159,7 +159,7 @@ class RunTracker(Hooks):
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
         self._backend_name, self._workers = backend_name, workers
-        self._costs: list = []
+        self._buffered: list = []  # batch costs and step diagnostics, sent with the epoch's metrics
         self._pending: list = []
         self._logged: dict[str, set[int]] = {}  # steps already in the store, when resuming
         self._uploader = ThreadPoolExecutor(1, thread_name_prefix="gradavg-upload")  # in order, one at a time
@@ -216,15 +216,15 @@ class RunTracker(Hooks):
     def on_batch_cost(self, step: int, cost: float) -> None:
         from mlflow.entities import Metric
 
-        self._costs.append(Metric("batch_cost", cost, int(time.time() * 1000), step))
+        self._buffered.append(Metric("batch_cost", cost, int(time.time() * 1000), step))
 
     def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, result.epoch) for k, v in result.metrics().items()] + self._costs
+        metrics = [Metric(k, float(v), now, result.epoch) for k, v in result.metrics().items()] + self._buffered
         metrics = [m for m in metrics if m.step not in self._logged.get(m.key, ())]
-        self._costs = []
+        self._buffered = []
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
             self._pending.append(self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000],
                                                        synchronous=False))
@@ -235,7 +235,7 @@ class RunTracker(Hooks):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._costs.extend(Metric(f"steps/{k}", v, now, step) for k, v in metrics.items())
+        self._buffered.extend(Metric(f"steps/{k}", v, now, step) for k, v in metrics.items())
 
     def on_worker_failure(self, failures: int, text: str) -> None:
         self.client.set_tag(self.run_id, "worker_failures", str(failures))
