@@ -23,5 +23,6 @@ def ensure_token() -> None:
         return
     if os.environ.get("RAY_AUTH_TOKEN") or token_path().exists():
         return
-    ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    beside = Path(sys.executable).with_name("ray")  # this environment's Ray before any other on PATH
+    ray_cli = str(beside) if beside.exists() else (shutil.which("ray") or "ray")
     subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
