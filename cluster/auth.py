@@ -13,6 +13,16 @@ def token_path() -> Path:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
+def read_token() -> str | None:
+    """The token a client sends when RAY_AUTH_MODE=token: RAY_AUTH_TOKEN, else the token file."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return None
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token.strip()
+    path = token_path()
+    return path.read_text().strip() if path.exists() else None
+
+
 def ensure_token() -> None:
     """With RAY_AUTH_MODE=token, a head started outside ``ray.init`` needs a token to exist.
 

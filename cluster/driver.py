@@ -18,6 +18,7 @@ import numpy as np
 
 from cluster.errors import ClusterError, WorkerFailuresError
 from core import Network, add_in_order, chunk_bounds
+from core.diagnostics import add_with_stats
 
 
 def connect(cpus_needed: float) -> bool:
@@ -139,9 +140,7 @@ class RayBackend:
         return add_in_order(parts, out=self._total)
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-        parts, stats = self._gather(network, batch, with_stats=True)
-        nabla, count = add_in_order(parts)
-        return nabla, count, add_in_order((row, 0) for row in stats)[0]
+        return add_with_stats(*self._gather(network, batch, with_stats=True))
 
     def _gather(self, network: Network, batch: np.ndarray, with_stats: bool):
         """Every chunk's (sum, count), and its diagnostic sums when asked, in chunk order."""

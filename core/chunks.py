@@ -37,8 +37,7 @@ class ChunkEngine:
                stats: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         state = self._local
         m = indices.shape[0]
-        if getattr(state, "rows", 0) < m or state.workspace.sizes != network.sizes:
-            state.rows = m
+        if not getattr(state, "workspace", None) or not state.workspace.fits(network, m):
             state.workspace = Workspace(network.sizes, m, network.dtype)
             state.x = np.empty((m, self.x.shape[1]), network.dtype)
         x = np.take(self.x, indices, axis=0, out=state.x[:m])  # a contiguous copy of the chunk's rows

@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.backprop import LOW_ACTIVATION, SATURATED
+from core.average import add_in_order
 from core.network import Network, split_params
 
 STATS = ("delta_abs_sum", "saturated_count", "low_input_count")  # per layer, in gradient_sum's stats
-NAMES = ("delta_mean_abs", "grad_w_norm", "grad_b_norm", "saturated_fraction", "low_input_fraction",
-         "weight_norm")
-THRESHOLDS = {"saturated": SATURATED, "low_activation": LOW_ACTIVATION}
 
 
 def stats_size(sizes: list[int]) -> int:
     return len(STATS) * (len(sizes) - 1)
 
 
+def add_with_stats(parts, stats) -> tuple[np.ndarray, int, np.ndarray]:
+    """Chunk sums and their diagnostic sums, each added in chunk order: (nabla, count, stats)."""
+    nabla, count = add_in_order(parts)
+    total = stats[0].copy()
+    for row in stats[1:]:
+        total += row
+    return nabla, count, total
+
+
 def layer_metrics(network: Network, nabla_sum: np.ndarray, count: int, stats: np.ndarray) -> dict[str, float]:
-    """``layer{l}/{name}`` for every layer l and name in NAMES, from one pass's sums and count.
+    """``layer{l}/{name}`` for every layer l, from one pass's sums and count.
 
     delta_mean_abs: mean |δ^l_j| over examples and neurons; grad_w_norm, grad_b_norm: the
     norms of ∂C/∂w^l and ∂C/∂b^l (the averaged gradient); saturated_fraction: the share of
-    σ'(z^l_j) below SATURATED; low_input_fraction: the share of the inputs a^{l-1}_k below
-    LOW_ACTIVATION; weight_norm: the Frobenius norm of w^l.
+    σ'(z^l_j) below ``core.backprop.SATURATED``; low_input_fraction: the share of the inputs
+    a^{l-1}_k below ``core.backprop.LOW_ACTIVATION``; weight_norm: the Frobenius norm of w^l.
     """
     nabla_w, nabla_b = split_params(nabla_sum, network.sizes)
     out = {}

@@ -1,7 +1,8 @@
 """Activations and costs, each a pair of functions with one shared signature.
 
 They are looked up by the name a config uses in ``ACTIVATIONS`` and ``COSTS``.
-Examples are rows here (the book uses columns): ``a`` and ``y`` are (m, n_L).
+``per_example`` takes examples as rows, ``a`` and ``y`` of shape (m, n_L); the deltas and
+activations are elementwise, so ``gradient_sum`` gives them its one-column-per-example arrays.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Cost:
     name: str
     # (a, y) -> C_x for each row, shape (m,)
     per_example: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    # (a, y, activation, out=None, scratch=None) -> δ^L, shape (m, n_L)
+    # (a, y, activation, out=None, scratch=None) -> δ^L, elementwise, the shape of a
     delta: Callable[..., np.ndarray]
 
 

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from core import Network, add_in_order, chunk_bounds
 from core.chunks import ChunkEngine
-from core.diagnostics import stats_size
+from core.diagnostics import add_with_stats, stats_size
 
 
 class Backend(Protocol):
@@ -66,8 +66,6 @@ class LocalBackend:
         while len(self._chunk_sums) < len(bounds):
             self._chunk_sums.append(np.empty_like(self._total))
         parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], self._chunk_sums)
-        if len(parts) == 1:
-            return parts[0]
         return add_in_order(parts, out=self._total)
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
@@ -75,8 +73,7 @@ class LocalBackend:
         sums = [np.empty_like(network.params) for _ in bounds]
         stats = np.zeros((len(bounds), stats_size(network.sizes)))
         parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], sums, list(stats))
-        nabla, count = add_in_order(parts)
-        return nabla, count, add_in_order((row, 0) for row in stats)[0]
+        return add_with_stats(parts, stats)
 
     def close(self) -> None:
         if self._engine is not None:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cluster  # noqa: F401  (Ray's loopback and auth settings)
-from cluster.auth import ensure_token, token_path
+from cluster.auth import ensure_token, read_token
 
 
 class ClusterUpError(RuntimeError):
@@ -90,8 +90,8 @@ def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, d
 
 def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float, auth: bool = False) -> None:
     headers = {}
-    if auth and token_path().exists():
-        headers["Authorization"] = f"Bearer {token_path().read_text().strip()}"
+    if auth and (token := read_token()):
+        headers["Authorization"] = f"Bearer {token}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

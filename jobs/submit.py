@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import yaml
 
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
+from cluster.auth import read_token
 from jobs.config import JobConfig
 from jobs.tracking import PROJECT_ROOT, TrackingError, check_reachable
 
@@ -49,7 +50,7 @@ def client(address: str | None):
         logging.getLogger(name).setLevel(logging.ERROR)  # not a line per file uploaded
     address = resolve_address(address)
     headers = {}
-    if token := _token():
+    if token := read_token():
         headers["Authorization"] = f"Bearer {token}"
     try:
         return JobSubmissionClient(address, headers=headers or None)
@@ -57,17 +58,6 @@ def client(address: str | None):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SubmitError(f"cannot reach the Ray cluster at {address} ({first[:200]}); check the address "
                           "and that the cluster runs (`gradavg cluster up` starts one here)") from None
-
-
-def _token() -> str | None:
-    from cluster.auth import token_path
-
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-        return None
-    if token := os.environ.get("RAY_AUTH_TOKEN"):
-        return token.strip()
-    path = token_path()
-    return path.read_text().strip() if path.exists() else None
 
 
 def check_tracking_uri(uri: str, address: str) -> None:

@@ -92,8 +92,8 @@ def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState 
           hooks: Hooks | None = None, backend_started: bool = False) -> TrainingState:
     """Train from ``state`` (a fresh network by default) to ``cfg.epochs`` epochs.
 
-    The backend is started here unless the caller already did (with ``training_inputs``),
-    and closed here in any case.
+    The backend is started and closed here, unless the caller already started it (with
+    ``training_inputs``), in which case closing it is the caller's too.
     """
     state = state or initial_state(cfg)
     hooks = hooks or Hooks()
@@ -107,7 +107,8 @@ def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState 
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is caught below, with a clear message
             _epochs(cfg, data, backend, state, hooks, x_train, splits)
     finally:
-        backend.close()
+        if not backend_started:
+            backend.close()
     return state
 
 

@@ -197,17 +197,16 @@ def test_mlflow_models_serve_serves_the_model(tracking_uri, tmp_path, capsys):
     """`mlflow models serve` on 127.0.0.1 answers /invocations with the labels Core predicts."""
     import json
     import shutil
-    import socket
     import urllib.request
+
+    from jobs.local_cluster import free_port
 
     assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]) == 0
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     network = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     mlflow_cli = shutil.which("mlflow", path=env["PATH"])
