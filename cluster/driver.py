@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cluster.errors import ClusterError, WorkerFailuresError
-from core import Network, add_in_order, chunk_bounds
+from core import Network, add_in_order, chunk_bounds, descend
 from core.diagnostics import add_with_stats
 
 
@@ -138,6 +138,10 @@ class RayBackend:
         if len(parts) == 1:
             return parts[0]
         return add_in_order(parts, out=self._total)
+
+    def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
+              lmbda: float) -> None:
+        descend(self.gradient_sum, network, order, first, last, batch_size, eta, lmbda)
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
         return add_with_stats(*self._gather(network, batch, with_stats=True))

@@ -7,7 +7,7 @@ same bits whoever computed the parts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -63,3 +63,14 @@ def update_in_place(network: Network, nabla_sum: np.ndarray, count: int, eta: fl
         network.params[: network.n_weights] *= 1.0 - eta * lmbda / n_train
     step = np.multiply(nabla_sum, eta / count, out=scratch)
     network.params -= step
+
+
+def descend(gradient_sum: Callable[[Network, np.ndarray], tuple[np.ndarray, int]], network: Network,
+            order: np.ndarray, first: int, last: int, batch_size: int, eta: float, lmbda: float = 0.0) -> None:
+    """Mini-batch steps ``first`` to ``last - 1`` of an epoch shuffled as ``order``, one at a time:
+    ``gradient_sum(network, batch)`` gives Σ_x ∂C_x/∂params and the count, then ``update_in_place``."""
+    scratch = np.empty_like(network.params)
+    for step in range(first, last):
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        nabla, count = gradient_sum(network, batch)
+        update_in_place(network, nabla, count, eta, lmbda, order.shape[0], scratch=scratch)

@@ -1,8 +1,9 @@
 """Computing the gradient sums of several chunks of a training set, on a few threads.
 
-numpy releases the GIL inside BLAS, so chunks computed on threads run in parallel. The
-caller pins BLAS to one thread per call (threadpoolctl, outside core): every chunk's
-products then give the same bits here, in another thread, or in another process.
+The compiled chunk sum (``core.kernels``) runs without the GIL, so chunks computed on
+threads run in parallel. The caller pins BLAS to one thread per call (threadpoolctl,
+outside core): every chunk's products then give the same bits here, in another thread,
+or in another process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from core.backprop import Workspace, gradient_sum
+from core.kernels import KernelWorkspace, chunk_gradient_sum
 from core.network import Network
 
 
@@ -37,6 +39,11 @@ class ChunkEngine:
                stats: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         state = self._local
         m = indices.shape[0]
+        if stats is None:  # training: the compiled path, which gathers the rows itself
+            if not getattr(state, "kernel", None) or not state.kernel.fits(network, m):
+                state.kernel = KernelWorkspace(network.sizes, self.x.shape[1], m, network.dtype)
+            return chunk_gradient_sum(network, self.x, self.labels, indices, out, state.kernel)
+        # diagnostics: numpy's gradient_sum, which also sums the per-layer statistics
         if not getattr(state, "workspace", None) or not state.workspace.fits(network, m):
             state.workspace = Workspace(network.sizes, m, network.dtype)
             state.x = np.empty((m, self.x.shape[1]), network.dtype)

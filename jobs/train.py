@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core import Network, update_in_place
+from core import Network
 from core.diagnostics import layer_metrics
 from jobs.backends import Backend
 from jobs.config import JobConfig
@@ -128,22 +128,24 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
     n_train = x_train.shape[0]
     rows = diagnostic_rows(n_train)
     n_batches = math.ceil(n_train / cfg.batch_size)
-    scratch = np.empty_like(network.params)
     while state.epoch < cfg.epochs:
         hooks.on_epoch_start(state.epoch + 1, n_batches)
         started = time.perf_counter()
         order = state.shuffle.permutation(n_train)
-        for b, lo in enumerate(range(0, n_train, cfg.batch_size)):
-            batch = order[lo : lo + cfg.batch_size]
-            nabla, count = backend.gradient_sum(network, batch)
-            update_in_place(network, nabla, count, cfg.eta, cfg.lmbda, n_train, scratch=scratch)
-            state.step += 1
+        done = 0
+        while done < n_batches:
+            # the backend runs the steps up to the next one something is logged at, in one go
+            stop = min(n_batches, done + _steps_to_report(state.step, cfg))
+            backend.train_steps(network, order, done, stop, cfg.batch_size, cfg.eta, cfg.lmbda)
+            state.step += stop - done
+            done = stop
             if state.step % cfg.log_every == 0:
+                batch = order[(done - 1) * cfg.batch_size : done * cfg.batch_size]
                 cost, _ = network.evaluate(x_train[batch], data.y_train[batch])
                 _check_finite(cost, state, cfg, "mini-batch")
                 hooks.on_batch_cost(state.step, cost)
-                hooks.on_batches(b + 1, n_batches)
-            if cfg.diagnostics and cfg.diagnostics_every and state.step % cfg.diagnostics_every == 0:
+                hooks.on_batches(done, n_batches)
+            if _step_diagnostics(cfg) and state.step % cfg.diagnostics_every == 0:
                 hooks.on_step_diagnostics(state.step, _diagnostics(backend, network, rows))
         seconds = time.perf_counter() - started
         result = _evaluate(network, x_train, data.y_train, splits, state, seconds, n_train)
@@ -154,6 +156,16 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
             result.diagnostics = _diagnostics(backend, network, rows)
         state.history.append(result)
         hooks.on_epoch_end(result, state)
+
+
+def _step_diagnostics(cfg: JobConfig) -> bool:
+    return bool(cfg.diagnostics and cfg.diagnostics_every)
+
+
+def _steps_to_report(step: int, cfg: JobConfig) -> int:
+    """Steps from ``step`` to the next one that logs a mini-batch cost or diagnostics."""
+    every = [cfg.log_every] + ([cfg.diagnostics_every] if _step_diagnostics(cfg) else [])
+    return min(n - step % n for n in every)
 
 
 def _evaluate(network, x_train, y_train, splits, state, seconds, n_train) -> EpochResult:

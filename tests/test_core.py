@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import core
-from core import Network, add_in_order, average, chunk_bounds, gradient_sum, split_params, update_in_place
+from core import Network, add_in_order, average, chunk_bounds, gradient_sum, kernels, split_params, update_in_place
 
 
 def random_problem(sizes, cost, init, seed, m=7, dtype="float64"):
@@ -16,7 +16,7 @@ def random_problem(sizes, cost, init, seed, m=7, dtype="float64"):
     return net, rng.random((m, sizes[0])), rng.integers(0, sizes[-1], m)
 
 
-def test_core_imports_numpy_only():
+def test_core_imports_no_infrastructure():
     code = "import sys, core; bad = {'ray', 'mlflow', 'yaml', 'jobs', 'cluster'} & set(sys.modules); print(sorted(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -200,3 +200,55 @@ def test_names_are_looked_up_in_one_table():
 def test_sigmoid_does_not_overflow():
     with np.errstate(all="raise"):
         np.testing.assert_array_equal(core.sigmoid(np.array([-1000.0, 0.0, 1000.0])), [0.0, 0.5, 1.0])
+
+
+# ------------------------------------------------------------------ the compiled path (core.kernels)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("sizes", [[6, 4], [7, 5, 3], [9, 6, 5, 4]])
+def test_compiled_chunk_sum_equals_per_example_sum(sizes, cost, dtype):
+    """The compiled sum of rows picked out of a larger set, against the book's one-example-at-a-time path."""
+    net, x, y = random_problem(sizes, cost, "standard", seed=13, m=40, dtype=dtype)
+    x = x.astype(dtype)
+    rows = np.random.default_rng(2).permutation(40)[:23]
+    ws = kernels.KernelWorkspace(sizes, sizes[0], 30, dtype)
+    out = np.full_like(net.params, np.nan)
+    nabla, n = kernels.chunk_gradient_sum(net, x, y, rows, out, ws)
+    looped, _ = core.per_example_gradient_sum(net.astype("float64"), x[rows].astype("float64"), y[rows])
+    assert n == 23 and nabla is out and nabla.dtype == np.dtype(dtype)
+    bound = 1e-12 if dtype == "float64" else 1e-5
+    assert np.max(np.abs(nabla - looped)) <= bound * np.max(np.abs(looped))
+
+
+def test_compiled_workspace_reuse_and_an_empty_chunk():
+    net, x, y = random_problem([10, 8, 4], "quadratic", "standard", 4, m=12)
+    ws = kernels.KernelWorkspace(net.sizes, 10, 12, net.dtype)
+    first = kernels.chunk_gradient_sum(net, x, y, np.arange(12), np.empty_like(net.params), ws)[0].copy()
+    kernels.chunk_gradient_sum(net, x, y, np.arange(3, 8), np.empty_like(net.params), ws)  # smaller, in between
+    again = kernels.chunk_gradient_sum(net, x, y, np.arange(12), np.empty_like(net.params), ws)[0]
+    assert np.array_equal(again, first)
+    empty, n = kernels.chunk_gradient_sum(net, x, y, np.arange(0), np.ones_like(net.params), ws)
+    assert n == 0 and not empty.any()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("lmbda", [0.0, 2.5])
+def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda):
+    """``run_steps`` (the single-process path) against each step's sum followed by numpy's
+    ``update_in_place`` (the Ray driver's path): the same bits, with a short last mini-batch."""
+    net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=53, dtype=dtype)
+    x = x.astype(dtype)
+    order = np.random.default_rng(9).permutation(53)  # mini-batches of 10: five, then one of 3
+    fused, stepped = net.copy(), net.copy()
+    ws = kernels.KernelWorkspace(net.sizes, 12, 10, dtype)
+    kernels.run_steps(fused, x, y, order, 0, 2, 10, 0.7, lmbda, np.empty_like(net.params), ws)
+    kernels.run_steps(fused, x, y, order, 2, 6, 10, 0.7, lmbda, np.empty_like(net.params), ws)
+
+    def sums(network, batch):
+        return kernels.chunk_gradient_sum(network, x, y, batch, np.empty_like(network.params), ws)
+
+    core.descend(sums, stepped, order, 0, 6, 10, 0.7, lmbda)
+    assert not np.array_equal(fused.params, net.params)
+    assert np.array_equal(fused.params, stepped.params)

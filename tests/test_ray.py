@@ -42,6 +42,19 @@ def test_local_and_ray_1_to_4_workers_are_bit_identical(mnist_shaped, dtype):
         assert np.array_equal(weights, local), f"{workers} workers"
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_compiled_local_steps_and_ray_steps_are_bit_identical(mnist_shaped, dtype):
+    """Mini-batches within one chunk: the local backend runs whole stretches of steps compiled,
+    Ray sums each mini-batch on a worker and updates on the driver; with L2 decay and a short
+    last mini-batch (540 = 13 × 40 + 20), batch costs logged every 5 steps."""
+    overrides = ["batch_size=40", "chunk_size=60", "epochs=2", "eta=0.5", "lmbda=3.0", "log_every=5",
+                 f"dtype={dtype}"]
+    local = final_weights(LocalBackend(60, threads=2), mnist_shaped, overrides)
+    ray_run = final_weights(RayBackend(2, chunk_size=60), mnist_shaped, overrides)
+    assert not np.array_equal(local, Network.create([784, 30, 10], seed=0, dtype=dtype).params)
+    assert np.array_equal(ray_run, local)
+
+
 def test_single_threaded_local_run_gives_the_same_bits(mnist_shaped):
     overrides = ["batch_size=250", "chunk_size=60", "epochs=1"]
     one = final_weights(LocalBackend(60, threads=1), mnist_shaped, overrides)
