@@ -139,10 +139,12 @@ def single_process(slow_examples: int) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for batch_size in BATCHES:
-        f64 = statistics.median(gradavg_epoch(d, batch_size, "float64") for _ in range(3))
-        f32 = statistics.median(gradavg_epoch(d, batch_size, "float32") for _ in range(3))
+        # each contender warmed up untimed first (gradavg: loading its compiled kernels; PyTorch: its own start-up)
+        f64, f32 = (statistics.median([gradavg_epoch(d, batch_size, dt) for _ in range(6)][1:])
+                    for dt in ("float64", "float32"))
         book = book_epoch(d, batch_size, max(slow_examples, batch_size))
         torch_n = slow_examples if batch_size < 1000 else N_TRAIN
+        torch_epoch(d, batch_size, 20 * batch_size)
         torch_s = torch_epoch(d, batch_size, torch_n)
         row = [f"{batch_size:,}", f"{f64:.3f}", f"{f32:.3f}", f"{book:.2f}",
                "n/a" if torch_s is None else f"{torch_s:.3f}", f"{floor['float64']:.3f}", f"{book / f64:.1f}×",
@@ -152,7 +154,7 @@ def single_process(slow_examples: int) -> None:
     if torch_epoch(d, 10, 10) is None:
         print("(PyTorch is not installed: `pip install torch==2.13.0` adds its column)")
     print(f"(the book's loop{' and PyTorch below mini-batch 1,000' if True else ''} timed on {slow_examples:,} "
-          "examples and scaled to an epoch; gradavg figures are medians of 3 full epochs)")
+          "examples and scaled to an epoch; gradavg figures are medians of 5 full epochs after one untimed)")
 
 
 # ------------------------------------------------------------------ memory
