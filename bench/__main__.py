@@ -153,7 +153,7 @@ def single_process(slow_examples: int) -> None:
         print("| " + " | ".join(row) + " |", flush=True)
     if torch_epoch(d, 10, 10) is None:
         print("(PyTorch is not installed: `pip install torch==2.13.0` adds its column)")
-    print(f"(the book's loop{' and PyTorch below mini-batch 1,000' if True else ''} timed on {slow_examples:,} "
+    print(f"(the book's loop and PyTorch below mini-batch 1,000 timed on {slow_examples:,} "
           "examples and scaled to an epoch; gradavg figures are medians of 5 full epochs after one untimed)")
 
 

@@ -139,8 +139,8 @@ class RayBackend:
             return parts[0]
         return add_in_order(parts, out=self._total)
 
-    def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
-              lmbda: float) -> None:
+    def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
+                    eta: float, lmbda: float) -> None:
         descend(self.gradient_sum, network, order, first, last, batch_size, eta, lmbda)
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:

@@ -46,15 +46,17 @@ class Workspace:
     """Buffers for the batched backward pass, reused across steps.
 
     At a mini-batch of 10 the arithmetic is tiny and allocation is a large share of
-    the time, so every intermediate array lives here. One workspace per thread.
+    the time, so every intermediate array lives here. One workspace per thread; the
+    compiled path (``core.kernels``) uses ``x``, ``activations`` and ``deltas`` too.
     Activations and errors are kept as the book writes them, one column per example,
     (n_l, m): the products then run on contiguous operands, which OpenBLAS does faster.
     """
 
     def __init__(self, sizes: list[int], rows: int, dtype):
         self.sizes, self.rows, self.dtype = list(sizes), rows, np.dtype(dtype)
-        flat = lambda: [np.empty(n * rows, dtype) for n in sizes[1:]]  # noqa: E731
-        self._activations, self._deltas, self._primes = flat(), flat(), flat()  # a^l, δ^l, σ'(z^l)
+        flat = lambda: tuple(np.empty(n * rows, dtype) for n in sizes[1:])  # noqa: E731
+        self.x = np.empty(rows * sizes[0], dtype)  # a chunk's rows gathered from the training set
+        self.activations, self.deltas, self._primes = flat(), flat(), flat()  # a^l, δ^l, σ'(z^l)
         self._targets = np.zeros(sizes[-1] * rows, dtype)  # y(x), one-hot columns
         self.columns = np.arange(rows)
         self._views: dict[int, tuple] = {}
@@ -67,14 +69,19 @@ class Workspace:
         """Contiguous (n_l, m) views of every buffer, made once per m."""
         if m not in self._views:
             shaped = lambda bufs: [b[: n * m].reshape(n, m) for b, n in zip(bufs, self.sizes[1:])]  # noqa: E731
-            self._views[m] = (shaped(self._activations), shaped(self._deltas), shaped(self._primes),
+            self._views[m] = (shaped(self.activations), shaped(self.deltas), shaped(self._primes),
                               self._targets[: self.sizes[-1] * m].reshape(self.sizes[-1], m), self.columns[:m])
         return self._views[m]
 
-    def nabla_views(self, out: np.ndarray) -> tuple[list, list]:
+    def rows_of(self, m: int) -> np.ndarray:
+        """The gathered-rows buffer as (m, n_0), one example per row."""
+        return self.x[: m * self.sizes[0]].reshape(m, self.sizes[0])
+
+    def nabla_views(self, out: np.ndarray) -> tuple[tuple, tuple]:
         """nabla_w and nabla_b views of ``out``, kept while the same array is passed again."""
         if self._nabla is None or self._nabla[0] is not out:
-            self._nabla = (out, *split_params(out, self.sizes))
+            nabla_w, nabla_b = split_params(out, self.sizes)
+            self._nabla = (out, tuple(nabla_w), tuple(nabla_b))
         return self._nabla[1], self._nabla[2]
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from core.backprop import Workspace, gradient_sum
-from core.kernels import KernelWorkspace, chunk_gradient_sum
+from core.kernels import chunk_gradient_sum, run_steps
 from core.network import Network
 
 
@@ -37,18 +37,27 @@ class ChunkEngine:
 
     def chunk(self, network: Network, indices: np.ndarray, out: np.ndarray,
                stats: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        state = self._local
         m = indices.shape[0]
+        workspace = self._workspace(network, m)
         if stats is None:  # training: the compiled path, which gathers the rows itself
-            if not getattr(state, "kernel", None) or not state.kernel.fits(network, m):
-                state.kernel = KernelWorkspace(network.sizes, self.x.shape[1], m, network.dtype)
-            return chunk_gradient_sum(network, self.x, self.labels, indices, out, state.kernel)
+            return chunk_gradient_sum(network, self.x, self.labels, indices, out, workspace)
         # diagnostics: numpy's gradient_sum, which also sums the per-layer statistics
-        if not getattr(state, "workspace", None) or not state.workspace.fits(network, m):
-            state.workspace = Workspace(network.sizes, m, network.dtype)
-            state.x = np.empty((m, self.x.shape[1]), network.dtype)
-        x = np.take(self.x, indices, axis=0, out=state.x[:m])  # a contiguous copy of the chunk's rows
-        return gradient_sum(network, x, self.labels[indices], out=out, workspace=state.workspace, stats=stats)
+        x = np.take(self.x, indices, axis=0, out=workspace.rows_of(m))  # a contiguous copy of the chunk's rows
+        return gradient_sum(network, x, self.labels[indices], out=out, workspace=workspace, stats=stats)
+
+    def steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
+              lmbda: float, nabla: np.ndarray) -> None:
+        """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, in this thread, each
+        mini-batch one chunk: ``core.kernels.run_steps``, with ``nabla`` for each step's sum."""
+        run_steps(network, self.x, self.labels, order, first, last, batch_size, eta, lmbda, nabla,
+                  self._workspace(network, batch_size))
+
+    def _workspace(self, network: Network, rows: int) -> Workspace:
+        """This thread's workspace, made again only when the network or a larger chunk needs it."""
+        state = self._local
+        if not getattr(state, "workspace", None) or not state.workspace.fits(network, rows):
+            state.workspace = Workspace(network.sizes, rows, network.dtype)
+        return state.workspace
 
     def close(self) -> None:
         if self._pool is not None:

@@ -24,7 +24,8 @@ import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls: loaded now, so thread limits reach it
 
-from core.network import Network, split_params
+from core.backprop import Workspace
+from core.network import Network
 
 # BP1 for each cost with sigmoid output (the only activation): δ^L = (a − y) ⊙ σ'(z^L), or a − y
 COST_CODES = {"quadratic": 0, "cross_entropy": 1}
@@ -99,9 +100,10 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xbuf, acts, deltas, 
 
 
 @numba.njit(nogil=True, cache=True)
-def _update(params, nabla, scale, n_weights, decay, decayed):
-    """``update_in_place``'s arithmetic: w ← decay·w, then x ← x − scale·∇ (two roundings)."""
-    if decayed:
+def _update(params, nabla, scale, n_weights, decay, one):
+    """``update_in_place``'s arithmetic: w ← decay·w, then x ← x − scale·∇ (two roundings).
+    Without decay (decay == 1) the weights are left alone: multiplying by 1 changes no bit."""
+    if decay != one:
         for i in range(n_weights):
             params[i] *= decay
     for i in range(params.shape[0]):
@@ -110,8 +112,8 @@ def _update(params, nabla, scale, n_weights, decay, decayed):
 
 
 @numba.njit(nogil=True, cache=True)
-def _run_steps(weights, biases, params, nabla, nabla_w, nabla_b, x, labels, order, first, last, batch_size, cost,
-               one, eta, decay, decayed, xbuf, acts, deltas):
+def _run_steps(weights, biases, params, n_weights, nabla, nabla_w, nabla_b, x, labels, order, first, last,
+               batch_size, cost, one, eta, decay, xbuf, acts, deltas):
     n = order.shape[0]
     scale = np.empty(1, params.dtype)  # dtype(η/m), as numpy rounds a Python float for an array
     for step in range(first, last):
@@ -119,42 +121,11 @@ def _run_steps(weights, biases, params, nabla, nabla_w, nabla_b, x, labels, orde
         hi = min(lo + batch_size, n)
         _chunk_sum(weights, biases, x, labels, order[lo:hi], cost, one, xbuf, acts, deltas, nabla_w, nabla_b)
         scale[0] = eta / (hi - lo)
-        _update(params, nabla, scale[0], params.shape[0] - _bias_count(biases), decay, decayed)
-
-
-@numba.njit(nogil=True, cache=True)
-def _bias_count(biases):
-    total = 0
-    for b in biases:
-        total += b.shape[0]
-    return total
-
-
-class KernelWorkspace:
-    """The compiled path's buffers for chunks of up to ``rows`` examples: the gathered rows, and
-    a^l and δ^l as flat vectors viewed as (n_l, m). One workspace per thread."""
-
-    def __init__(self, sizes: list[int], n_inputs: int, rows: int, dtype):
-        self.sizes, self.rows, self.dtype = list(sizes), rows, np.dtype(dtype)
-        self.one = self.dtype.type(1.0)
-        self.x = np.empty(rows * n_inputs, self.dtype)
-        self.acts = tuple(np.empty(n * rows, self.dtype) for n in sizes[1:])
-        self.deltas = tuple(np.empty(n * rows, self.dtype) for n in sizes[1:])
-        self._nabla: tuple | None = None
-
-    def fits(self, network: Network, rows: int) -> bool:
-        return self.sizes == network.sizes and self.dtype == network.dtype and rows <= self.rows
-
-    def nabla_views(self, out: np.ndarray) -> tuple[tuple, tuple]:
-        """nabla_w and nabla_b views of ``out``, kept while the same array is passed again."""
-        if self._nabla is None or self._nabla[0] is not out:
-            nabla_w, nabla_b = split_params(out, self.sizes)
-            self._nabla = (out, tuple(nabla_w), tuple(nabla_b))
-        return self._nabla[1], self._nabla[2]
+        _update(params, nabla, scale[0], n_weights, decay, one)
 
 
 def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows: np.ndarray, out: np.ndarray,
-                       workspace: KernelWorkspace) -> tuple[np.ndarray, int]:
+                       workspace: Workspace) -> tuple[np.ndarray, int]:
     """Σ_x ∂C_x/∂params over ``x[rows]`` (flat, laid out like ``network.params``) and the count."""
     m = rows.shape[0]
     if m == 0:
@@ -162,20 +133,18 @@ def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows
         return out, 0
     nabla_w, nabla_b = workspace.nabla_views(out)
     _chunk_sum(tuple(network.weights), tuple(network.biases), x, labels, rows, COST_CODES[network.cost],
-               workspace.one, workspace.x, workspace.acts, workspace.deltas, nabla_w, nabla_b)
+               network.dtype.type(1.0), workspace.x, workspace.activations, workspace.deltas, nabla_w, nabla_b)
     return out, m
 
 
 def run_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.ndarray, first: int, last: int,
-              batch_size: int, eta: float, lmbda: float, nabla: np.ndarray, workspace: KernelWorkspace) -> None:
+              batch_size: int, eta: float, lmbda: float, nabla: np.ndarray, workspace: Workspace) -> None:
     """Mini-batch steps ``first`` to ``last - 1`` of the epoch whose shuffle is ``order``, in place on
     ``network.params``: each step ``chunk_gradient_sum`` of ``x[order[step·batch_size …]]`` and
     ``update_in_place``. Mini-batches must fit the workspace (one chunk each)."""
-    if lmbda:  # w ← (1 − ηλ/n) w, rounded to the network's dtype as update_in_place's numpy does
-        decay = network.dtype.type(1.0 - eta * lmbda / order.shape[0])
-    else:
-        decay = network.dtype.type(1.0)
+    # w ← (1 − ηλ/n) w, rounded to the network's dtype as update_in_place's numpy does
+    decay = network.dtype.type(1.0 - eta * lmbda / order.shape[0])
     nabla_w, nabla_b = workspace.nabla_views(nabla)
-    _run_steps(tuple(network.weights), tuple(network.biases), network.params, nabla, nabla_w, nabla_b, x, labels,
-               order, first, last, batch_size, COST_CODES[network.cost], workspace.one, float(eta), decay,
-               bool(lmbda), workspace.x, workspace.acts, workspace.deltas)
+    _run_steps(tuple(network.weights), tuple(network.biases), network.params, network.n_weights, nabla, nabla_w,
+               nabla_b, x, labels, order, first, last, batch_size, COST_CODES[network.cost],
+               network.dtype.type(1.0), float(eta), decay, workspace.x, workspace.activations, workspace.deltas)

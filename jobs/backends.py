@@ -18,7 +18,6 @@ from threadpoolctl import threadpool_limits
 from core import Network, add_in_order, chunk_bounds, descend
 from core.chunks import ChunkEngine
 from core.diagnostics import add_with_stats, stats_size
-from core.kernels import KernelWorkspace, run_steps
 
 
 class Backend(Protocol):
@@ -36,8 +35,8 @@ class Backend(Protocol):
         """As ``gradient_sum``, with the per-layer diagnostic sums (``core.diagnostics``) added in chunk order."""
         ...
 
-    def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
-              lmbda: float) -> None:
+    def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
+                    eta: float, lmbda: float) -> None:
         """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, in place."""
         ...
 
@@ -62,19 +61,13 @@ class LocalBackend:
         self._engine = ChunkEngine(x, labels, self.workers)
         self._chunk_sums: list[np.ndarray] = []
         self._total = np.empty_like(network.params)
-        self._steps_workspace: KernelWorkspace | None = None
 
-    def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
-              lmbda: float) -> None:
-        if batch_size > self.chunk_size:  # several chunks a step, on the threads
-            return descend(self.gradient_sum, network, order, first, last, batch_size, eta, lmbda)
-        # one chunk a step: the whole stretch compiled, the same sums and the same update
-        ws = self._steps_workspace
-        if ws is None or not ws.fits(network, batch_size):
-            ws = self._steps_workspace = KernelWorkspace(network.sizes, self._engine.x.shape[1], batch_size,
-                                                         network.dtype)
-        run_steps(network, self._engine.x, self._engine.labels, order, first, last, batch_size, eta, lmbda,
-                  self._total, ws)
+    def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
+                    eta: float, lmbda: float) -> None:
+        if batch_size <= self.chunk_size:  # one chunk a step: the whole stretch compiled, the same bits
+            self._engine.steps(network, order, first, last, batch_size, eta, lmbda, self._total)
+        else:  # several chunks a step, on the threads
+            descend(self.gradient_sum, network, order, first, last, batch_size, eta, lmbda)
 
     def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         if batch.shape[0] <= self.chunk_size:  # one chunk: the common small mini-batch, kept short

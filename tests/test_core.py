@@ -213,7 +213,7 @@ def test_compiled_chunk_sum_equals_per_example_sum(sizes, cost, dtype):
     net, x, y = random_problem(sizes, cost, "standard", seed=13, m=40, dtype=dtype)
     x = x.astype(dtype)
     rows = np.random.default_rng(2).permutation(40)[:23]
-    ws = kernels.KernelWorkspace(sizes, sizes[0], 30, dtype)
+    ws = core.Workspace(sizes, 30, dtype)
     out = np.full_like(net.params, np.nan)
     nabla, n = kernels.chunk_gradient_sum(net, x, y, rows, out, ws)
     looped, _ = core.per_example_gradient_sum(net.astype("float64"), x[rows].astype("float64"), y[rows])
@@ -224,7 +224,7 @@ def test_compiled_chunk_sum_equals_per_example_sum(sizes, cost, dtype):
 
 def test_compiled_workspace_reuse_and_an_empty_chunk():
     net, x, y = random_problem([10, 8, 4], "quadratic", "standard", 4, m=12)
-    ws = kernels.KernelWorkspace(net.sizes, 10, 12, net.dtype)
+    ws = core.Workspace(net.sizes, 12, net.dtype)
     first = kernels.chunk_gradient_sum(net, x, y, np.arange(12), np.empty_like(net.params), ws)[0].copy()
     kernels.chunk_gradient_sum(net, x, y, np.arange(3, 8), np.empty_like(net.params), ws)  # smaller, in between
     again = kernels.chunk_gradient_sum(net, x, y, np.arange(12), np.empty_like(net.params), ws)[0]
@@ -242,7 +242,7 @@ def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda):
     x = x.astype(dtype)
     order = np.random.default_rng(9).permutation(53)  # mini-batches of 10: five, then one of 3
     fused, stepped = net.copy(), net.copy()
-    ws = kernels.KernelWorkspace(net.sizes, 12, 10, dtype)
+    ws = core.Workspace(net.sizes, 10, dtype)
     kernels.run_steps(fused, x, y, order, 0, 2, 10, 0.7, lmbda, np.empty_like(net.params), ws)
     kernels.run_steps(fused, x, y, order, 2, 6, 10, 0.7, lmbda, np.empty_like(net.params), ws)
 
