@@ -52,18 +52,24 @@ class Workspace:
     (n_l, m): the products then run on contiguous operands, which OpenBLAS does faster.
     """
 
-    def __init__(self, sizes: list[int], rows: int, dtype):
-        self.sizes, self.rows, self.dtype = list(sizes), rows, np.dtype(dtype)
-        flat = lambda: tuple(np.empty(n * rows, dtype) for n in sizes[1:])  # noqa: E731
-        self.x = np.empty(rows * sizes[0], dtype)  # a chunk's rows gathered from the training set
-        self.activations, self.deltas, self._primes = flat(), flat(), flat()  # a^l, δ^l, σ'(z^l)
+    def __init__(self, sizes: list[int], rows: int, dtype, slots: int = 1):
+        self.sizes, self.rows, self.dtype, self.slots = list(sizes), rows, np.dtype(dtype), slots
+        slotted = lambda: tuple(np.empty((slots, n * rows), dtype) for n in sizes[1:])  # noqa: E731
+        # one set of the compiled path's buffers per chunk computed at once (slot s is row s)
+        self.x_slots = np.empty((slots, rows * sizes[0]), dtype)  # chunks' rows gathered from the training set
+        self.activation_slots, self.delta_slots = slotted(), slotted()  # a^l, δ^l
+        self.x = self.x_slots[0]
+        self.activations = tuple(a[0] for a in self.activation_slots)
+        self.deltas = tuple(d[0] for d in self.delta_slots)
+        self._primes = tuple(np.empty(n * rows, dtype) for n in sizes[1:])  # σ'(z^l)
         self._targets = np.zeros(sizes[-1] * rows, dtype)  # y(x), one-hot columns
         self.columns = np.arange(rows)
         self._views: dict[int, tuple] = {}
         self._nabla: tuple | None = None
 
-    def fits(self, network: Network, rows: int) -> bool:
-        return self.sizes == network.sizes and self.dtype == network.dtype and rows <= self.rows
+    def fits(self, network: Network, rows: int, slots: int = 1) -> bool:
+        return (self.sizes == network.sizes and self.dtype == network.dtype and rows <= self.rows
+                and slots <= self.slots)
 
     def views(self, m: int) -> tuple[list, list, list, np.ndarray, np.ndarray]:
         """Contiguous (n_l, m) views of every buffer, made once per m."""

@@ -46,17 +46,25 @@ class ChunkEngine:
         return gradient_sum(network, x, self.labels[indices], out=out, workspace=workspace, stats=stats)
 
     def steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
-              lmbda: float, nabla: np.ndarray) -> None:
-        """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, in this thread, each
-        mini-batch one chunk: ``core.kernels.run_steps``, with ``nabla`` for each step's sum."""
-        run_steps(network, self.x, self.labels, order, first, last, batch_size, eta, lmbda, nabla,
-                  self._workspace(network, batch_size))
+              lmbda: float, chunk_size: int) -> None:
+        """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, compiled
+        (``core.kernels.run_steps``): a mini-batch of several chunks has them computed on up to
+        ``threads`` threads at once."""
+        n_chunks = -(-min(batch_size, order.shape[0]) // chunk_size)
+        slots = min(self.threads, n_chunks)
+        rows = min(batch_size, chunk_size)
+        shape = (n_chunks + 1 if n_chunks > 1 else 1, network.params.shape[0])
+        state = self._local
+        if getattr(state, "sums", None) is None or state.sums.shape != shape or state.sums.dtype != network.dtype:
+            state.sums = np.empty(shape, network.dtype)
+        run_steps(network, self.x, self.labels, order, first, last, batch_size, eta, lmbda, state.sums,
+                  self._workspace(network, rows, slots), chunk_size)
 
-    def _workspace(self, network: Network, rows: int) -> Workspace:
+    def _workspace(self, network: Network, rows: int, slots: int = 1) -> Workspace:
         """This thread's workspace, made again only when the network or a larger chunk needs it."""
         state = self._local
-        if not getattr(state, "workspace", None) or not state.workspace.fits(network, rows):
-            state.workspace = Workspace(network.sizes, rows, network.dtype)
+        if not getattr(state, "workspace", None) or not state.workspace.fits(network, rows, slots):
+            state.workspace = Workspace(network.sizes, rows, network.dtype, slots)
         return state.workspace
 
     def close(self) -> None:

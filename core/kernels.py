@@ -8,14 +8,18 @@ What it does beyond ``gradient_sum``:
 
 - ``chunk_gradient_sum`` gathers the chunk's rows itself (a plain copy loop, which is
   faster here than ``np.take``) and computes Σ_x ∂C_x/∂params for them;
-- ``run_steps`` runs whole stretches of gradient descent (gather, sum, update) for
-  mini-batches that fit in one chunk, without returning to Python between steps.
+- ``run_steps`` runs whole stretches of gradient descent (gather, sum, update) without
+  returning to Python between steps; a mini-batch of several chunks has its chunks
+  computed at once on numba's threads, one workspace slot each, and their sums added in
+  chunk order before the update.
 
 Every gradient sum of a training run, on every backend and every Ray worker, comes from
-``chunk_gradient_sum``, and ``run_steps`` updates with the same arithmetic as
+the same chunk kernel, the chunk sums are added left to right in chunk order as
+``add_in_order`` adds them, and ``run_steps`` updates with the same arithmetic as
 ``update_in_place`` (x ← x − dtype(η/m)·∇, after the decay, never a fused multiply-add),
-so the bits do not depend on which backend ran the job or how many workers it had.
-The products are BLAS calls (numba calls SciPy's BLAS), one thread each.
+so the bits do not depend on which backend ran the job, how many workers or threads it
+had, or which thread computed which chunk. The products are BLAS calls (numba calls
+SciPy's BLAS), one thread each.
 """
 
 from __future__ import annotations
@@ -58,26 +62,28 @@ def _row_sums(delta, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def _chunk_sum(weights, biases, x, labels, rows, cost, one, xbuf, acts, deltas, nabla_w, nabla_b):
+def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, slot, out):
+    """Σ_x ∂C_x/∂params over ``x[rows]`` into ``out`` (flat, weights then biases), with the
+    buffers of workspace slot ``slot``."""
     m, d, L = rows.shape[0], x.shape[1], len(weights)
-    xb = xbuf[: m * d].reshape(m, d)  # the chunk's rows, one example per row
+    xb = xs[slot, : m * d].reshape(m, d)  # the chunk's rows, one example per row
     for i in range(m):
         r = rows[i]
         for k in range(d):
             xb[i, k] = x[r, k]
     # eq. 25, layer by layer; activations one column per example, as in the book
     n = weights[0].shape[0]
-    a = acts[0][: n * m].reshape(n, m)  # (n_1, m)
+    a = acts[0][slot, : n * m].reshape(n, m)  # (n_1, m)
     np.dot(weights[0], xb.T, a)
     _sigmoid_with_bias(a, biases[0], one)
     for layer in range(1, L):
         n, n_in = weights[layer].shape
-        a = acts[layer][: n * m].reshape(n, m)
-        np.dot(weights[layer], acts[layer - 1][: n_in * m].reshape(n_in, m), a)
+        a = acts[layer][slot, : n * m].reshape(n, m)
+        np.dot(weights[layer], acts[layer - 1][slot, : n_in * m].reshape(n_in, m), a)
         _sigmoid_with_bias(a, biases[layer], one)
     # BP1, with y(x) the one-hot column of the label
     zero = one - one
-    delta = deltas[L - 1][: n * m].reshape(n, m)
+    delta = deltas[L - 1][slot, : n * m].reshape(n, m)
     for j in range(n):
         for i in range(m):
             y = one if labels[rows[i]] == j else zero
@@ -85,18 +91,41 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xbuf, acts, deltas, 
                 delta[j, i] = (a[j, i] - y) * ((one - a[j, i]) * a[j, i])
             else:
                 delta[j, i] = a[j, i] - y
-    for layer in range(L - 1, 0, -1):
+    # where each layer's ∂C/∂w and ∂C/∂b lie in out: weights first, then biases
+    w_end, b_end = 0, 0
+    for layer in range(L):
+        w_end += weights[layer].size
+    b_end = w_end
+    for layer in range(L):
+        b_end += biases[layer].size
+    for layer in range(L - 1, -1, -1):
         n, n_in = weights[layer].shape
-        delta = deltas[layer][: n * m].reshape(n, m)
-        a_in = acts[layer - 1][: n_in * m].reshape(n_in, m)
-        np.dot(delta, a_in.T, nabla_w[layer])  # BP4 summed over the batch: δ^l (a^{l-1})^T
-        _row_sums(delta, nabla_b[layer])  # BP3
-        below = deltas[layer - 1][: n_in * m].reshape(n_in, m)
+        w_end -= n * n_in
+        b_end -= n
+        nabla_w = out[w_end : w_end + n * n_in].reshape(n, n_in)
+        delta = deltas[layer][slot, : n * m].reshape(n, m)
+        if layer == 0:
+            np.dot(delta, xb, nabla_w)  # BP4 summed over the batch: δ^l (a^{l-1})^T
+            _row_sums(delta, out[b_end : b_end + n])  # BP3
+            break
+        a_in = acts[layer - 1][slot, : n_in * m].reshape(n_in, m)
+        np.dot(delta, a_in.T, nabla_w)
+        _row_sums(delta, out[b_end : b_end + n])
+        below = deltas[layer - 1][slot, : n_in * m].reshape(n_in, m)
         np.dot(weights[layer].T, delta, below)  # BP2
         _times_sigmoid_prime(below, a_in, one)
-    delta = deltas[0][: weights[0].shape[0] * m].reshape(weights[0].shape[0], m)
-    np.dot(delta, xb, nabla_w[0])
-    _row_sums(delta, nabla_b[0])
+
+
+@numba.njit(parallel=True, cache=True)
+def _chunk_sums(weights, biases, x, labels, batch, chunk_size, cost, one, xs, acts, deltas, sums):
+    """Chunk c of ``batch`` (``chunk_bounds``'s cut) into ``sums[c]``, the chunks shared out over the
+    workspace's slots, one thread each."""
+    n_chunks, slots = sums.shape[0], xs.shape[0]
+    for slot in numba.prange(slots):
+        for c in range(slot, n_chunks, slots):
+            lo = c * chunk_size
+            hi = min(lo + chunk_size, batch.shape[0])
+            _chunk_sum(weights, biases, x, labels, batch[lo:hi], cost, one, xs, acts, deltas, slot, sums[c])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -112,16 +141,36 @@ def _update(params, nabla, scale, n_weights, decay, one):
 
 
 @numba.njit(nogil=True, cache=True)
-def _run_steps(weights, biases, params, n_weights, nabla, nabla_w, nabla_b, x, labels, order, first, last,
-               batch_size, cost, one, eta, decay, xbuf, acts, deltas):
+def _run_steps(weights, biases, params, n_weights, nabla, x, labels, order, first, last, batch_size, cost, one,
+               eta, decay, xs, acts, deltas):
     n = order.shape[0]
     scale = np.empty(1, params.dtype)  # dtype(η/m), as numpy rounds a Python float for an array
     for step in range(first, last):
         lo = step * batch_size
         hi = min(lo + batch_size, n)
-        _chunk_sum(weights, biases, x, labels, order[lo:hi], cost, one, xbuf, acts, deltas, nabla_w, nabla_b)
+        _chunk_sum(weights, biases, x, labels, order[lo:hi], cost, one, xs, acts, deltas, 0, nabla)
         scale[0] = eta / (hi - lo)
         _update(params, nabla, scale[0], n_weights, decay, one)
+
+
+@numba.njit(nogil=True, cache=True)
+def _run_chunked_steps(weights, biases, params, n_weights, total, sums, x, labels, order, first, last, batch_size,
+                       chunk_size, cost, one, eta, decay, xs, acts, deltas):
+    n = order.shape[0]
+    scale = np.empty(1, params.dtype)
+    for step in range(first, last):
+        lo = step * batch_size
+        hi = min(lo + batch_size, n)
+        n_chunks = (hi - lo + chunk_size - 1) // chunk_size
+        _chunk_sums(weights, biases, x, labels, order[lo:hi], chunk_size, cost, one, xs, acts, deltas,
+                    sums[:n_chunks])
+        total[:] = sums[0]  # add_in_order: left to right, in chunk order
+        for c in range(1, n_chunks):
+            part = sums[c]
+            for i in range(total.shape[0]):
+                total[i] += part[i]
+        scale[0] = eta / (hi - lo)
+        _update(params, total, scale[0], n_weights, decay, one)
 
 
 def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows: np.ndarray, out: np.ndarray,
@@ -131,20 +180,29 @@ def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows
     if m == 0:
         out.fill(0.0)
         return out, 0
-    nabla_w, nabla_b = workspace.nabla_views(out)
     _chunk_sum(tuple(network.weights), tuple(network.biases), x, labels, rows, COST_CODES[network.cost],
-               network.dtype.type(1.0), workspace.x, workspace.activations, workspace.deltas, nabla_w, nabla_b)
+               network.dtype.type(1.0), workspace.x_slots, workspace.activation_slots, workspace.delta_slots, 0, out)
     return out, m
 
 
 def run_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.ndarray, first: int, last: int,
-              batch_size: int, eta: float, lmbda: float, nabla: np.ndarray, workspace: Workspace) -> None:
+              batch_size: int, eta: float, lmbda: float, sums: np.ndarray, workspace: Workspace,
+              chunk_size: int | None = None) -> None:
     """Mini-batch steps ``first`` to ``last - 1`` of the epoch whose shuffle is ``order``, in place on
-    ``network.params``: each step ``chunk_gradient_sum`` of ``x[order[step·batch_size …]]`` and
-    ``update_in_place``. Mini-batches must fit the workspace (one chunk each)."""
+    ``network.params``: each step the gradient sum of ``x[order[step·batch_size …]]`` and
+    ``update_in_place``.
+
+    A mini-batch larger than ``chunk_size`` is cut as ``chunk_bounds`` cuts it, its chunks'
+    sums computed at once on the workspace's slots (one thread each) into the rows of ``sums``
+    and added in chunk order, as every backend adds them. The workspace must fit a chunk;
+    ``sums`` needs one row per chunk of a mini-batch and one more, for the total.
+    """
     # w ← (1 − ηλ/n) w, rounded to the network's dtype as update_in_place's numpy does
     decay = network.dtype.type(1.0 - eta * lmbda / order.shape[0])
-    nabla_w, nabla_b = workspace.nabla_views(nabla)
-    _run_steps(tuple(network.weights), tuple(network.biases), network.params, network.n_weights, nabla, nabla_w,
-               nabla_b, x, labels, order, first, last, batch_size, COST_CODES[network.cost],
-               network.dtype.type(1.0), float(eta), decay, workspace.x, workspace.activations, workspace.deltas)
+    args = (tuple(network.weights), tuple(network.biases), network.params, network.n_weights)
+    tail = (COST_CODES[network.cost], network.dtype.type(1.0), float(eta), decay, workspace.x_slots,
+            workspace.activation_slots, workspace.delta_slots)
+    if chunk_size is None or batch_size <= chunk_size:
+        _run_steps(*args, sums[0], x, labels, order, first, last, batch_size, *tail)
+    else:
+        _run_chunked_steps(*args, sums[-1], sums[:-1], x, labels, order, first, last, batch_size, chunk_size, *tail)

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from core import Network, add_in_order, chunk_bounds, descend
+from core import Network, add_in_order, chunk_bounds
 from core.chunks import ChunkEngine
 from core.diagnostics import add_with_stats, stats_size
 
@@ -64,10 +64,8 @@ class LocalBackend:
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
-        if batch_size <= self.chunk_size:  # one chunk a step: the whole stretch compiled, the same bits
-            self._engine.steps(network, order, first, last, batch_size, eta, lmbda, self._total)
-        else:  # several chunks a step, on the threads
-            descend(self.gradient_sum, network, order, first, last, batch_size, eta, lmbda)
+        # the whole stretch compiled, each step's chunks on the threads at once: the same bits as step by step
+        self._engine.steps(network, order, first, last, batch_size, eta, lmbda, self.chunk_size)
 
     def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         if batch.shape[0] <= self.chunk_size:  # one chunk: the common small mini-batch, kept short

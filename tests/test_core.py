@@ -235,20 +235,28 @@ def test_compiled_workspace_reuse_and_an_empty_chunk():
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("lmbda", [0.0, 2.5])
-def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda):
-    """``run_steps`` (the single-process path) against each step's sum followed by numpy's
-    ``update_in_place`` (the Ray driver's path): the same bits, with a short last mini-batch."""
+@pytest.mark.parametrize("batch_size, chunk_size, slots", [(10, None, 1), (23, 10, 2), (23, 5, 3), (23, 10, 1)])
+def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_size, chunk_size, slots):
+    """``run_steps`` (the single-process path) against each step's chunk sums added in order, then
+    numpy's ``update_in_place`` (the Ray driver's path): the same bits, with a short last mini-batch.
+    Mini-batches of 23 in chunks of 10 or 5 are computed on 1 to 3 workspace slots at once."""
     net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=53, dtype=dtype)
     x = x.astype(dtype)
-    order = np.random.default_rng(9).permutation(53)  # mini-batches of 10: five, then one of 3
+    order = np.random.default_rng(9).permutation(53)  # 10s: five, then 3; 23s: two, then 7
     fused, stepped = net.copy(), net.copy()
-    ws = core.Workspace(net.sizes, 10, dtype)
-    kernels.run_steps(fused, x, y, order, 0, 2, 10, 0.7, lmbda, np.empty_like(net.params), ws)
-    kernels.run_steps(fused, x, y, order, 2, 6, 10, 0.7, lmbda, np.empty_like(net.params), ws)
+    rows = min(batch_size, chunk_size or batch_size)
+    ws = core.Workspace(net.sizes, rows, dtype, slots)
+    n_chunks = -(-batch_size // rows)
+    sums = np.empty((n_chunks + 1 if n_chunks > 1 else 1, net.params.shape[0]), dtype)
+    steps = -(-53 // batch_size)
+    kernels.run_steps(fused, x, y, order, 0, 2, batch_size, 0.7, lmbda, sums, ws, chunk_size)
+    kernels.run_steps(fused, x, y, order, 2, steps, batch_size, 0.7, lmbda, sums, ws, chunk_size)
 
-    def sums(network, batch):
-        return kernels.chunk_gradient_sum(network, x, y, batch, np.empty_like(network.params), ws)
+    def summed(network, batch):
+        bounds = core.chunk_bounds(batch.shape[0], rows)
+        return core.add_in_order(kernels.chunk_gradient_sum(network, x, y, batch[lo:hi],
+                                                            np.empty_like(network.params), ws) for lo, hi in bounds)
 
-    core.descend(sums, stepped, order, 0, 6, 10, 0.7, lmbda)
+    core.descend(summed, stepped, order, 0, steps, batch_size, 0.7, lmbda)
     assert not np.array_equal(fused.params, net.params)
     assert np.array_equal(fused.params, stepped.params)
