@@ -62,15 +62,37 @@ def _row_sums(delta, out):
 
 
 @numba.njit(nogil=True, cache=True)
+def _gather(x, rows, out):
+    """out[i] = x[rows[i]], eight rows at a time: eight streams in flight at once copy
+    shuffled rows faster than one after another (a row is a few KiB, read from memory)."""
+    m, d = rows.shape[0], x.shape[1]
+    i = 0
+    while i + 8 <= m:
+        r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
+        r4, r5, r6, r7 = rows[i + 4], rows[i + 5], rows[i + 6], rows[i + 7]
+        for k in range(d):
+            out[i, k] = x[r0, k]
+            out[i + 1, k] = x[r1, k]
+            out[i + 2, k] = x[r2, k]
+            out[i + 3, k] = x[r3, k]
+            out[i + 4, k] = x[r4, k]
+            out[i + 5, k] = x[r5, k]
+            out[i + 6, k] = x[r6, k]
+            out[i + 7, k] = x[r7, k]
+        i += 8
+    for j in range(i, m):
+        r = rows[j]
+        for k in range(d):
+            out[j, k] = x[r, k]
+
+
+@numba.njit(nogil=True, cache=True)
 def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, slot, out):
     """Σ_x ∂C_x/∂params over ``x[rows]`` into ``out`` (flat, weights then biases), with the
     buffers of workspace slot ``slot``."""
     m, d, L = rows.shape[0], x.shape[1], len(weights)
     xb = xs[slot, : m * d].reshape(m, d)  # the chunk's rows, one example per row
-    for i in range(m):
-        r = rows[i]
-        for k in range(d):
-            xb[i, k] = x[r, k]
+    _gather(x, rows, xb)
     # eq. 25, layer by layer; activations one column per example, as in the book
     n = weights[0].shape[0]
     a = acts[0][slot, : n * m].reshape(n, m)  # (n_1, m)

@@ -44,7 +44,8 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Chunks computed in this process, on a small thread pool (numpy releases the GIL in BLAS)."""
+    """Chunks computed in this process: training steps compiled, a step's chunks on numba's threads;
+    the diagnostics' chunk sums on a small thread pool (numpy releases the GIL in BLAS)."""
 
     name = "local"
     failures = 0  # threads do not die on their own
