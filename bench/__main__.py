@@ -22,6 +22,7 @@ N_TRAIN = 50_000
 SIZES = [784, 30, 10]
 ETA = 3.0
 BATCHES = (10, 100, 1000)
+GRADAVG_EPOCHS = 7  # timed epochs of gradavg per dtype and mini-batch
 
 
 def main(argv=None) -> int:
@@ -139,9 +140,13 @@ def single_process(slow_examples: int) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for batch_size in BATCHES:
-        # each contender warmed up untimed first (gradavg: loading its compiled kernels; PyTorch: its own start-up)
-        f64, f32 = (statistics.median([gradavg_epoch(d, batch_size, dt) for _ in range(6)][1:])
-                    for dt in ("float64", "float32"))
+        # each contender warmed up untimed first (gradavg: loading its compiled kernels; PyTorch: its own start-up);
+        # float64 and float32 epochs alternate, so that their ratio is taken under the same machine conditions
+        epochs = {"float64": [], "float32": []}
+        for _ in range(1 + GRADAVG_EPOCHS):
+            for dt, seconds in epochs.items():
+                seconds.append(gradavg_epoch(d, batch_size, dt))
+        f64, f32 = (statistics.median(seconds[1:]) for seconds in epochs.values())
         book = book_epoch(d, batch_size, max(slow_examples, batch_size))
         torch_n = slow_examples if batch_size < 1000 else N_TRAIN
         torch_epoch(d, batch_size, 20 * batch_size)
@@ -154,7 +159,8 @@ def single_process(slow_examples: int) -> None:
     if torch_epoch(d, 10, 10) is None:
         print("(PyTorch is not installed: `pip install torch==2.13.0` adds its column)")
     print(f"(the book's loop and PyTorch below mini-batch 1,000 timed on {slow_examples:,} "
-          "examples and scaled to an epoch; gradavg figures are medians of 5 full epochs after one untimed)")
+          f"examples and scaled to an epoch; gradavg figures are medians of {GRADAVG_EPOCHS} full epochs after one "
+          "untimed, float64 and float32 alternating)")
 
 
 # ------------------------------------------------------------------ memory
