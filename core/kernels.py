@@ -24,15 +24,59 @@ SciPy's BLAS), one thread each.
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls: loaded now, so thread limits reach it
+from numba.core import types
+from numba.extending import get_cython_function_address, overload
 
 from core.backprop import Workspace
 from core.network import Network
 
 # BP1 for each cost with sigmoid output (the only activation): δ^L = (a − y) ⊙ σ'(z^L), or a − y
 COST_CODES = {"quadratic": 0, "cross_entropy": 1}
+
+# The two products with the input layer (eq. 25's w^1 x and BP4's δ^1 x^T) take 32 examples at a
+# time: OpenBLAS multiplies matrices that small without first copying them into its packed layout,
+# which at [784, 30, 10] is 15–20% faster than one product over the whole chunk, and the block of
+# rows stays in the core's cache from gathering it to multiplying it. A fixed size, so the bits
+# depend only on the chunk.
+INPUT_BLOCK = 32
+
+_N, _T = ord("N"), ord("T")
+
+
+def _blas_gemm(name):
+    """SciPy's Fortran ?gemm (every argument by pointer), called from compiled code by a symbol
+    name, so that numba can cache the code that calls it."""
+    symbol = f"gradavg_scipy_{name}"
+    llvm.add_symbol(symbol, get_cython_function_address("scipy.linalg.cython_blas", name))
+    return types.ExternalFunction(symbol, types.void(*[types.voidptr] * 13))
+
+
+_DGEMM, _SGEMM = _blas_gemm("dgemm"), _blas_gemm("sgemm")
+
+
+def _gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, ints, scalars):
+    """C ← op(A) op(B) + beta·C, column-major as BLAS sees it; ``a``, ``b``, ``c`` are flat arrays
+    starting at the matrices' first elements, ``ints`` (int32, 8) and ``scalars`` (2) scratch."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_gemm)
+def _gemm_compiled(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, ints, scalars):
+    gemm = _SGEMM if c.dtype == types.float32 else _DGEMM
+
+    def call(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, ints, scalars):
+        ints[0], ints[1], ints[2], ints[3], ints[4] = trans_a, trans_b, m, n, k
+        ints[5], ints[6], ints[7] = lda, ldb, ldc
+        scalars[0], scalars[1] = 1, beta
+        gemm(ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, ints[3:].ctypes, ints[4:].ctypes,
+             scalars[0:].ctypes, a.ctypes, ints[5:].ctypes, b.ctypes, ints[6:].ctypes, scalars[1:].ctypes,
+             c.ctypes, ints[7:].ctypes)
+
+    return call
 
 
 @numba.njit(nogil=True, cache=True)
@@ -92,11 +136,18 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, sl
     buffers of workspace slot ``slot``."""
     m, d, L = rows.shape[0], x.shape[1], len(weights)
     xb = xs[slot, : m * d].reshape(m, d)  # the chunk's rows, one example per row
-    _gather(x, rows, xb)
+    x_flat = xs[slot, : m * d]
+    ints, scalars = np.empty(8, np.int32), np.empty(2, x.dtype)
     # eq. 25, layer by layer; activations one column per example, as in the book
     n = weights[0].shape[0]
-    a = acts[0][slot, : n * m].reshape(n, m)  # (n_1, m)
-    np.dot(weights[0], xb.T, a)
+    a_flat = acts[0][slot, : n * m]
+    w_flat = weights[0].reshape(n * d)
+    for lo in range(0, m, INPUT_BLOCK):  # gather a block of rows, then z^1 = w^1 x for them
+        hi = min(lo + INPUT_BLOCK, m)
+        _gather(x, rows[lo:hi], xb[lo:hi])
+        # column-major: a[:, lo:hi]^T (hi − lo, n_1), ld m  ←  xb[lo:hi] (hi − lo, d) · (w^1)^T (d, n_1)
+        _gemm(_T, _N, hi - lo, n, d, x_flat[lo * d :], d, w_flat, d, 0, a_flat[lo:], m, ints, scalars)
+    a = a_flat.reshape(n, m)  # (n_1, m)
     _sigmoid_with_bias(a, biases[0], one)
     for layer in range(1, L):
         n, n_in = weights[layer].shape
@@ -126,8 +177,13 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, sl
         b_end -= n
         nabla_w = out[w_end : w_end + n * n_in].reshape(n, n_in)
         delta = deltas[layer][slot, : n * m].reshape(n, m)
-        if layer == 0:
-            np.dot(delta, xb, nabla_w)  # BP4 summed over the batch: δ^l (a^{l-1})^T
+        if layer == 0:  # BP4 summed over the batch, a block of examples at a time: Σ δ^1 x^T
+            d_flat = deltas[0][slot, : n * m]
+            for lo in range(0, m, INPUT_BLOCK):
+                hi = min(lo + INPUT_BLOCK, m)
+                # column-major: (∂C/∂w^1)^T (d, n_1) ← xb[lo:hi]^T (d, hi − lo) · δ[:, lo:hi]^T (hi − lo, n_1), ld m
+                _gemm(_N, _N, d, n, hi - lo, x_flat[lo * d :], d, d_flat[lo:], m, 0 if lo == 0 else 1,
+                      out[w_end:], d, ints, scalars)
             _row_sums(delta, out[b_end : b_end + n])  # BP3
             break
         a_in = acts[layer - 1][slot, : n_in * m].reshape(n_in, m)

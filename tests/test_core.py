@@ -209,15 +209,17 @@ def test_sigmoid_does_not_overflow():
 @pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
 @pytest.mark.parametrize("sizes", [[6, 4], [7, 5, 3], [9, 6, 5, 4]])
 def test_compiled_chunk_sum_equals_per_example_sum(sizes, cost, dtype):
-    """The compiled sum of rows picked out of a larger set, against the book's one-example-at-a-time path."""
-    net, x, y = random_problem(sizes, cost, "standard", seed=13, m=40, dtype=dtype)
+    """The compiled sum of rows picked out of a larger set, against the book's one-example-at-a-time path:
+    71 rows, so the input layer's products run in blocks of 32, 32 and 7 (``INPUT_BLOCK``)."""
+    assert kernels.INPUT_BLOCK == 32
+    net, x, y = random_problem(sizes, cost, "standard", seed=13, m=90, dtype=dtype)
     x = x.astype(dtype)
-    rows = np.random.default_rng(2).permutation(40)[:23]
-    ws = core.Workspace(sizes, 30, dtype)
+    rows = np.random.default_rng(2).permutation(90)[:71]
+    ws = core.Workspace(sizes, 75, dtype)
     out = np.full_like(net.params, np.nan)
     nabla, n = kernels.chunk_gradient_sum(net, x, y, rows, out, ws)
     looped, _ = core.per_example_gradient_sum(net.astype("float64"), x[rows].astype("float64"), y[rows])
-    assert n == 23 and nabla is out and nabla.dtype == np.dtype(dtype)
+    assert n == 71 and nabla is out and nabla.dtype == np.dtype(dtype)
     bound = 1e-12 if dtype == "float64" else 1e-5
     assert np.max(np.abs(nabla - looped)) <= bound * np.max(np.abs(looped))
 
