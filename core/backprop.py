@@ -47,7 +47,9 @@ class Workspace:
 
     At a mini-batch of 10 the arithmetic is tiny and allocation is a large share of
     the time, so every intermediate array lives here. One workspace per thread; the
-    compiled path (``core.kernels``) uses ``x``, ``activations`` and ``deltas`` too.
+    compiled path (``core.kernels``) uses ``x``, ``activations`` and ``deltas`` too, with
+    ``slots`` sets of them (``x_slots``, ...; slot 0 is the numpy path's), one for each chunk
+    it computes at once on its own threads.
     Activations and errors are kept as the book writes them, one column per example,
     (n_l, m): the products then run on contiguous operands, which OpenBLAS does faster.
     """
@@ -55,7 +57,6 @@ class Workspace:
     def __init__(self, sizes: list[int], rows: int, dtype, slots: int = 1):
         self.sizes, self.rows, self.dtype, self.slots = list(sizes), rows, np.dtype(dtype), slots
         slotted = lambda: tuple(np.empty((slots, n * rows), dtype) for n in sizes[1:])  # noqa: E731
-        # one set of the compiled path's buffers per chunk computed at once (slot s is row s)
         self.x_slots = np.empty((slots, rows * sizes[0]), dtype)  # chunks' rows gathered from the training set
         self.activation_slots, self.delta_slots = slotted(), slotted()  # a^l, δ^l
         self.x = self.x_slots[0]

@@ -6,8 +6,9 @@ that a mini-batch of 10 is not paid for in interpreter overhead: at [784, 30, 10
 arithmetic of a step takes about 20 µs and numpy's calls around it took three times that.
 What it does beyond ``gradient_sum``:
 
-- ``chunk_gradient_sum`` gathers the chunk's rows itself (a plain copy loop, which is
-  faster here than ``np.take``) and computes Σ_x ∂C_x/∂params for them;
+- ``chunk_gradient_sum`` gathers the chunk's rows itself (``_gather``, faster here than
+  ``np.take``) and computes Σ_x ∂C_x/∂params for them, the input layer's products a block
+  of ``INPUT_BLOCK`` examples at a time;
 - ``run_steps`` runs whole stretches of gradient descent (gather, sum, update) without
   returning to Python between steps; a mini-batch of several chunks has its chunks
   computed at once on numba's threads, one workspace slot each, and their sums added in
@@ -18,8 +19,9 @@ the same chunk kernel, the chunk sums are added left to right in chunk order as
 ``add_in_order`` adds them, and ``run_steps`` updates with the same arithmetic as
 ``update_in_place`` (x ← x − dtype(η/m)·∇, after the decay, never a fused multiply-add),
 so the bits do not depend on which backend ran the job, how many workers or threads it
-had, or which thread computed which chunk. The products are BLAS calls (numba calls
-SciPy's BLAS), one thread each.
+had, or which thread computed which chunk. The products are calls to SciPy's BLAS, one
+thread each: through numba's ``np.dot`` for the small layers, ``?gemm`` called directly for
+the input layer's two.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import llvmlite.binding as llvm
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls: loaded now, so thread limits reach it
+import scipy.linalg.cython_blas  # noqa: F401  the BLAS the products call: loaded now, so thread limits reach it
 from numba.core import types
 from numba.extending import get_cython_function_address, overload
 
