@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from core.backprop import gradient_sum
@@ -28,14 +30,21 @@ def finite_difference_gradient(network: Network, x: np.ndarray, labels: np.ndarr
     return grad
 
 
-def gradient_check(network: Network, x: np.ndarray, labels: np.ndarray, h: float = 1e-5) -> float:
+GradientSum = Callable[[Network, np.ndarray, np.ndarray], tuple[np.ndarray, int]]
+
+
+def gradient_check(network: Network, x: np.ndarray, labels: np.ndarray, h: float = 1e-5,
+                   gradient: GradientSum | None = None) -> float:
     """The worst relative error between backprop and finite differences over all layers.
 
     For each weight matrix and bias vector, ‖g_bp − g_fd‖ / (‖g_bp‖ + ‖g_fd‖); the
     maximum over them is returned. A norm per array, rather than per entry, keeps
-    entries that are zero up to rounding from dominating.
+    entries that are zero up to rounding from dominating. ``gradient`` computes the
+    backprop sum and count (default: numpy's ``gradient_sum``; training's compiled path
+    is ``core.kernels.compiled_gradient_sum``).
     """
-    nabla, count = gradient_sum(network, np.asarray(x, dtype=network.dtype), labels)
+    gradient = gradient or gradient_sum
+    nabla, count = gradient(network, np.asarray(x, dtype=network.dtype), labels)
     backprop = nabla.astype(np.float64) / count
     numeric = finite_difference_gradient(network, x, labels, h)
     worst = 0.0

@@ -265,6 +265,13 @@ def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows
     return out, m
 
 
+def compiled_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Σ_x ∂C_x/∂params over all rows of ``x`` as training computes it (one chunk), and the count."""
+    m = labels.shape[0]
+    workspace = Workspace(network.sizes, max(m, 1), network.dtype)
+    return chunk_gradient_sum(network, x, labels, np.arange(m), np.empty_like(network.params), workspace)
+
+
 def run_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.ndarray, first: int, last: int,
               batch_size: int, eta: float, lmbda: float, sums: np.ndarray, workspace: Workspace,
               chunk_size: int | None = None) -> None:

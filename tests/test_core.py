@@ -63,6 +63,18 @@ def test_gradient_check_float32(cost):
     assert core.gradient_check(net, x, y) < core.TOLERANCES["float32"]
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+def test_gradient_check_of_the_compiled_training_path(cost, dtype):
+    """The sums training uses, against finite differences, over 40 examples (two input blocks)."""
+    net, x, y = random_problem([20, 12, 6], cost, "scaled", seed=8, m=40, dtype=dtype)
+    worst = core.gradient_check(net, x, y, gradient=kernels.compiled_gradient_sum)
+    assert worst < core.TOLERANCES[dtype]
+    wrong = core.gradient_check(net, x[:, ::-1], y, gradient=lambda n, xs, ys: kernels.compiled_gradient_sum(
+        n, np.ascontiguousarray(xs[:, ::-1]), ys))  # backprop on other inputs than the differences see
+    assert wrong > 1e-2
+
+
 def test_gradient_check_catches_a_wrong_gradient(monkeypatch):
     """The check is an oracle only if it fails on a wrong backprop: drop σ' from BP2."""
     net, x, y = random_problem([5, 4, 3], "quadratic", "standard", 2)
