@@ -53,7 +53,7 @@ class ChunkEngine:
         n_chunks = -(-min(batch_size, order.shape[0]) // chunk_size)
         slots = min(self.threads, n_chunks)
         rows = min(batch_size, chunk_size)
-        shape = (n_chunks + 1 if n_chunks > 1 else 1, network.params.shape[0])
+        shape = (n_chunks + 1, network.params.shape[0])  # each chunk's sum, then their total
         state = self._local
         if getattr(state, "sums", None) is None or state.sums.shape != shape or state.sums.dtype != network.dtype:
             state.sums = np.empty(shape, network.dtype)

@@ -253,6 +253,17 @@ def _run_chunked_steps(weights, biases, params, n_weights, total, sums, x, label
         _update(params, total, scale[0], n_weights, decay, one)
 
 
+def _check_buffers(network: Network, x: np.ndarray, workspace: Workspace, rows: int, sums: np.ndarray) -> None:
+    """The compiled code checks no bounds: refuse buffers it would overrun, or of another dtype."""
+    if x.dtype != network.dtype or x.shape[1] != network.sizes[0]:
+        raise ValueError(f"x is {x.dtype} with {x.shape[1]} inputs; the network takes {network.dtype} "
+                         f"with {network.sizes[0]}")
+    if not workspace.fits(network, rows):
+        raise ValueError(f"the workspace does not fit chunks of {rows} rows of this network")
+    if sums.dtype != network.dtype or sums.shape[1:] != network.params.shape or not sums.flags.c_contiguous:
+        raise ValueError("gradient sums must be contiguous and shaped and typed like network.params")
+
+
 def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows: np.ndarray, out: np.ndarray,
                        workspace: Workspace) -> tuple[np.ndarray, int]:
     """Σ_x ∂C_x/∂params over ``x[rows]`` (flat, laid out like ``network.params``) and the count."""
@@ -260,6 +271,7 @@ def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows
     if m == 0:
         out.fill(0.0)
         return out, 0
+    _check_buffers(network, x, workspace, m, out[None])
     _chunk_sum(tuple(network.weights), tuple(network.biases), x, labels, rows, COST_CODES[network.cost],
                network.dtype.type(1.0), workspace.x_slots, workspace.activation_slots, workspace.delta_slots, 0, out)
     return out, m
@@ -284,6 +296,11 @@ def run_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.nda
     and added in chunk order, as every backend adds them. The workspace must fit a chunk;
     ``sums`` needs one row per chunk of a mini-batch and one more, for the total.
     """
+    rows = min(batch_size, chunk_size or batch_size, order.shape[0])
+    _check_buffers(network, x, workspace, rows, sums)
+    if sums.shape[0] < -(-min(batch_size, order.shape[0]) // rows) + 1:
+        raise ValueError(f"sums has {sums.shape[0]} rows; mini-batches of {batch_size} in chunks of {rows} "
+                         "need one per chunk and one for their total")
     # w ← (1 − ηλ/n) w, rounded to the network's dtype as update_in_place's numpy does
     decay = network.dtype.type(1.0 - eta * lmbda / order.shape[0])
     args = (tuple(network.weights), tuple(network.biases), network.params, network.n_weights)

@@ -261,7 +261,7 @@ def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_s
     rows = min(batch_size, chunk_size or batch_size)
     ws = core.Workspace(net.sizes, rows, dtype, slots)
     n_chunks = -(-batch_size // rows)
-    sums = np.empty((n_chunks + 1 if n_chunks > 1 else 1, net.params.shape[0]), dtype)
+    sums = np.empty((n_chunks + 1, net.params.shape[0]), dtype)
     steps = -(-53 // batch_size)
     kernels.run_steps(fused, x, y, order, 0, 2, batch_size, 0.7, lmbda, sums, ws, chunk_size)
     kernels.run_steps(fused, x, y, order, 2, steps, batch_size, 0.7, lmbda, sums, ws, chunk_size)
@@ -274,3 +274,24 @@ def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_s
     core.descend(summed, stepped, order, 0, steps, batch_size, 0.7, lmbda)
     assert not np.array_equal(fused.params, net.params)
     assert np.array_equal(fused.params, stepped.params)
+
+
+def test_compiled_path_refuses_buffers_it_would_overrun():
+    """The compiled code checks no bounds, so its entry points check the buffers they are given."""
+    net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=53)
+    order = np.arange(53)
+    small = core.Workspace(net.sizes, 8, net.dtype)
+    with pytest.raises(ValueError, match="does not fit chunks of 10 rows"):
+        kernels.chunk_gradient_sum(net, x, y, order[:10], np.empty_like(net.params), small)
+    with pytest.raises(ValueError, match="does not fit chunks of 10 rows"):
+        kernels.run_steps(net, x, y, order, 0, 1, 23, 0.5, 0.0, np.empty((4, net.params.size)), small, 10)
+    ws = core.Workspace(net.sizes, 10, net.dtype, 2)
+    with pytest.raises(ValueError, match="sums has 3 rows; mini-batches of 23 in chunks of 10 need"):
+        kernels.run_steps(net, x, y, order, 0, 1, 23, 0.5, 0.0, np.empty((3, net.params.size)), ws, 10)
+    with pytest.raises(ValueError, match="typed like network.params"):
+        kernels.run_steps(net, x, y, order, 0, 1, 23, 0.5, 0.0, np.empty((4, net.params.size), np.float32), ws, 10)
+    with pytest.raises(ValueError, match="x is float32 with 12 inputs; the network takes float64"):
+        kernels.chunk_gradient_sum(net, x.astype(np.float32), y, order[:10], np.empty_like(net.params), ws)
+    before = net.params.copy()
+    kernels.run_steps(net, x, y, order, 0, 1, 23, 0.5, 0.0, np.empty((4, net.params.size)), ws, 10)
+    assert not np.array_equal(net.params, before)  # the same call with buffers that fit
