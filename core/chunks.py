@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from core.average import chunk_bounds
 from core.backprop import Workspace, gradient_sum
 from core.kernels import chunk_gradient_sum, run_steps
 from core.network import Network
@@ -50,7 +51,7 @@ class ChunkEngine:
         """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, compiled
         (``core.kernels.run_steps``): a mini-batch of several chunks has them computed on up to
         ``threads`` threads at once."""
-        n_chunks = -(-min(batch_size, order.shape[0]) // chunk_size)
+        n_chunks = len(chunk_bounds(min(batch_size, order.shape[0]), chunk_size))
         slots = min(self.threads, n_chunks)
         rows = min(batch_size, chunk_size)
         shape = (n_chunks + 1, network.params.shape[0])  # each chunk's sum, then their total

@@ -33,6 +33,7 @@ import scipy.linalg.cython_blas  # noqa: F401  the BLAS the products call: loade
 from numba.core import types
 from numba.extending import get_cython_function_address, overload
 
+from core.average import chunk_bounds
 from core.backprop import Workspace
 from core.network import Network
 
@@ -166,13 +167,10 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, sl
                 delta[j, i] = (a[j, i] - y) * ((one - a[j, i]) * a[j, i])
             else:
                 delta[j, i] = a[j, i] - y
-    # where each layer's ∂C/∂w and ∂C/∂b lie in out: weights first, then biases
-    w_end, b_end = 0, 0
+    # where each layer's ∂C/∂w and ∂C/∂b end in out, laid out as params: all weights, then all biases
+    b_end = w_end = out.shape[0]
     for layer in range(L):
-        w_end += weights[layer].size
-    b_end = w_end
-    for layer in range(L):
-        b_end += biases[layer].size
+        w_end -= biases[layer].size
     for layer in range(L - 1, -1, -1):
         n, n_in = weights[layer].shape
         w_end -= n * n_in
@@ -298,7 +296,7 @@ def run_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.nda
     """
     rows = min(batch_size, chunk_size or batch_size, order.shape[0])
     _check_buffers(network, x, workspace, rows, sums)
-    if sums.shape[0] < -(-min(batch_size, order.shape[0]) // rows) + 1:
+    if sums.shape[0] < len(chunk_bounds(min(batch_size, order.shape[0]), rows)) + 1:
         raise ValueError(f"sums has {sums.shape[0]} rows; mini-batches of {batch_size} in chunks of {rows} "
                          "need one per chunk and one for their total")
     # w ← (1 − ηλ/n) w, rounded to the network's dtype as update_in_place's numpy does
