@@ -206,7 +206,7 @@ def tracking_cost() -> None:
             started = time.perf_counter()
             train(cfg, d, LocalBackend(cfg.chunk_size))
             off.append(time.perf_counter() - started)
-            tracker = RunTracker(cfg, uri, "local", 1)
+            tracker = RunTracker(cfg, uri, {"backend": "local", "workers": "1"})
             opened = time.perf_counter()
             tracker.start(d)
             setup.append(time.perf_counter() - opened)

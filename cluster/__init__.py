@@ -10,6 +10,9 @@ when there is none). Values already in the environment win.
 
 import os
 
+# How a step's work and chunk sums travel between the driver and the workers (cluster.driver)
+TRANSPORTS = ("auto", "compiled", "tasks")
+
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
 
 for _key, _value in LOCAL_RAY_ENV.items():

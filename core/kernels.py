@@ -26,6 +26,8 @@ the input layer's two.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import llvmlite.binding as llvm
 import numba
 import numpy as np
@@ -219,16 +221,32 @@ def _update(params, nabla, scale, n_weights, decay, one):
 
 
 @numba.njit(nogil=True, cache=True)
-def _run_steps(weights, biases, params, n_weights, nabla, x, labels, order, first, last, batch_size, cost, one,
+def _add_and_update(params, sums, n_chunks, total, scale, n_weights, decay, one):
+    """The end of every training step, on every backend: the chunk sums ``sums[:n_chunks]`` added
+    left to right in chunk order (``add_in_order``) into ``total``, then the update. One chunk's
+    sum is the total itself (copying it would change no bit)."""
+    if n_chunks == 1:
+        _update(params, sums[0], scale, n_weights, decay, one)
+        return
+    total[:] = sums[0]
+    for c in range(1, n_chunks):
+        part = sums[c]
+        for i in range(total.shape[0]):
+            total[i] += part[i]
+    _update(params, total, scale, n_weights, decay, one)
+
+
+@numba.njit(nogil=True, cache=True)
+def _run_steps(weights, biases, params, n_weights, sums, x, labels, order, first, last, batch_size, cost, one,
                eta, decay, xs, acts, deltas):
     n = order.shape[0]
     scale = np.empty(1, params.dtype)  # dtype(η/m), as numpy rounds a Python float for an array
     for step in range(first, last):
         lo = step * batch_size
         hi = min(lo + batch_size, n)
-        _chunk_sum(weights, biases, x, labels, order[lo:hi], cost, one, xs, acts, deltas, 0, nabla)
+        _chunk_sum(weights, biases, x, labels, order[lo:hi], cost, one, xs, acts, deltas, 0, sums[0])
         scale[0] = eta / (hi - lo)
-        _update(params, nabla, scale[0], n_weights, decay, one)
+        _add_and_update(params, sums, 1, sums[0], scale[0], n_weights, decay, one)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -242,13 +260,8 @@ def _run_chunked_steps(weights, biases, params, n_weights, total, sums, x, label
         n_chunks = (hi - lo + chunk_size - 1) // chunk_size
         _chunk_sums(weights, biases, x, labels, order[lo:hi], chunk_size, cost, one, xs, acts, deltas,
                     sums[:n_chunks])
-        total[:] = sums[0]  # add_in_order: left to right, in chunk order
-        for c in range(1, n_chunks):
-            part = sums[c]
-            for i in range(total.shape[0]):
-                total[i] += part[i]
         scale[0] = eta / (hi - lo)
-        _update(params, total, scale[0], n_weights, decay, one)
+        _add_and_update(params, sums, n_chunks, total, scale[0], n_weights, decay, one)
 
 
 def _check_buffers(network: Network, x: np.ndarray, workspace: Workspace, rows: int, sums: np.ndarray) -> None:
@@ -299,12 +312,44 @@ def run_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.nda
     if sums.shape[0] < len(chunk_bounds(min(batch_size, order.shape[0]), rows)) + 1:
         raise ValueError(f"sums has {sums.shape[0]} rows; mini-batches of {batch_size} in chunks of {rows} "
                          "need one per chunk and one for their total")
-    # w ← (1 − ηλ/n) w, rounded to the network's dtype as update_in_place's numpy does
-    decay = network.dtype.type(1.0 - eta * lmbda / order.shape[0])
     args = (tuple(network.weights), tuple(network.biases), network.params, network.n_weights)
-    tail = (COST_CODES[network.cost], network.dtype.type(1.0), float(eta), decay, workspace.x_slots,
-            workspace.activation_slots, workspace.delta_slots)
+    tail = (COST_CODES[network.cost], network.dtype.type(1.0), float(eta), _decay(network, eta, lmbda, order.shape[0]),
+            workspace.x_slots, workspace.activation_slots, workspace.delta_slots)
     if chunk_size is None or batch_size <= chunk_size:
-        _run_steps(*args, sums[0], x, labels, order, first, last, batch_size, *tail)
+        _run_steps(*args, sums, x, labels, order, first, last, batch_size, *tail)
     else:
         _run_chunked_steps(*args, sums[-1], sums[:-1], x, labels, order, first, last, batch_size, chunk_size, *tail)
+
+
+def _decay(network: Network, eta: float, lmbda: float, n_train: int):
+    """w ← (1 − ηλ/n) w's factor, rounded to the network's dtype as ``update_in_place``'s numpy rounds it."""
+    return network.dtype.type(1.0 - eta * lmbda / n_train)
+
+
+def add_and_update(network: Network, sums: np.ndarray, n_chunks: int, count: int, eta: float, lmbda: float,
+                   n_train: int) -> None:
+    """One step from its chunk sums, in place on ``network.params``: ``sums[:n_chunks]`` (one row per
+    chunk, in chunk order) added left to right into ``sums[n_chunks]``, then ``update_in_place``
+    with ∂C/∂params = total / count. The same compiled code ends every step of ``run_steps``."""
+    if count <= 0:
+        raise ValueError("cannot update from zero examples")
+    if sums.dtype != network.dtype or sums.shape[0] <= n_chunks or sums.shape[1:] != network.params.shape \
+            or not sums.flags.c_contiguous:
+        raise ValueError(f"sums must be contiguous {network.dtype} rows like network.params, "
+                         f"one per chunk ({n_chunks}) and one for their total")
+    _add_and_update(network.params, sums, n_chunks, sums[n_chunks], network.dtype.type(eta / count),
+                    network.n_weights, _decay(network, eta, lmbda, n_train), network.dtype.type(1.0))
+
+
+def steps_from_chunk_sums(chunk_sums: Callable[[Network, np.ndarray], tuple[np.ndarray, int]], network: Network,
+                          order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
+                          lmbda: float) -> None:
+    """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, whose chunk sums
+    are computed elsewhere (Ray's workers): ``chunk_sums(network, batch)`` returns them as rows in
+    chunk order, with one spare row, and the count; ``add_and_update`` adds and applies them, as
+    ``run_steps`` does after computing them itself."""
+    n = order.shape[0]
+    for step in range(first, last):
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        sums, count = chunk_sums(network, batch)
+        add_and_update(network, sums, sums.shape[0] - 1, count, eta, lmbda, n)

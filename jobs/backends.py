@@ -1,10 +1,12 @@
-"""Where gradient sums are computed: one interface, two implementations.
+"""Where chunk sums are computed: one interface, two implementations.
 
 A backend is given the training set once, then, each step, the network and the indices
-of a mini-batch; it returns Σ_x ∂C_x/∂params over the mini-batch and the count. The
-mini-batch is cut into chunks of ``chunk_size`` (``core.chunk_bounds``), each chunk's
-sum is computed with one BLAS thread, and the chunk sums are added in chunk order, so
-every backend and every worker count gives the same bits.
+of a mini-batch; it returns the mini-batch's chunk sums Σ_x ∂C_x/∂params, one per chunk of
+``chunk_size`` (``core.chunk_bounds``) in chunk order, and the count. Each chunk's sum is
+computed with one BLAS thread, and one compiled function (``core.kernels.add_and_update``)
+adds them in chunk order and applies the update on every backend, so every backend and
+every worker count gives the same bits. The backends differ only in where the chunk sums
+are computed: on this process's threads, or on Ray workers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Protocol
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from core import Network, add_in_order, chunk_bounds
+from core import Network, chunk_bounds
 from core.chunks import ChunkEngine
 from core.diagnostics import add_with_stats, stats_size
 
@@ -27,12 +29,19 @@ class Backend(Protocol):
 
     def start(self, network: Network, x: np.ndarray, labels: np.ndarray) -> None: ...
 
-    def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
-        """Σ_x ∂C_x/∂params over ``x[batch]`` and its count. The array is valid until the next call."""
+    @property
+    def tags(self) -> dict[str, str]:
+        """What the run is tagged with: the backend, its workers (Ray) or threads, its transport."""
+        ...
+
+    def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
+        """Σ_x ∂C_x/∂params of each chunk of ``x[batch]``, one row each in chunk order, then one
+        spare row (for their total), and the count. The array is valid until the next call."""
         ...
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-        """As ``gradient_sum``, with the per-layer diagnostic sums (``core.diagnostics``) added in chunk order."""
+        """Σ_x ∂C_x/∂params over ``x[batch]``, its count and the per-layer diagnostic sums
+        (``core.diagnostics``), each added in chunk order."""
         ...
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
@@ -60,24 +69,23 @@ class LocalBackend:
         # One BLAS thread for every chunk, as in every Ray worker: OpenBLAS gives other bits with more.
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self._engine = ChunkEngine(x, labels, self.workers)
-        self._chunk_sums: list[np.ndarray] = []
-        self._total = np.empty_like(network.params)
+        self._sums = np.empty((1, network.params.size), network.dtype)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"backend": self.name, "workers": str(self.workers)}
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
         # the whole stretch compiled, each step's chunks on the threads at once: the same bits as step by step
         self._engine.steps(network, order, first, last, batch_size, eta, lmbda, self.chunk_size)
 
-    def gradient_sum(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
-        if batch.shape[0] <= self.chunk_size:  # one chunk: the common small mini-batch, kept short
-            if not self._chunk_sums:
-                self._chunk_sums.append(np.empty_like(self._total))
-            return self._engine.chunk(network, batch, self._chunk_sums[0])
+    def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         bounds = chunk_bounds(batch.shape[0], self.chunk_size)
-        while len(self._chunk_sums) < len(bounds):
-            self._chunk_sums.append(np.empty_like(self._total))
-        parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], self._chunk_sums)
-        return add_in_order(parts, out=self._total)
+        if self._sums.shape[0] != len(bounds) + 1 or self._sums.dtype != network.dtype:
+            self._sums = np.empty((len(bounds) + 1, network.params.size), network.dtype)
+        parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], list(self._sums))
+        return self._sums, sum(n for _, n in parts)
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
         bounds = chunk_bounds(batch.shape[0], self.chunk_size)
@@ -102,4 +110,4 @@ def make_backend(cfg, on_failure=None) -> Backend:
     from cluster.driver import RayBackend  # Ray is imported only when a job asks for it
 
     return RayBackend(workers=cfg.workers, chunk_size=cfg.chunk_size, num_cpus=cfg.num_cpus,
-                      max_failures=cfg.max_worker_failures, on_failure=on_failure)
+                      max_failures=cfg.max_worker_failures, on_failure=on_failure, transport=cfg.transport)

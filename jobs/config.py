@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cluster import TRANSPORTS
 from core.functions import ACTIVATIONS, COSTS
 from core.network import DTYPES, INITS
 
@@ -50,6 +51,7 @@ class JobConfig:
     chunk_size: int = 500
     threads: int = 0
     num_cpus: float = 1.0
+    transport: str = "auto"
     max_worker_failures: int = 3
     # tracking and output
     experiment: str = "gradavg"
@@ -90,6 +92,8 @@ HELP = {
     "chunk_size": "examples per gradient chunk, >= 1; results are bit-identical for a given chunk_size",
     "threads": "threads computing chunks in the local backend, 0 for one per core",
     "num_cpus": "CPUs each Ray worker holds (and its BLAS threads), > 0",
+    "transport": f"how Ray steps travel: one of {', '.join(TRANSPORTS)} (auto: a compiled graph where it works, "
+                 "else tasks; the results are the same bits)",
     "max_worker_failures": "Ray worker deaths a job survives before it stops (to be resumed), >= 0",
     "experiment": "MLflow experiment name",
     "run_name": "MLflow run name (null: MLflow picks one)",
@@ -165,6 +169,7 @@ def _validate(cfg: JobConfig) -> None:
     c("chunk_size", cfg.chunk_size, cfg.chunk_size >= 1, "must be >= 1")
     c("threads", cfg.threads, cfg.threads >= 0, "must be >= 0 (0: one per core)")
     c("num_cpus", cfg.num_cpus, cfg.num_cpus > 0, "must be > 0")
+    c("transport", cfg.transport, cfg.transport in TRANSPORTS, HELP["transport"])
     c("max_worker_failures", cfg.max_worker_failures, cfg.max_worker_failures >= 0, "must be >= 0")
     c("experiment", cfg.experiment, bool(cfg.experiment.strip()), "must not be empty")
     c("log_every", cfg.log_every, cfg.log_every >= 1, "must be >= 1")

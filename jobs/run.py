@@ -55,7 +55,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
     status = "FAILED"
     try:
         if cfg.track or resume:
-            tracker = RunTracker(cfg, tracking_uri, backend.name, backend.workers)
+            tracker = RunTracker(cfg, tracking_uri, backend.tags)
             if resume:
                 tracker.resume(resume, int(previous.data.tags.get("resumed", "0")) + 1)
             else:
@@ -63,6 +63,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             hooks.hooks.append(tracker)
         state = train(cfg, data, backend, state=state, hooks=hooks, backend_started=True)
         if tracker:
+            tracker.tag_backend(backend.tags)
             tracker.log_results(state, data)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from a stopped job

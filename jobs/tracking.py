@@ -149,7 +149,7 @@ def _pid_alive(pid: int) -> bool:
 class RunTracker(Hooks):
     """Opens the run, logs what the loop reports, and closes it with the right status."""
 
-    def __init__(self, cfg: JobConfig, uri: str, backend_name: str, workers: int):
+    def __init__(self, cfg: JobConfig, uri: str, backend_tags: dict[str, str]):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -158,7 +158,7 @@ class RunTracker(Hooks):
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # our own progress lines say enough
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
-        self._backend_name, self._workers = backend_name, workers
+        self._backend_tags = dict(backend_tags)  # backend, workers and, on Ray, the transport
         self._buffered: list = []  # batch costs and step diagnostics, sent with the epoch's metrics
         self._pending: list = []
         self._logged: dict[str, set[int]] = {}  # steps already in the store, when resuming
@@ -175,7 +175,7 @@ class RunTracker(Hooks):
         self.run_id = run.info.run_id
         self.experiment_id = experiment.experiment_id
         params = {k: str(v) for k, v in self.cfg.to_dict().items()}
-        tags = {"backend": self._backend_name, "workers": str(self._workers), "dataset": data.name,
+        tags = {**self._backend_tags, "dataset": data.name,
                 "dataset_digest": data.digest, "gradavg_version": __version__, **_driver_tags()}
         if commit := git_commit():
             tags["git_commit"] = commit
@@ -199,9 +199,17 @@ class RunTracker(Hooks):
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
         for key in self.client.get_run(run_id).data.metrics:
             self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
-        tags = {**_driver_tags(), "resumed": str(times_resumed), "backend": self._backend_name,
-                "workers": str(self._workers)}
+        tags = {**_driver_tags(), "resumed": str(times_resumed), **self._backend_tags}
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def tag_backend(self, backend_tags: dict[str, str]) -> None:
+        """Tags of the backend that changed during the run (a transport that fell back)."""
+        from mlflow.entities import RunTag
+
+        changed = {k: v for k, v in backend_tags.items() if self._backend_tags.get(k) != v}
+        if changed:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in changed.items()])
+            self._backend_tags.update(changed)
 
     def end(self, status: str) -> None:
         if self.run_id is None:

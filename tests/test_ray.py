@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.driver import RayBackend, split_in_order
+from cluster.driver import RayBackend
 from cluster.errors import ClusterError
+from cluster.worker import split_in_order
 from conftest import CONFIGS
-from core import Network, gradient_sum
+from core import Network, add_in_order, gradient_sum
 from jobs.backends import LocalBackend
 from jobs.cli import main
 from jobs.config import load_config
@@ -69,8 +70,9 @@ def test_driver_average_equals_the_whole_batch_gradient_for_unequal_shards(mnist
     backend = RayBackend(3, chunk_size=5)
     backend.start(network, data.x_train, data.y_train)
     try:
-        nabla, count = backend.gradient_sum(network, batch)
-        nabla = nabla.copy()
+        sums, count = backend.chunk_sums(network, batch)
+        assert sums.shape[0] == 4 + 1  # a row per chunk and one spare, for their total
+        nabla, _ = add_in_order((row, 0) for row in sums[:4])
     finally:
         backend.close()
     whole, n = gradient_sum(network, data.x_train[batch], data.y_train[batch])
@@ -78,13 +80,14 @@ def test_driver_average_equals_the_whole_batch_gradient_for_unequal_shards(mnist
     np.testing.assert_allclose(nabla / count, whole / n, rtol=1e-12, atol=1e-15)
     local = LocalBackend(5, threads=1)
     local.start(network, data.x_train, data.y_train)
-    assert np.array_equal(local.gradient_sum(network, batch)[0], nabla)
+    local_sums, local_count = local.chunk_sums(network, batch)
+    assert local_count == 17 and np.array_equal(local_sums[:4], sums[:4])
     local.close()
 
 
 def test_split_in_order():
     assert split_in_order([1, 2, 3, 4, 5], 3) == [[1, 2], [3, 4], [5]]
-    assert split_in_order([1], 3) == [[1]]
+    assert split_in_order([1], 3) == [[1], [], []]
 
 
 def test_more_workers_than_the_cluster_can_place_is_an_error(mnist_shaped):

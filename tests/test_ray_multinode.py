@@ -60,11 +60,11 @@ def test_losing_a_node_mid_training_changes_no_bit(two_nodes):
     class LosingANode(RayBackend):
         steps = 0
 
-        def gradient_sum(self, network, batch):
+        def chunk_sums(self, network, batch):
             self.steps += 1
             if self.steps == 4:
                 two_nodes.remove_node(worker_node)
-            return super().gradient_sum(network, batch)
+            return super().chunk_sums(network, batch)
 
     backend = LosingANode(2, cfg.chunk_size, on_failure=heard.append, replace_timeout=3)
     weights = train(cfg, data, backend).network.params
