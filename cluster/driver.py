@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,23 @@ from core.network import Network
 SPIN_FREE_WAIT = 5e-4
 
 RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20, "task_rpc_inlined_bytes_limit": 16 << 20}
+
+
+_graph_failed = False  # a compiled graph of this process failed (a worker or a node lost while it ran)
+
+
+def end_process(code: int):
+    """Exit with ``code``. After a compiled graph failed, Ray 2.60 can crash the process while the
+    interpreter shuts down (a segmentation fault, after every result was saved and Ray itself was
+    shut down); such a process skips that shutdown: its output is flushed, then it exits."""
+    if _graph_failed:
+        import logging
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def connect(cpus_needed: float) -> bool:
@@ -279,8 +297,11 @@ class RayBackend:
             return "tasks"
         return "compiled"
 
-    def _teardown(self) -> None:
+    def _teardown(self, failed: bool = True) -> None:
+        global _graph_failed
+
         if self._graph is not None:
+            _graph_failed = _graph_failed or failed
             graph, self._graph = self._graph, None
             with contextlib.suppress(Exception):  # a graph whose worker died may fail to tear down cleanly
                 graph.teardown()
@@ -321,7 +342,7 @@ class RayBackend:
     def close(self) -> None:
         import ray
 
-        self._teardown()
+        self._teardown(failed=False)
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

@@ -312,5 +312,13 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``gradavg`` command."""
+    code = main()
+    if "cluster.driver" in sys.modules:  # a Ray job: ended as Ray's compiled graphs need (cluster.driver)
+        sys.modules["cluster.driver"].end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,0 +1,64 @@
+"""Training across two real Ray nodes: each node in a network namespace of its own, with its own
+address, their traffic over TCP between them (``bench.two_nodes``). Needs root and iproute2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from bench import two_nodes
+from conftest import ROOT
+from jobs.backends import LocalBackend
+from jobs.config import load_config
+from jobs.data import load_dataset
+from jobs.train import train
+
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(two_nodes.available() is not None,
+                                                  reason=str(two_nodes.available()))]
+DRIVER = str(ROOT / "tests" / "two_node_driver.py")
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    with two_nodes.two_nodes(tmp_path_factory.mktemp("two-nodes")) as made:
+        yield made
+
+
+def local_run() -> np.ndarray:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from two_node_driver import OVERRIDES
+
+    cfg = load_config(None, OVERRIDES)
+    return train(cfg, load_dataset("digits"), LocalBackend(cfg.chunk_size, threads=1)).network.params
+
+
+def drive(nodes, tmp_path, transport: str, *extra: str) -> dict:
+    out = tmp_path / "weights.npy"
+    proc = nodes.run([sys.executable, DRIVER, str(out), transport, *extra], capture_output=True, text=True,
+                     timeout=300, env_extra={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the driver exits cleanly, whatever happened to a worker
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["weights"] = np.load(out)
+    return report
+
+
+@pytest.mark.parametrize("transport", ["auto", "tasks"])
+def test_training_across_two_real_nodes_matches_one_process(nodes, tmp_path, transport):
+    report = drive(nodes, tmp_path, transport)
+    assert sorted(report["addresses"]) == [two_nodes.HEAD_IP, two_nodes.WORKER_IP], "one worker on each node"
+    assert report["transport"] == ("compiled" if transport == "auto" else "tasks")
+    assert report["failures"] == 0
+    assert np.array_equal(report["weights"], local_run())
+
+
+def test_losing_a_real_node_mid_training_changes_no_bit(nodes, tmp_path):
+    """The second node is killed outright in the fourth step: its worker dies with it, no CPU is left
+    for a new one, so the worker on the head covers its chunks; the weights are the same bits."""
+    report = drive(nodes, tmp_path, "auto", str(os.getpgid(nodes.worker.pid)))
+    assert report["failures"] == 1
+    assert "no new worker could be placed, so the other 1 compute its chunks" in report["heard"][0]
+    assert np.array_equal(report["weights"], local_run())

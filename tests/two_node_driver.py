@@ -1,0 +1,54 @@
+"""A driver that ``test_ray_two_nodes`` runs inside the head node's namespace: it trains digits on
+one Ray worker per node and saves the final weights; given a process group, it kills that
+group (the second node) during the fourth step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+
+from cluster.driver import RayBackend, end_process
+from jobs.config import load_config
+from jobs.data import load_dataset
+from jobs.train import train
+
+OVERRIDES = ["data=digits", "sizes=[64,30,10]", "batch_size=100", "chunk_size=30", "epochs=2"]
+
+
+class Backend(RayBackend):
+    steps = 0
+    kill_group: int | None = None
+
+    def start(self, network, x, labels):
+        import ray
+
+        super().start(network, x, labels)
+        ids = ray.get([actor.node_id.remote() for actor in self.actors])
+        addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        self.worker_addresses = [addresses[i] for i in ids]
+
+    def chunk_sums(self, network, batch):
+        self.steps += 1
+        if self.steps == 4 and self.kill_group:
+            os.killpg(self.kill_group, signal.SIGKILL)  # the whole second node: raylet, object store, worker
+        return super().chunk_sums(network, batch)
+
+
+def main() -> None:
+    out, transport = sys.argv[1], sys.argv[2]
+    heard: list[str] = []
+    backend = Backend(2, 30, on_failure=heard.append, replace_timeout=5, transport=transport)
+    backend.kill_group = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    state = train(load_config(None, OVERRIDES), load_dataset("digits"), backend)
+    np.save(out, state.network.params)
+    print(json.dumps({"transport": backend.transport, "addresses": backend.worker_addresses,
+                      "failures": backend.failures, "heard": heard}))
+
+
+if __name__ == "__main__":
+    main()
+    end_process(0)
