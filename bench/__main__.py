@@ -27,20 +27,30 @@ GRADAVG_EPOCHS = 7  # timed epochs of gradavg per dtype and mini-batch
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("single", "ray", "memory", "tracking", "diagnostics"), action="append",
+    parser.add_argument("--only", choices=("single", "ray", "nodes", "model", "memory", "tracking", "diagnostics"),
+                        action="append",
                         help="run only these parts (repeatable; default: all)")
     parser.add_argument("--slow-examples", type=int, default=5_000,
                         help="examples the slow anchors (the book's loop, PyTorch at small batches) are timed on; "
                              "their seconds per epoch are scaled up from these (default 5,000)")
+    parser.add_argument("--no-ddp", action="store_true", help="leave out the PyTorch DDP column of the Ray figures")
     args = parser.parse_args(argv)
-    parts = args.only or ["single", "ray", "memory", "tracking", "diagnostics"]
+    parts = args.only or ["single", "ray", "nodes", "model", "memory", "tracking", "diagnostics"]
     print(f"gradavg benchmark: {os.cpu_count()} cores, numpy {np.__version__}, python {sys.version.split()[0]}")
     if "single" in parts:
         single_process(args.slow_examples)
     if "ray" in parts:
         from bench.ray_bench import ray_figures
 
-        ray_figures()
+        ray_figures(ddp=not args.no_ddp)
+    if "nodes" in parts:
+        from bench.ray_bench import nodes_figures
+
+        nodes_figures()
+    if "model" in parts:
+        from bench.ray_bench import model_figures
+
+        model_figures()
     if "memory" in parts:
         peak_memory()
     if "tracking" in parts:

@@ -11,6 +11,7 @@ Used by the multi-node tests and by ``python -m bench --only nodes``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster import RAY_SYSTEM_CONFIG
 
 HEAD_IP, WORKER_IP, PORT = "10.231.0.1", "10.231.0.2", 6379
 
@@ -120,7 +123,7 @@ def two_nodes(folder: Path, timeout: float = 120):
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
         env = Nodes(head_ns, worker_ns, None, None).env()  # type: ignore[arg-type]
         head = _ray_start(head_ns, folder / "head.log", env, "--head", "--node-ip-address", HEAD_IP, "--port",
-                          str(PORT), "--include-dashboard", "false")
+                          str(PORT), "--include-dashboard", "false", "--system-config", json.dumps(RAY_SYSTEM_CONFIG))
         worker = None
         try:  # the worker node joins as soon as the head's GCS answers (ray start retries until then)
             worker = _ray_start(worker_ns, folder / "worker.log", env, "--address", f"{HEAD_IP}:{PORT}",

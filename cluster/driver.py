@@ -13,6 +13,7 @@ method and collect the same chunk sums, so the bits do not depend on the transpo
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -24,19 +25,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cluster import TRANSPORTS
+from cluster import RAY_SYSTEM_CONFIG, TRANSPORTS
 from cluster.errors import ClusterError, WorkerFailuresError
 from core.diagnostics import add_with_stats
 from core.kernels import steps_from_chunk_sums
 from core.network import Network
 
-# Arguments and results up to these sizes travel inside Ray's RPCs instead of through its object
-# store: a tasks-transport step with a 186 KiB gradient each way costs about half as much. Ray
-# reads them when a cluster starts (``ray.init`` of an embedded cluster, ``ray start --head``).
 # Below this expected wait (seconds), the driver reads a compiled graph's result at once
 SPIN_FREE_WAIT = 5e-4
-
-RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20, "task_rpc_inlined_bytes_limit": 16 << 20}
 
 
 _graph_failed = False  # a compiled graph of this process failed (a worker or a node lost while it ran)
@@ -47,8 +43,6 @@ def end_process(code: int):
     interpreter shuts down (a segmentation fault, after every result was saved and Ray itself was
     shut down); such a process skips that shutdown: its output is flushed, then it exits."""
     if _graph_failed:
-        import logging
-
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
@@ -118,9 +112,9 @@ class RayBackend:
     is noticed when its result is awaited; its chunks are computed again by a new worker,
     or by the surviving ones when no new worker can be placed. The chunk sums, and so the
     weights, are the same bits as without the failure. More than ``max_failures``
-    failures in one job stop it with ``WorkerFailuresError``. A compiled graph that fails
-    for any other reason (a channel that times out) is torn down and the job goes on with
-    the tasks transport, again with the same bits.
+    failures in one job stop it with ``WorkerFailuresError``. Under the compiled transport,
+    any failure (a dead worker, a channel that times out) tears the graph down first and the
+    job goes on with the tasks transport, again with the same bits.
     """
 
     name = "ray"
@@ -136,6 +130,7 @@ class RayBackend:
         self.transport: str | None = None  # the transport in use, once started
         self.failures = 0
         self.actors: list = []
+        self.pids: list[int] = []  # the workers' process ids, in the order of self.actors
         self._graph = None  # the compiled graph over self.actors, while the compiled transport runs
         self._slowest = 0.0  # the slowest compiled step so far: its results are awaited many times longer
         self._per_example = 0.0  # a worker's seconds per example in the last compiled step
@@ -158,7 +153,7 @@ class RayBackend:
         self._x_ref, self._labels_ref = ray.put(x), ray.put(labels)  # once: workers on a node share one copy
         self._network_spec = (network.sizes, network.cost, network.activation)
         self.actors = [self._new_actor() for _ in range(self.workers)]
-        ray.get([actor.pid.remote() for actor in self.actors])
+        self.pids = ray.get([actor.pid.remote() for actor in self.actors])  # a busy compiled graph answers no call
         self._sums = np.empty((1, network.params.size), network.dtype)
         self.transport = self._choose_transport(network)
 
@@ -229,51 +224,36 @@ class RayBackend:
 
     def _run_compiled(self, work: tuple) -> list:
         import ray
-        from ray.exceptions import RayActorError
 
-        while True:
-            if self._graph is None:
-                self._graph = self._compile()
-            started = time.perf_counter()
-            # the first step compiles the workers' kernels; later ones are awaited 100 times the slowest so far
-            timeout = max(60.0, 100 * self._slowest) if self._slowest else 600.0
-            try:
-                ref = self._graph.execute(work)
-                # Reading a compiled graph's result spins on a core: sleep through most of the workers'
-                # expected compute first, or on a machine with a core per worker the driver takes one
-                # of theirs (2 workers at mini-batch 10,000 on 2 cores: 37 ms a step, 21 ms with it).
-                expected = self._per_example * work[1].shape[0] / len(self.actors)
-                if expected > SPIN_FREE_WAIT:
-                    time.sleep(0.8 * expected)
-                results = ray.get(ref, timeout=timeout)
-            except RayActorError as error:  # a worker died: replace or cover it, then compile the graph again
-                self._teardown()
-                for k in reversed(self._dead_actors()):
-                    self._recover(k, _cause(error))
-                continue
-            except Exception as error:  # the graph itself failed: the tasks transport carries the job on
-                self._teardown()
-                self.transport = "tasks"
-                self._tell(f"the compiled-graph transport failed ({_cause(error)}); the job goes on with "
-                           "transport=tasks, with the same results")
-                return self._run_tasks(work)
-            self._slowest = max(self._slowest, time.perf_counter() - started)
-            examples = [sum(counts) for _, counts, _, _ in results]
-            self._per_example = min((seconds / n for (_, _, _, seconds), n in zip(results, examples) if n),
-                                    default=self._per_example)
-            return results
-
-    def _dead_actors(self) -> list[int]:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        dead = []
-        for k, ref in enumerate([actor.pid.remote() for actor in self.actors]):
-            try:
-                ray.get(ref, timeout=self.replace_timeout)
-            except (GetTimeoutError, RayActorError):
-                dead.append(k)
-        return dead
+        if self._graph is None:
+            self._graph = self._compile()
+        started = time.perf_counter()
+        # the first step compiles the workers' kernels; later ones are awaited 100 times the slowest so far
+        timeout = max(60.0, 100 * self._slowest) if self._slowest else 600.0
+        try:
+            ref = self._graph.execute(work)
+            # Reading a compiled graph's result spins on a core: sleep through most of the workers'
+            # expected compute first, or on a machine with a core per worker the driver takes one
+            # of theirs (2 workers at mini-batch 10,000 on 2 cores: 37 ms a step, 21 ms with it).
+            expected = self._per_example * work[1].shape[0] / len(self.actors)
+            if expected > SPIN_FREE_WAIT:
+                time.sleep(0.8 * expected)
+            results = ray.get(ref, timeout=timeout)
+        except Exception as error:
+            # A worker died (the error names it, or only a channel it broke), or the graph itself
+            # failed. A graph compiled again after a worker's death was seen to hang two steps later
+            # (Ray 2.60), so the tasks transport carries the job on: it finds a dead worker when it
+            # awaits its result, and replaces or covers it.
+            self._teardown()
+            self.transport = "tasks"
+            self._tell(f"the compiled graph stopped ({_cause(error)}); the job goes on with transport=tasks, "
+                       "with the same results")
+            return self._run_tasks(work)
+        self._slowest = max(self._slowest, time.perf_counter() - started)
+        if not work[3]:  # a training step (diagnostics take the slower numpy path)
+            rates = [seconds / sum(counts) for _, counts, _, seconds in results if sum(counts)]
+            self._per_example = min(rates, default=self._per_example)
+        return results
 
     def _choose_transport(self, network: Network) -> str:
         """``tasks`` when asked for; else the compiled graph, if it compiles and carries a first
@@ -303,8 +283,15 @@ class RayBackend:
         if self._graph is not None:
             _graph_failed = _graph_failed or failed
             graph, self._graph = self._graph, None
-            with contextlib.suppress(Exception):  # a graph whose worker died may fail to tear down cleanly
-                graph.teardown()
+            # a graph whose worker died fails to cancel that worker's loop: Ray logs it with a traceback
+            logger = logging.getLogger("ray.dag.compiled_dag_node")
+            level = logger.level
+            logger.setLevel(logging.CRITICAL)
+            try:
+                with contextlib.suppress(Exception):
+                    graph.teardown()
+            finally:
+                logger.setLevel(level)
 
     # ------------------------------------------------------------------ failures
 
@@ -320,9 +307,10 @@ class RayBackend:
         dead = self.actors[k] if k < len(self.actors) else None
         replacement = self._new_actor()
         try:
-            ray.get(replacement.pid.remote(), timeout=self.replace_timeout)
+            pid = ray.get(replacement.pid.remote(), timeout=self.replace_timeout)
         except (GetTimeoutError, RayActorError):
             ray.kill(replacement)
+            self.pids = [p for a, p in zip(self.actors, self.pids) if a is not dead]
             self.actors = [a for a in self.actors if a is not dead]
             if not self.actors:
                 raise WorkerFailuresError(f"every Ray worker died and none could be placed again ({cause})") from None
@@ -330,7 +318,7 @@ class RayBackend:
                        f"{len(self.actors)} compute its chunks (failure {self.failures} of at most "
                        f"{self.max_failures})")
             return self.actors[k % len(self.actors)]
-        self.actors[k] = replacement
+        self.actors[k], self.pids[k] = replacement, pid
         self._tell(f"worker {k + 1} died ({cause}); a new worker computes its chunks again "
                    f"(failure {self.failures} of at most {self.max_failures})")
         return replacement

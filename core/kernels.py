@@ -11,15 +11,17 @@ What it does beyond ``gradient_sum``:
   of ``INPUT_BLOCK`` examples at a time;
 - ``run_steps`` runs whole stretches of gradient descent (gather, sum, update) without
   returning to Python between steps; a mini-batch of several chunks has its chunks
-  computed at once on numba's threads, one workspace slot each, and their sums added in
-  chunk order before the update.
+  computed at once on numba's threads, one workspace slot each;
+- ``add_and_update`` ends every training step on every backend: a mini-batch's chunk sums
+  added left to right in chunk order, as ``add_in_order`` adds them, then the update with
+  ``update_in_place``'s arithmetic (x ← x − dtype(η/m)·∇, after the decay, never a fused
+  multiply-add). ``run_steps`` calls it after computing the chunk sums itself; the Ray
+  driver calls it on the chunk sums its workers return (``steps_from_chunk_sums``).
 
 Every gradient sum of a training run, on every backend and every Ray worker, comes from
-the same chunk kernel, the chunk sums are added left to right in chunk order as
-``add_in_order`` adds them, and ``run_steps`` updates with the same arithmetic as
-``update_in_place`` (x ← x − dtype(η/m)·∇, after the decay, never a fused multiply-add),
-so the bits do not depend on which backend ran the job, how many workers or threads it
-had, or which thread computed which chunk. The products are calls to SciPy's BLAS, one
+the same chunk kernel and every step ends in the same ``add_and_update``, so the bits do
+not depend on which backend ran the job, how many workers or threads it had, or which
+thread computed which chunk. The products are calls to SciPy's BLAS, one
 thread each: through numba's ``np.dot`` for the small layers, ``?gemm`` called directly for
 the input layer's two.
 """

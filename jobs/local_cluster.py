@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cluster  # noqa: F401  (Ray's loopback and auth settings)
+from cluster import RAY_SYSTEM_CONFIG
 from cluster.auth import ensure_token, read_token
 
 
@@ -71,7 +72,9 @@ def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, d
     ray = _spawn([_cli("ray"), "start", "--head", "--block", "--port", str(ray_port), "--node-ip-address",
                   "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
                   "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus or os.cpu_count() or 1),
-                  "--disable-usage-stats", "--include-dashboard", "true"], state / "ray.log", env)
+                  "--disable-usage-stats", "--include-dashboard", "true",
+                  # the inline limits the tasks transport wants (cluster.driver); compiled graphs need none
+                  "--system-config", json.dumps(RAY_SYSTEM_CONFIG)], state / "ray.log", env)
     mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     mlflow = _spawn([_cli("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
                      "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",

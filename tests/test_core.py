@@ -275,6 +275,28 @@ def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_s
     assert not np.array_equal(fused.params, net.params)
     assert np.array_equal(fused.params, stepped.params)
 
+    def chunk_rows(network, batch):  # as a Ray driver receives them: a row per chunk, one spare
+        bounds = core.chunk_bounds(batch.shape[0], rows)
+        out = np.empty((len(bounds) + 1, network.params.shape[0]), dtype)
+        counts = [kernels.chunk_gradient_sum(network, x, y, batch[lo:hi], out[c], ws)[1]
+                  for c, (lo, hi) in enumerate(bounds)]
+        return out, sum(counts)
+
+    driven = net.copy()
+    kernels.steps_from_chunk_sums(chunk_rows, driven, order, 0, steps, batch_size, 0.7, lmbda)
+    assert np.array_equal(driven.params, stepped.params)
+
+
+def test_add_and_update_refuses_what_it_cannot_add():
+    net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=10)
+    sums = np.zeros((3, net.params.shape[0]))
+    with pytest.raises(ValueError, match="one per chunk \\(3\\) and one for their total"):
+        kernels.add_and_update(net, sums, 3, 10, 0.5, 0.0, 10)
+    with pytest.raises(ValueError, match="zero examples"):
+        kernels.add_and_update(net, sums, 2, 0, 0.5, 0.0, 10)
+    with pytest.raises(ValueError, match="float64 rows"):
+        kernels.add_and_update(net, sums.astype(np.float32), 2, 10, 0.5, 0.0, 10)
+
 
 def test_compiled_path_refuses_buffers_it_would_overrun():
     """The compiled code checks no bounds, so its entry points check the buffers they are given."""

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 import jobs.run
@@ -29,12 +28,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]  # one clus
 DIGITS = str(CONFIGS / "digits.yaml")
 
 
-def kill_worker_process(actor) -> None:
-    os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
-
-
 class KillingRayBackend(RayBackend):
-    """A real RayBackend whose first worker's process is killed outright after ``after`` steps."""
+    """A real RayBackend whose first worker's process is killed outright after ``after`` steps
+    (its pid as the backend knows it: a worker running a compiled graph answers no other call)."""
 
     def __init__(self, *args, after: int, times: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
@@ -44,7 +40,7 @@ class KillingRayBackend(RayBackend):
         self.steps += 1
         if self.steps >= self.after and self.times > 0:
             self.times -= 1
-            kill_worker_process(self.actors[0])
+            os.kill(self.pids[0], signal.SIGKILL)
         return super().chunk_sums(network, batch)
 
 
@@ -52,16 +48,97 @@ def digits_cfg(*overrides):
     return load_config(CONFIGS / "digits.yaml", ["epochs=3", "batch_size=100", "chunk_size=30", *overrides])
 
 
-def test_a_killed_worker_changes_no_bit():
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
+def test_a_killed_worker_changes_no_bit(transport):
     cfg = digits_cfg()
     data = load_dataset("digits", cfg.validation_size)
     heard = []
-    backend = KillingRayBackend(2, cfg.chunk_size, after=5, on_failure=heard.append)
+    backend = KillingRayBackend(2, cfg.chunk_size, after=5, on_failure=heard.append, transport=transport)
     state = train(cfg, data, backend)
     local = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1))
     assert np.array_equal(state.network.params, local.network.params)
     assert backend.failures == 1 and state.history[-1].worker_failures == 1
-    assert len(heard) == 1 and "worker 1 died" in heard[0] and "computes its chunks again" in heard[0]
+    assert "worker 1 died" in heard[-1] and "computes its chunks again" in heard[-1]
+    # a compiled graph does not outlive a worker: the tasks transport carries the job on
+    assert backend.transport == "tasks"
+    if transport == "compiled":
+        assert len(heard) == 2 and "compiled graph stopped" in heard[0] and "goes on with transport=tasks" in heard[0]
+    else:
+        assert len(heard) == 1
+
+
+KILLED_WORKER_DRIVER = """
+import os, signal, sys
+import numpy as np
+from cluster.driver import RayBackend, end_process
+from jobs.config import load_config
+from jobs.data import load_dataset
+from jobs.train import train
+
+class Killing(RayBackend):
+    steps = 0
+    def chunk_sums(self, network, batch):
+        self.steps += 1
+        if self.steps == 5:
+            os.kill(self.pids[0], signal.SIGKILL)
+        return super().chunk_sums(network, batch)
+
+cfg = load_config(sys.argv[1], ["epochs=2", "batch_size=100", "chunk_size=30", "track=false"])
+backend = Killing(2, cfg.chunk_size, transport="compiled")
+np.save(sys.argv[2], train(cfg, load_dataset("digits", cfg.validation_size), backend).network.params)
+assert backend.failures == 1 and backend.transport == "tasks"
+end_process(0)
+"""
+
+
+def test_a_driver_that_survived_a_killed_compiled_graph_worker_exits_0(tmp_path):
+    """Its own embedded cluster, a worker killed under the compiled transport: the process ends
+    with status 0, not a crash at exit, and its weights are the single process's."""
+    out = tmp_path / "weights.npy"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WORKER_DRIVER, DIGITS, str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = digits_cfg("epochs=2")
+    local = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(cfg.chunk_size, threads=1))
+    assert np.array_equal(np.load(out), local.network.params)
+
+
+class FailingGraph:
+    """A compiled graph whose ``fails``-th execution fails as a channel that timed out does."""
+
+    def __init__(self, graph, fails: int):
+        self.graph, self.fails = graph, fails
+
+    def execute(self, work):
+        self.fails -= 1
+        if self.fails == 0:
+            from ray.exceptions import RayChannelTimeoutError
+
+            raise RayChannelTimeoutError("Timed out acquiring the read lock")
+        return self.graph.execute(work)
+
+    def teardown(self):
+        self.graph.teardown()
+
+
+def test_a_failed_compiled_graph_hands_the_job_to_tasks_with_the_same_bits():
+    cfg = digits_cfg()
+    data = load_dataset("digits", cfg.validation_size)
+    heard = []
+
+    class Failing(RayBackend):
+        def start(self, network, x, labels):
+            super().start(network, x, labels)
+            self._graph = FailingGraph(self._graph, fails=7)
+
+    backend = Failing(2, cfg.chunk_size, on_failure=heard.append, transport="compiled")
+    state = train(cfg, data, backend)
+    local = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1))
+    assert np.array_equal(state.network.params, local.network.params)
+    assert backend.transport == "tasks" and backend.failures == 0
+    (message,) = heard
+    assert message.startswith("the compiled graph stopped (") and "Timed out acquiring the read lock" in message
+    assert message.endswith("the job goes on with transport=tasks, with the same results")
 
 
 def test_workers_that_keep_dying_stop_the_job_with_a_checkpoint_to_resume(tracking_uri, capsys, monkeypatch):

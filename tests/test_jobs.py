@@ -100,6 +100,7 @@ def test_an_interrupted_run_ends_killed(tracking_uri, tmp_path):
     ("data=no-such-dataset", "data='no-such-dataset': no such file or folder; use a bundled dataset"),
     ("cost=hinge", "cost=hinge: one of quadratic, cross_entropy"),
     ("backend=spark", "backend=spark: one of local, ray"),
+    ("transport=nccl", "transport=nccl: how Ray steps travel: one of auto, compiled, tasks"),
     ("sizes=[64]", "sizes=[64]: needs at least two layer sizes"),
     ("eta", "override 'eta': write key=value"),
 ])

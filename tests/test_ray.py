@@ -31,29 +31,42 @@ def final_weights(backend, data, overrides):
     return train(cfg, data, backend).network.params
 
 
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_local_and_ray_1_to_4_workers_are_bit_identical(mnist_shaped, dtype):
+def test_local_and_ray_1_to_4_workers_are_bit_identical(mnist_shaped, dtype, transport):
     overrides = ["batch_size=250", "chunk_size=60", "epochs=2", "eta=0.5", f"dtype={dtype}"]
     local = final_weights(LocalBackend(60, threads=2), mnist_shaped, overrides)
     assert local.dtype == np.dtype(dtype)
     untrained = Network.create([784, 30, 10], seed=0, dtype=dtype).params
     assert not np.array_equal(local, untrained)
     for workers, num_cpus in ((1, 1), (2, 1), (3, 1), (4, 0.75)):  # 4 workers share the 3 CPUs
-        weights = final_weights(RayBackend(workers, chunk_size=60, num_cpus=num_cpus), mnist_shaped, overrides)
+        backend = RayBackend(workers, chunk_size=60, num_cpus=num_cpus, transport=transport)
+        weights = final_weights(backend, mnist_shaped, overrides)
+        assert backend.transport == transport
         assert np.array_equal(weights, local), f"{workers} workers"
 
 
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_compiled_local_steps_and_ray_steps_are_bit_identical(mnist_shaped, dtype):
+def test_compiled_local_steps_and_ray_steps_are_bit_identical(mnist_shaped, dtype, transport):
     """Mini-batches within one chunk: the local backend runs whole stretches of steps compiled,
-    Ray sums each mini-batch on a worker and updates on the driver; with L2 decay and a short
-    last mini-batch (540 = 13 × 40 + 20), batch costs logged every 5 steps."""
+    Ray sums each mini-batch on a worker and the driver adds and updates; with L2 decay and a
+    short last mini-batch (540 = 13 × 40 + 20), batch costs logged every 5 steps."""
     overrides = ["batch_size=40", "chunk_size=60", "epochs=2", "eta=0.5", "lmbda=3.0", "log_every=5",
                  f"dtype={dtype}"]
     local = final_weights(LocalBackend(60, threads=2), mnist_shaped, overrides)
-    ray_run = final_weights(RayBackend(2, chunk_size=60), mnist_shaped, overrides)
+    ray_run = final_weights(RayBackend(2, chunk_size=60, transport=transport), mnist_shaped, overrides)
     assert not np.array_equal(local, Network.create([784, 30, 10], seed=0, dtype=dtype).params)
     assert np.array_equal(ray_run, local)
+
+
+def test_auto_takes_the_compiled_graph_on_one_node(mnist_shaped):
+    backend = RayBackend(2, chunk_size=60)
+    backend.start(Network.create([784, 30, 10]), mnist_shaped.x_train, mnist_shaped.y_train)
+    try:
+        assert backend.transport == "compiled" and backend.tags["transport"] == "compiled"
+    finally:
+        backend.close()
 
 
 def test_single_threaded_local_run_gives_the_same_bits(mnist_shaped):
@@ -104,6 +117,7 @@ def test_gradavg_run_digits_on_two_ray_workers(tracking_uri, capsys):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
     assert run.data.tags["backend"] == "ray" and run.data.tags["workers"] == "2"
+    assert run.data.tags["transport"] == "compiled"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
     weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz")).params
     cfg = load_config(CONFIGS / "digits.yaml", ["chunk_size=4", "epochs=2"])
