@@ -5,17 +5,20 @@ on this machine, that predicts examples per second for W = 1 to 64 nodes.
 
 - compute(k) = k · c, with c the seconds per example of one core (one worker per node, one
   thread, as measured: the single process with 1 thread at a mini-batch of 10,000);
-- overhead(W) = a + b · W: a step's fixed cost on one node, fitted to compiled-graph steps of
-  1 and 2 workers at mini-batch 10 minus their compute; across nodes, plus the extra latency
-  measured between two real nodes (``python -m bench --only nodes``), passed as ``latency``;
+- overhead(W): a step's fixed cost. Between nodes, ``across`` + ``b_across`` · (W − 2):
+  ``across`` is a step of 2 workers on two real nodes (``bench.two_nodes``) at mini-batch 10
+  minus its compute, under the transport ``auto`` takes there (actor calls), and ``b_across``
+  what each further worker adds to such a step on one node. On the driver's node alone (the
+  check below), ``a`` + ``b`` · (W − 1), fitted to compiled-graph steps of 1 and 2 workers;
 - bytes(W) = W · P · 8 each way (the weights out to each node, one chunk sum back from each;
   full duplex, so each direction costs W · P · 8 · 8 / bandwidth seconds at the driver's NIC);
 - driver(W) = W · P · r: the driver copies in and adds one chunk sum per worker, at r seconds
-  per parameter (measured), then updates once (inside a).
+  per parameter (measured), then updates once.
 
-It is a model: it knows nothing of stragglers, of a network shared with other traffic, or of
-nodes with several cores. ``python -m bench --only model`` prints it next to what 1 and 2
-workers measure here.
+It is a model: it knows nothing of stragglers, of a network shared with other traffic, of a
+real network's latency (two namespaces on one machine have almost none, but share its two
+cores), or of nodes with several cores. ``python -m bench --only model`` prints it next to
+what 1 and 2 workers measure here.
 """
 
 from __future__ import annotations
@@ -31,35 +34,43 @@ BANDWIDTHS = (10e9, 25e9)  # bits per second
 @dataclass
 class Constants:
     per_example: dict[tuple[int, ...], float]  # c: seconds per example on one core, by network sizes
-    a: float  # seconds: a step's fixed cost on one node
-    b: float  # seconds per worker
+    a: float  # seconds: a step's fixed cost with one worker on the driver's node
+    b: float  # seconds each further worker on that node adds
+    across: float  # seconds: a step's fixed cost with 2 workers on two nodes
+    b_across: float  # seconds each further worker adds between nodes
     per_param: float  # r: seconds per parameter per worker at the driver (copy in and add)
-    latency: float = 0.0  # seconds a step between nodes costs beyond one node's (two real nodes)
 
 
 def params(sizes: tuple[int, ...]) -> int:
     return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
 
 
-def step_seconds(k: Constants, sizes: tuple[int, ...], workers: int, batch: int, bandwidth: float) -> float:
+def fixed_seconds(k: Constants, sizes: tuple[int, ...], workers: int, bandwidth: float | None) -> float:
+    """Everything in a step but the compute; ``bandwidth`` None: the workers share the driver's node."""
     p = params(sizes)
-    overhead = k.a + k.b * workers + (k.latency if workers > 1 else 0.0)
-    wire = workers * p * 8 * 8 / bandwidth if workers > 1 else 0.0
-    return overhead + k.per_example[sizes] * math.ceil(batch / workers) + wire + workers * p * k.per_param
+    if bandwidth is None or workers == 1:
+        overhead = k.a + k.b * (workers - 1)
+    else:
+        overhead = k.across + k.b_across * (workers - 2) + workers * p * 8 * 8 / bandwidth
+    return overhead + workers * p * k.per_param
+
+
+def step_seconds(k: Constants, sizes: tuple[int, ...], workers: int, batch: int, bandwidth: float | None) -> float:
+    return fixed_seconds(k, sizes, workers, bandwidth) + k.per_example[sizes] * math.ceil(batch / workers)
 
 
 def smallest_winning_batch(k: Constants, sizes: tuple[int, ...], workers: int, bandwidth: float) -> int | None:
-    """The smallest mini-batch at which ``workers`` nodes beat one process on one core."""
-    p, c = params(sizes), k.per_example[sizes]
-    fixed = k.a + k.b * workers + k.latency + workers * p * 8 * 8 / bandwidth + workers * p * k.per_param
+    """The smallest mini-batch at which ``workers`` nodes beat one process on one core (no Ray):
+    m · c > fixed + m · c / W."""
     if workers == 1:
         return None
-    return math.ceil(fixed / (c * (1 - 1 / workers)))
+    return math.ceil(fixed_seconds(k, sizes, workers, bandwidth) / (k.per_example[sizes] * (1 - 1 / workers)))
 
 
 def print_model(k: Constants) -> None:
     print(f"constants: c = {', '.join(f'{list(s)} {1e6 * c:.2f} µs' for s, c in k.per_example.items())} an example; "
-          f"overhead(W) = {1e3 * k.a:.3f} ms + {1e3 * k.b:.3f} ms·W, plus {1e3 * k.latency:.2f} ms between nodes; "
+          f"overhead(W) = {1e3 * k.across:.3f} ms + {1e3 * k.b_across:.3f} ms·(W − 2) between nodes, "
+          f"{1e3 * k.a:.3f} ms + {1e3 * k.b:.3f} ms·(W − 1) on the driver's node; "
           f"driver {1e9 * k.per_param:.2f} ns a parameter a worker")
     for sizes in k.per_example:
         for bandwidth in BANDWIDTHS:

@@ -45,7 +45,7 @@ def seconds_per_step(backend, network, x, labels, batch_size: int, steps: int, r
     steps = min(steps, x.shape[0] // batch_size)
     backend.start(network, x, labels)
     try:
-        backend.train_steps(network, order, 0, 3, batch_size, ETA, 0.0)
+        backend.train_steps(network, order, 0, min(3, steps), batch_size, ETA, 0.0)
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
@@ -93,6 +93,8 @@ def ray_figures(ddp: bool = True) -> None:
     from jobs.backends import LocalBackend
     from jobs.data import synthetic
 
+    # the peer first, with no Ray on the machine (a Ray process can take the port its ranks meet on)
+    ddp_s = {m: ddp_seconds_per_step(SIZES, m, STEPS[m]) if ddp else None for m in BATCHES}
     # the embedded cluster gradavg starts (with the inline limits the tasks transport wants)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              _system_config=RAY_SYSTEM_CONFIG)
@@ -122,13 +124,12 @@ def ray_figures(ddp: bool = True) -> None:
             seconds = [seconds_per_step(backend, net.copy(), x, labels, batch_size, steps)
                        for backend in (LocalBackend(chunk, 1), LocalBackend(chunk, 2), RayBackend(1, chunk),
                                        RayBackend(2, chunk))]
-            ddp_s = ddp_seconds_per_step(SIZES, batch_size, steps) if ddp else None
             rates = [batch_size / s for s in seconds]
-            ddp_rate = batch_size / ddp_s if ddp_s else None
+            ddp_rate = batch_size / ddp_s[batch_size] if ddp_s[batch_size] else None
             row = [f"{batch_size:,}", *(f"{r:,.0f}" for r in rates), "n/a" if ddp_rate is None else f"{ddp_rate:,.0f}",
                    "n/a" if ddp_rate is None else f"{rates[3] / ddp_rate:.2f}×", f"{rates[3] / rates[1]:.2f}×"]
             print("| " + " | ".join(row) + " |", flush=True)
-        if ddp and ddp_seconds_per_step(SIZES, 10, 1) is None:
+        if ddp and ddp_s[10] is None:
             print("(PyTorch is not installed: `pip install torch==2.13.0` adds the DDP column)")
         print("targets: Ray 2 workers >= DDP at 100, 1,000 and 10,000; >= 0.6× local 2 threads at 1,000 and "
               ">= 0.9× at 10,000")
@@ -185,9 +186,9 @@ def model_figures(with_nodes: bool = True) -> None:
     from jobs.data import synthetic
 
     print("\n## Toward many nodes: a cost model fitted to this machine (bench/cost_model.py)")
-    latency = 0.0
+    across = None
     if with_nodes and two_nodes.available() is None:
-        latency = two_node_overhead() - one_node_overhead()
+        across = two_node_step()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              _system_config=RAY_SYSTEM_CONFIG)
     try:
@@ -198,41 +199,39 @@ def model_figures(with_nodes: bool = True) -> None:
             per_example[sizes] = seconds_per_step(LocalBackend(10_000, 1), net, x, labels, 10_000, 4) / 10_000
         net = Network.create(SIZES, seed=0)
         c = per_example[tuple(SIZES)]
-        o1, o2 = (seconds_per_step(RayBackend(w, math.ceil(10 / w)), net.copy(), x, labels, 10, STEPS[10])
-                  - c * math.ceil(10 / w) for w in (1, 2))
+
+        def overhead(workers: int, transport: str) -> float:  # a step at mini-batch 10 minus its compute
+            backend = RayBackend(workers, math.ceil(10 / workers), transport=transport)
+            return seconds_per_step(backend, net.copy(), x, labels, 10, STEPS[10]) - c * math.ceil(10 / workers)
+
+        o1, o2 = overhead(1, "compiled"), overhead(2, "compiled")
+        t1, t2 = overhead(1, "tasks"), overhead(2, "tasks")
+        if across is None:
+            print("(no two real nodes here: the overhead between nodes is taken as that of actor calls on one node)")
+            across = t2
+        else:
+            across -= c * 5
+            print(f"a step of 2 workers at mini-batch 10, less its compute: {1e3 * o2:.2f} ms on one node (compiled "
+                  f"graph), {1e3 * t2:.2f} ms (actor calls); {1e3 * across:.2f} ms with one worker on each of two "
+                  "real nodes (auto: actor calls)")
         profile = driver_profile(net.copy(), x, labels, 10_000, 4, "compiled")
         per_param = (profile["copy"] + profile["add+update"]) / (2 * net.params.size)
-        k = cost_model.Constants(per_example, a=o1 - (o2 - o1), b=o2 - o1, per_param=per_param, latency=latency)
+        k = cost_model.Constants(per_example, a=o1, b=o2 - o1, across=across, b_across=t2 - t1, per_param=per_param)
         cost_model.print_model(k)
-        print(f"\ncheck on this machine (one node, W workers sharing its {2} cores): examples per second")
+        print("\ncheck on this machine (one node, W workers sharing its 2 cores): examples per second")
         print("| W | mini-batch | measured | model |")
         print("|---|---|---|---|")
         for w in (1, 2):
             for m in (1_000, 10_000):
                 measured = m / seconds_per_step(RayBackend(w, math.ceil(m / w)), net.copy(), x, labels, m, STEPS[m])
-                model = m / (k.a + k.b * w + c * math.ceil(m / w) + w * net.params.size * per_param)
+                model = m / cost_model.step_seconds(k, tuple(SIZES), w, m, bandwidth=None)
                 print(f"| {w} | {m:,} | {measured:,.0f} | {model:,.0f} |", flush=True)
     finally:
         ray.shutdown()
 
 
-def one_node_overhead() -> float:
-    """Seconds a 2-worker compiled step at mini-batch 10 takes on one node."""
-    import ray
-
-    from core import Network
-    from jobs.data import synthetic
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        x, labels = synthetic(20_000, 784, 10)
-        return seconds_per_step(RayBackend(2, 5), Network.create(SIZES, seed=0), x, labels, 10, STEPS[10])
-    finally:
-        ray.shutdown()
-
-
-def two_node_overhead() -> float:
-    """Seconds the same step takes with one worker on each of two real nodes (``bench.two_nodes``)."""
+def two_node_step() -> float:
+    """Seconds a step of 2 workers at mini-batch 10 takes with one on each of two real nodes (auto)."""
     import json
     import sys
     import tempfile

@@ -40,8 +40,9 @@ def available() -> str | None:
 class Nodes:
     head_ns: str
     worker_ns: str
-    head: subprocess.Popen
-    worker: subprocess.Popen
+    folder: Path
+    head: subprocess.Popen | None = None
+    worker: subprocess.Popen | None = None
     address: str = f"{HEAD_IP}:{PORT}"
 
     def env(self) -> dict[str, str]:
@@ -57,8 +58,22 @@ class Nodes:
         env = {**self.env(), "RAY_ADDRESS": self.address, **(env_extra or {})}
         return subprocess.run(["ip", "netns", "exec", self.head_ns, *args], env=env, **kwargs)
 
-    def stop_worker_node(self) -> None:
-        _stop(self.worker)
+    def start_worker_node(self, timeout: float = 120) -> None:
+        """The second node joins the head (again, after it was stopped or lost)."""
+        if self.worker is not None:
+            _stop(self.worker)
+        self.worker = _ray_start(self.worker_ns, self.folder / "worker.log", self.env(), "--address",
+                                 self.address, "--node-ip-address", WORKER_IP)
+        _wait_for_nodes(self, 2, timeout)
+
+
+def kill_everything_in(ns: str) -> None:
+    """SIGKILL every process in namespace ``ns``: a node lost outright (its raylet, object store
+    and workers; Ray starts workers in process groups of their own)."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def _sh(*args: str) -> None:
@@ -92,7 +107,7 @@ def _wait_for_nodes(nodes: Nodes, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in (nodes.head, nodes.worker):
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"a Ray node exited early (status {proc.returncode})")
         if nodes.run([sys.executable, "-c", code], capture_output=True).returncode == 0:
             return
@@ -110,7 +125,6 @@ def two_nodes(folder: Path, timeout: float = 120):
     head_ns, worker_ns = f"gradavg-a{tag}", f"gradavg-b{tag}"
     veth_a, veth_b = f"gva{tag}", f"gvb{tag}"
     made: list[str] = []
-    nodes = None
     try:
         for ns in (head_ns, worker_ns):
             _sh("ip", "netns", "add", ns)
@@ -121,20 +135,17 @@ def two_nodes(folder: Path, timeout: float = 120):
             _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", veth)
             _sh("ip", "-n", ns, "link", "set", veth, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        env = Nodes(head_ns, worker_ns, None, None).env()  # type: ignore[arg-type]
-        head = _ray_start(head_ns, folder / "head.log", env, "--head", "--node-ip-address", HEAD_IP, "--port",
-                          str(PORT), "--include-dashboard", "false", "--system-config", json.dumps(RAY_SYSTEM_CONFIG))
-        worker = None
+        nodes = Nodes(head_ns, worker_ns, folder)
+        nodes.head = _ray_start(head_ns, folder / "head.log", nodes.env(), "--head", "--node-ip-address", HEAD_IP,
+                                "--port", str(PORT), "--include-dashboard", "false",
+                                "--system-config", json.dumps(RAY_SYSTEM_CONFIG))
         try:  # the worker node joins as soon as the head's GCS answers (ray start retries until then)
-            worker = _ray_start(worker_ns, folder / "worker.log", env, "--address", f"{HEAD_IP}:{PORT}",
-                                "--node-ip-address", WORKER_IP)
-            nodes = Nodes(head_ns, worker_ns, head, worker)
-            _wait_for_nodes(nodes, 2, timeout)
+            nodes.start_worker_node(timeout)
             yield nodes
         finally:
-            if worker is not None:
-                _stop(worker)  # the worker node first, then the head
-            _stop(head)
+            if nodes.worker is not None:
+                _stop(nodes.worker)  # the worker node first, then the head
+            _stop(nodes.head)
     finally:
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

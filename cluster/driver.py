@@ -257,13 +257,16 @@ class RayBackend:
 
     def _choose_transport(self, network: Network) -> str:
         """``tasks`` when asked for; else the compiled graph, if it compiles and carries a first
-        (empty) step. ``auto`` does not try it where several nodes share one address (nodes
-        simulated on one machine), where a second step hangs and takes the raylet down."""
+        (empty) step. ``auto`` takes it only when every worker shares the driver's node: between
+        two real nodes its steps measured slower than tasks' (4–11 ms against 2 ms at mini-batch
+        10, 48–63 ms against 21 ms at 10,000), and on nodes simulated on one machine
+        (``ray.cluster_utils.Cluster``) a second step hangs and takes the raylet down."""
         import ray
 
         if self.requested == "tasks":
             return "tasks"
-        if self.requested == "auto" and not _nodes_have_own_addresses():
+        here = ray.get_runtime_context().get_node_id()
+        if self.requested == "auto" and set(ray.get([a.node_id.remote() for a in self.actors])) != {here}:
             return "tasks"
         try:
             self._graph = self._compile()
@@ -342,10 +345,3 @@ class RayBackend:
 def _cause(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:160] if text else type(error).__name__
-
-
-def _nodes_have_own_addresses() -> bool:
-    import ray
-
-    addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
-    return len(set(addresses)) == len(addresses)

@@ -1,16 +1,15 @@
 """A driver that ``test_ray_two_nodes`` runs inside the head node's namespace: it trains digits on
-one Ray worker per node and saves the final weights; given a process group, it kills that
-group (the second node) during the fourth step."""
+one Ray worker per node and saves the final weights; given the second node's namespace, it kills
+every process there (the node lost outright) during the fourth step."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 
 import numpy as np
 
+from bench.two_nodes import kill_everything_in
 from cluster.driver import RayBackend, end_process
 from jobs.config import load_config
 from jobs.data import load_dataset
@@ -21,7 +20,7 @@ OVERRIDES = ["data=digits", "sizes=[64,30,10]", "batch_size=100", "chunk_size=30
 
 class Backend(RayBackend):
     steps = 0
-    kill_group: int | None = None
+    lose_node: str | None = None  # a namespace
 
     def start(self, network, x, labels):
         import ray
@@ -33,8 +32,8 @@ class Backend(RayBackend):
 
     def chunk_sums(self, network, batch):
         self.steps += 1
-        if self.steps == 4 and self.kill_group:
-            os.killpg(self.kill_group, signal.SIGKILL)  # the whole second node: raylet, object store, worker
+        if self.steps == 4 and self.lose_node:
+            kill_everything_in(self.lose_node)
         return super().chunk_sums(network, batch)
 
 
@@ -42,7 +41,7 @@ def main() -> None:
     out, transport = sys.argv[1], sys.argv[2]
     heard: list[str] = []
     backend = Backend(2, 30, on_failure=heard.append, replace_timeout=5, transport=transport)
-    backend.kill_group = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    backend.lose_node = sys.argv[3] if len(sys.argv) > 3 else None
     state = train(load_config(None, OVERRIDES), load_dataset("digits"), backend)
     np.save(out, state.network.params)
     print(json.dumps({"transport": backend.transport, "addresses": backend.worker_addresses,
