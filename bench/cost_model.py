@@ -76,7 +76,7 @@ def print_model(k: Constants) -> None:
         for bandwidth in BANDWIDTHS:
             print(f"\n{list(sizes)}, {bandwidth / 1e9:.0f} Gb/s: predicted examples per second (model)")
             print("| W nodes | " + " | ".join(f"mini-batch {m:,}" for m in BATCHES) + " | smallest mini-batch "
-                  "beating one node | driver share of a step at 10,000 |")
+                  "beating one node | driver's copy and add, share of a step at 10,000 |")
             print("|---|" + "---|" * (len(BATCHES) + 2))
             for w in WORKERS:
                 rates = [m / step_seconds(k, sizes, w, m, bandwidth) for m in BATCHES]
@@ -84,3 +84,8 @@ def print_model(k: Constants) -> None:
                 driver = w * params(sizes) * k.per_param / step_seconds(k, sizes, w, 10_000, bandwidth)
                 print(f"| {w} | " + " | ".join(f"{r:,.0f}" for r in rates) +
                       f" | {'—' if win is None else f'{win:,}'} | {100 * driver:.0f}% |")
+            per_worker = k.b_across + params(sizes) * (k.per_param + 64 / bandwidth)
+            peaks = ", ".join(f"W ≈ {math.sqrt(m * k.per_example[sizes] / per_worker):.0f} at {m:,}" for m in BATCHES)
+            print(f"The driver saturates where the work it does for each worker, {1e3 * per_worker:.2f} ms a step "
+                  f"(sending, receiving, adding), times W equals the compute m·c/W: examples per second peak at "
+                  f"{peaks}.")
