@@ -61,10 +61,6 @@ class ShardWorker:
                                     None if stats is None else list(stats))
         return sums, [n for _, n in parts], stats, time.perf_counter() - started
 
-    def echo(self, array: np.ndarray) -> np.ndarray:
-        """A bare round trip carrying an array each way: the benchmark's baseline."""
-        return np.empty_like(array)
-
     def pid(self) -> int:
         return os.getpid()
 
