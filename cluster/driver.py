@@ -33,6 +33,8 @@ from core.network import Network
 
 # Below this expected wait (seconds), the driver reads a compiled graph's result at once
 SPIN_FREE_WAIT = 5e-4
+# Seconds a compiled graph's teardown may take before the driver goes on without it
+TEARDOWN_SECONDS = 30.0
 
 
 _graph_failed = False  # a compiled graph of this process failed (a worker or a node lost while it ran)
@@ -200,16 +202,16 @@ class RayBackend:
         from ray.exceptions import RayActorError
 
         shares = len(self.actors)
-        pending = {actor.chunk_sums.remote(work, k, shares): k for k, actor in enumerate(self.actors)}
+        pending = {actor.chunk_sums.remote(work, k, shares): (k, actor) for k, actor in enumerate(self.actors)}
         results: list = [None] * shares
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            k = pending.pop(ready[0])
+            k, actor = pending.pop(ready[0])
             try:
                 results[k] = ray.get(ready[0])
             except RayActorError as error:
-                actor = self._recover(k, _cause(error))
-                pending[actor.chunk_sums.remote(work, k, shares)] = k
+                actor = self._recover(actor, k, _cause(error))
+                pending[actor.chunk_sums.remote(work, k, shares)] = (k, actor)
         return results
 
     # ------------------------------------------------------------------ the compiled transport
@@ -240,13 +242,17 @@ class RayBackend:
                 time.sleep(0.8 * expected)
             results = ray.get(ref, timeout=timeout)
         except Exception as error:
-            # A worker died (the error names it, or only a channel it broke), or the graph itself
-            # failed. A graph compiled again after a worker's death was seen to hang two steps later
-            # (Ray 2.60), so the tasks transport carries the job on: it finds a dead worker when it
-            # awaits its result, and replaces or covers it.
+            # A worker died (the error names it, or only a channel it broke), a step took too long,
+            # or the graph itself failed. A graph compiled again after a worker's death was seen to
+            # hang two steps later (Ray 2.60), so the tasks transport carries the job on: it finds a
+            # dead worker when it awaits its result, and replaces or covers it.
+            from ray.exceptions import RayChannelTimeoutError
+
+            cause = (f"a step took longer than {timeout:.0f} s" if isinstance(error, RayChannelTimeoutError)
+                     else _cause(error))
             self._teardown()
             self.transport = "tasks"
-            self._tell(f"the compiled graph stopped ({_cause(error)}); the job goes on with transport=tasks, "
+            self._tell(f"the compiled graph stopped: {cause}; the job goes on with transport=tasks, "
                        "with the same results")
             return self._run_tasks(work)
         self._slowest = max(self._slowest, time.perf_counter() - started)
@@ -286,43 +292,46 @@ class RayBackend:
         if self._graph is not None:
             _graph_failed = _graph_failed or failed
             graph, self._graph = self._graph, None
-            # a graph whose worker died fails to cancel that worker's loop: Ray logs it with a traceback
-            logger = logging.getLogger("ray.dag.compiled_dag_node")
-            level = logger.level
-            logger.setLevel(logging.CRITICAL)
-            try:
-                with contextlib.suppress(Exception):
-                    graph.teardown()
-            finally:
-                logger.setLevel(level)
+            if failed:  # Ray logs the dead worker's loop it cannot cancel, with tracebacks, from its threads too
+                logging.getLogger("ray.dag.compiled_dag_node").setLevel(logging.CRITICAL)
+            # Teardown waits for every worker's loop to end, without a limit: a hung worker would hang
+            # the driver here. Give it a bounded time in a thread of its own, then go on.
+            thread = threading.Thread(target=_quietly, args=(graph.teardown,), daemon=True,
+                                      name="gradavg-graph-teardown")
+            thread.start()
+            thread.join(TEARDOWN_SECONDS)
 
     # ------------------------------------------------------------------ failures
 
-    def _recover(self, k: int, cause: str):
-        """Worker k died: count it, then give its chunks to a new worker or to a surviving one."""
+    def _recover(self, dead, share: int, cause: str):
+        """Worker ``dead`` died computing ``share``: count it (once, however many shares it had), then
+        return the worker that computes the share again: a new one in its place, or a survivor."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
+        index = next((i for i, actor in enumerate(self.actors) if actor is dead), None)
+        if index is None:  # already counted and replaced or dropped, for another of its shares
+            if not self.actors:
+                raise WorkerFailuresError(f"every Ray worker died and none could be placed again ({cause})")
+            return self.actors[share % len(self.actors)]
         self.failures += 1
         if self.failures > self.max_failures:
             raise WorkerFailuresError(f"Ray workers failed {self.failures} times, more than max_worker_failures="
                                       f"{self.max_failures} (last: {cause})")
-        dead = self.actors[k] if k < len(self.actors) else None
         replacement = self._new_actor()
         try:
             pid = ray.get(replacement.pid.remote(), timeout=self.replace_timeout)
         except (GetTimeoutError, RayActorError):
             ray.kill(replacement)
-            self.pids = [p for a, p in zip(self.actors, self.pids) if a is not dead]
-            self.actors = [a for a in self.actors if a is not dead]
+            del self.actors[index], self.pids[index]
             if not self.actors:
                 raise WorkerFailuresError(f"every Ray worker died and none could be placed again ({cause})") from None
-            self._tell(f"worker {k + 1} died ({cause}); no new worker could be placed, so the other "
+            self._tell(f"worker {index + 1} died ({cause}); no new worker could be placed, so the other "
                        f"{len(self.actors)} compute its chunks (failure {self.failures} of at most "
                        f"{self.max_failures})")
-            return self.actors[k % len(self.actors)]
-        self.actors[k], self.pids[k] = replacement, pid
-        self._tell(f"worker {k + 1} died ({cause}); a new worker computes its chunks again "
+            return self.actors[share % len(self.actors)]
+        self.actors[index], self.pids[index] = replacement, pid
+        self._tell(f"worker {index + 1} died ({cause}); a new worker computes its chunks again "
                    f"(failure {self.failures} of at most {self.max_failures})")
         return replacement
 
@@ -340,6 +349,11 @@ class RayBackend:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def _quietly(action: Callable[[], object]) -> None:
+    with contextlib.suppress(Exception):
+        action()
 
 
 def _cause(error: Exception) -> str:

@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 EPILOG = """examples:
@@ -313,9 +314,16 @@ def cmd_keys(args) -> int:
 
 
 def entry() -> None:
-    """The ``gradavg`` command."""
-    code = main()
-    if "cluster.driver" in sys.modules:  # a Ray job: ended as Ray's compiled graphs need (cluster.driver)
+    """The ``gradavg`` command. A Ray job ends as Ray's compiled graphs need (``cluster.driver.end_process``),
+    also when an error escapes."""
+    try:
+        code = main()
+    except Exception:
+        if "cluster.driver" not in sys.modules:
+            raise
+        traceback.print_exc()
+        code = 1
+    if "cluster.driver" in sys.modules:
         sys.modules["cluster.driver"].end_process(code)
     sys.exit(code)
 
