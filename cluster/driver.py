@@ -6,8 +6,9 @@ decides the cluster; with none, an embedded local cluster starts on 127.0.0.1.
 Two transports carry a step: ``compiled``, a Ray Compiled Graph (the workers wait on
 shared-memory channels; a step is one write and one read, 0.1–0.3 ms on one node), and
 ``tasks``, one actor call per worker (a few ms). ``auto`` takes the compiled graph when every
-worker shares the driver's node and the graph carries a first step, tasks otherwise. Both send the same work to the same worker
-method and collect the same chunk sums, so the bits do not depend on the transport.
+worker shares the driver's node and the graph carries a first step, tasks otherwise. Both send
+the same work to the same worker method and collect the same chunk sums, so the bits do not
+depend on the transport.
 """
 
 from __future__ import annotations

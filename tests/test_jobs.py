@@ -236,3 +236,14 @@ def test_mlflow_models_serve_serves_the_model(tracking_uri, tmp_path, capsys):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_synthetic_data_runs_with_tracking_on(tracking_uri, capsys):
+    """A data spec MLflow cannot take as a dataset source (synthetic:N:INPUTS:CLASSES) once crashed
+    every tracked run; the run now finishes with the data logged as its input."""
+    code = main(["run", str(CONFIGS / "digits.yaml"), "data=synthetic:300:64:10", "epochs=1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.params["data"] == "synthetic:300:64:10"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic"]
