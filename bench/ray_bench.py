@@ -60,8 +60,6 @@ def driver_profile(network, x, labels, batch_size: int, steps: int, transport: s
     """Where a step of 2 workers goes, medians in seconds: the whole step; the workers' compute (the
     slower of the two); the driver's own work: copying the chunk sums in, then adding them and
     updating; and the rest of the round trip (sending, waiting, receiving)."""
-    from core import chunk_bounds
-
     backend = TimedRayBackend(2, math.ceil(batch_size / 2), transport=transport)
     order = np.random.default_rng(0).permutation(x.shape[0])
     backend.start(network, x, labels)
@@ -72,8 +70,7 @@ def driver_profile(network, x, labels, batch_size: int, steps: int, transport: s
             started = time.perf_counter()
             sums, count = backend.chunk_sums(network, batch)
             collected = time.perf_counter()
-            add_and_update(network, sums, len(chunk_bounds(batch.shape[0], backend.chunk_size)), count, ETA, 0.0,
-                           x.shape[0])
+            add_and_update(network, sums, sums.shape[0] - 1, count, ETA, 0.0, x.shape[0])
             done = time.perf_counter()
             step_s.append(done - started)
             collect_s.append(collected - started)

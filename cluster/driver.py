@@ -28,6 +28,7 @@ import numpy as np
 
 from cluster import RAY_SYSTEM_CONFIG, TRANSPORTS
 from cluster.errors import ClusterError, WorkerFailuresError
+from core.chunks import sum_rows
 from core.diagnostics import add_with_stats
 from core.kernels import steps_from_chunk_sums
 from core.network import Network
@@ -157,7 +158,7 @@ class RayBackend:
         self._network_spec = (network.sizes, network.cost, network.activation)
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self.pids = ray.get([actor.pid.remote() for actor in self.actors])  # a busy compiled graph answers no call
-        self._sums = np.empty((1, network.params.size), network.dtype)
+        self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
         self.transport = self._choose_transport(network)
 
     def _new_actor(self):
@@ -171,9 +172,7 @@ class RayBackend:
 
     def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         results = self._run(network, batch, with_stats=False)
-        rows = sum(sums.shape[0] for sums, _, _, _ in results)
-        if self._sums.shape[0] != rows + 1 or self._sums.dtype != network.dtype:
-            self._sums = np.empty((rows + 1, network.params.size), network.dtype)
+        self._sums = sum_rows(self._sums, sum(sums.shape[0] for sums, _, _, _ in results), network)
         start = 0
         for sums, _, _, _ in results:  # in share order, which is chunk order
             self._sums[start : start + sums.shape[0]] = sums
@@ -228,8 +227,6 @@ class RayBackend:
     def _run_compiled(self, work: tuple) -> list:
         import ray
 
-        if self._graph is None:
-            self._graph = self._compile()
         started = time.perf_counter()
         # the first step compiles the workers' kernels; later ones are awaited 100 times the slowest so far
         timeout = max(60.0, 100 * self._slowest) if self._slowest else 600.0

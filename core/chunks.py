@@ -19,6 +19,15 @@ from core.kernels import chunk_gradient_sum, run_steps
 from core.network import Network
 
 
+def sum_rows(buffer: np.ndarray | None, chunks: int, network: Network) -> np.ndarray:
+    """A buffer for a mini-batch's chunk sums: one row per chunk, then one for their total, shaped and
+    typed like ``network.params``; ``buffer`` itself when it already is one."""
+    shape = (chunks + 1, network.params.shape[0])
+    if buffer is None or buffer.shape != shape or buffer.dtype != network.dtype:
+        return np.empty(shape, network.dtype)
+    return buffer
+
+
 class ChunkEngine:
     """Owns a training set and returns Σ_x ∂C_x/∂params for chunks of its rows."""
 
@@ -54,10 +63,8 @@ class ChunkEngine:
         n_chunks = len(chunk_bounds(min(batch_size, order.shape[0]), chunk_size))
         slots = min(self.threads, n_chunks)
         rows = min(batch_size, chunk_size)
-        shape = (n_chunks + 1, network.params.shape[0])  # each chunk's sum, then their total
         state = self._local
-        if getattr(state, "sums", None) is None or state.sums.shape != shape or state.sums.dtype != network.dtype:
-            state.sums = np.empty(shape, network.dtype)
+        state.sums = sum_rows(getattr(state, "sums", None), n_chunks, network)
         run_steps(network, self.x, self.labels, order, first, last, batch_size, eta, lmbda, state.sums,
                   self._workspace(network, rows, slots), chunk_size)
 

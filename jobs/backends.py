@@ -18,7 +18,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from core import Network, chunk_bounds
-from core.chunks import ChunkEngine
+from core.chunks import ChunkEngine, sum_rows
 from core.diagnostics import add_with_stats, stats_size
 
 
@@ -69,7 +69,7 @@ class LocalBackend:
         # One BLAS thread for every chunk, as in every Ray worker: OpenBLAS gives other bits with more.
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self._engine = ChunkEngine(x, labels, self.workers)
-        self._sums = np.empty((1, network.params.size), network.dtype)
+        self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -82,8 +82,7 @@ class LocalBackend:
 
     def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         bounds = chunk_bounds(batch.shape[0], self.chunk_size)
-        if self._sums.shape[0] != len(bounds) + 1 or self._sums.dtype != network.dtype:
-            self._sums = np.empty((len(bounds) + 1, network.params.size), network.dtype)
+        self._sums = sum_rows(self._sums, len(bounds), network)
         parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], list(self._sums))
         return self._sums, sum(n for _, n in parts)
 
