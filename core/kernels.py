@@ -28,6 +28,7 @@ the input layer's two.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import llvmlite.binding as llvm
@@ -355,3 +356,13 @@ def steps_from_chunk_sums(chunk_sums: Callable[[Network, np.ndarray], tuple[np.n
         batch = order[step * batch_size : (step + 1) * batch_size]
         sums, count = chunk_sums(network, batch)
         add_and_update(network, sums, sums.shape[0] - 1, count, eta, lmbda, n)
+
+
+def cached() -> bool:
+    """Whether numba's on-disk cache already holds the training kernels (a first run compiles
+    them, which takes seconds). True where the cache cannot be inspected."""
+    try:
+        return all(os.path.exists(kernel._cache._cache_file._index_path)
+                   for kernel in (_run_steps, _chunk_sum))
+    except AttributeError:  # numba's cache internals moved: assume the common case
+        return True

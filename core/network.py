@@ -145,21 +145,59 @@ class Network:
 
     @classmethod
     def load(cls, path) -> "Network":
+        """Read what ``save`` wrote. Every array is checked against ``sizes`` from its header
+        before it is read, so a damaged or forged file is refused rather than allocated."""
         try:
             with np.load(path, allow_pickle=False) as data:
-                sizes = [int(n) for n in data["sizes"]]
+                sizes = _read_sizes(path, data)
                 n_layers = len(sizes) - 1
-                weights = [data[f"weights_{i}"] for i in range(n_layers)]
-                biases = [data[f"biases_{i}"] for i in range(n_layers)]
-                cost, activation = str(data["cost"]), str(data["activation"])
+                shapes = {f"weights_{i}": (sizes[i + 1], sizes[i]) for i in range(n_layers)}
+                shapes.update({f"biases_{i}": (sizes[i + 1],) for i in range(n_layers)})
+                arrays = {name: _read_array(path, data, name, shape) for name, shape in shapes.items()}
+                cost, activation = _read_text(path, data, "cost"), _read_text(path, data, "activation")
         except KeyError as e:
             raise ValueError(f"{path}: not a gradavg weights file, missing array {e}") from None
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            if w.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
-                raise ValueError(f"{path}: layer {i} has weights {w.shape} and biases {b.shape}, "
-                                 f"sizes {sizes} need {(sizes[i + 1], sizes[i])} and {(sizes[i + 1],)}")
+        weights = [arrays[f"weights_{i}"] for i in range(n_layers)]
+        biases = [arrays[f"biases_{i}"] for i in range(n_layers)]
         params = np.concatenate([w.ravel() for w in weights] + biases)
+        if not np.all(np.isfinite(params)):
+            raise ValueError(f"{path}: the weights contain NaN or Inf (saved from a diverged run?)")
         return cls(sizes, params, cost, activation)
+
+
+def _read_sizes(path, data) -> list[int]:
+    shape, dtype = _header(data, "sizes")
+    sizes = data["sizes"] if len(shape) == 1 and shape[0] <= 1000 else None
+    if sizes is None or sizes.size < 2 or dtype.kind not in "iu" or sizes.min() < 1:
+        raise ValueError(f"{path}: sizes must be a list of at least two positive whole numbers, got "
+                         f"{dtype} of shape {shape}")
+    return [int(n) for n in sizes]
+
+
+def _read_array(path, data, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One array of a weights file, its shape and type checked before it is read."""
+    header_shape, dtype = _header(data, name)
+    if header_shape != shape:
+        raise ValueError(f"{path}: {name} has shape {header_shape} but sizes need {shape}")
+    if dtype.kind != "f":
+        raise ValueError(f"{path}: {name} holds {dtype}, not floating-point numbers")
+    return data[name]
+
+
+def _header(data, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """An array's shape and dtype from its .npy header inside the .npz, without reading the array."""
+    with data.zip.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _read_text(path, data, name: str) -> str:
+    value = data[name]
+    if value.shape != () or value.dtype.kind != "U":
+        raise ValueError(f"{path}: {name} must be one name, got {value.dtype} of shape {value.shape}")
+    return str(value)
 
 
 def dtype_named(name: str) -> np.dtype:

@@ -73,7 +73,7 @@ class LocalBackend:
 
     @property
     def tags(self) -> dict[str, str]:
-        return {"backend": self.name, "workers": str(self.workers)}
+        return {"backend": self.name, "threads": str(self.workers)}  # `workers` is a Ray key
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:

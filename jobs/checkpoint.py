@@ -12,10 +12,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from core import Network
-from jobs.config import JobConfig, build_config
+from jobs.config import JobConfig, build_config, parse_yaml
 from jobs.train import TrainingState
 
 
@@ -53,6 +52,24 @@ def load(path) -> tuple[TrainingState, JobConfig]:
                       str(data["activation"]))
         shuffle = np.random.Generator(np.random.PCG64())
         shuffle.bit_generator.state = json.loads(str(data["shuffle_state"]))  # the saved state, not this seed
-        cfg = build_config(yaml.safe_load(str(data["config"])))
+        cfg = build_config(parse_yaml(str(data["config"])))
         state = TrainingState(net, epoch=int(data["epoch"]), step=int(data["step"]), shuffle=shuffle)
+    check(state, cfg)
     return state, cfg
+
+
+def check(state: TrainingState, cfg: JobConfig) -> None:
+    """A checkpoint's fields must agree with each other and with its own config; raise ValueError."""
+    net = state.network
+    problems = []
+    if not 1 <= state.epoch <= cfg.epochs or state.step < state.epoch:  # written after an epoch of >= 1 step
+        problems.append(f"epoch {state.epoch} and step {state.step} (its config trains epochs 1 to {cfg.epochs}, "
+                        "each of at least one step)")
+    if list(cfg.sizes) != net.sizes or (net.cost, net.activation) != (cfg.cost, cfg.activation):
+        problems.append(f"a network {net.sizes} {net.cost}/{net.activation} that is not its config's")
+    if net.dtype != np.dtype(cfg.dtype):
+        problems.append(f"weights in {net.dtype}, its config says dtype={cfg.dtype}")
+    if not np.all(np.isfinite(net.params)):
+        problems.append("weights that are NaN or Inf")
+    if problems:
+        raise ValueError(f"it holds {'; '.join(problems)}")

@@ -41,21 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.data import DataError
     from jobs.local_cluster import ClusterUpError
     from jobs.submit import SubmitError
-    from jobs.tracking import TrackingError
+    from jobs.tracking import TrackingError, TrackingLostError
     from jobs.train import DivergedError
 
     user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError, SubmitError, ClusterUpError)
     try:
         return args.handler(args)
     except user_errors as e:
-        print(f"gradavg: error: {e}", file=sys.stderr)
+        print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except (DivergedError, WorkerFailuresError) as e:
-        print(f"gradavg: error: {e}", file=sys.stderr)
+    except (DivergedError, WorkerFailuresError, TrackingLostError) as e:
+        print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("gradavg: interrupted (a run in progress ends KILLED)", file=sys.stderr)
         return 130
+
+
+def one_line(error: Exception, limit: int = 2000) -> str:
+    """An error's message on one line (a library's may span several), cut to ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -148,17 +154,17 @@ def _on_sigterm(signum, frame):
 
 def cmd_run(args) -> int:
     from jobs.config import load_config
-    from jobs.run import run_job
+    from jobs.run import run_job, summary
     from jobs.tracking import ui_command
 
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
-    last = result.state.history[-1]
-    validation = f", validation {100 * last.validation_accuracy:.2f}%" if last.validation_accuracy is not None else ""
-    epochs = f"{last.epoch} epoch{'' if last.epoch == 1 else 's'}"
-    print(f"test accuracy {100 * last.test_accuracy:.2f}%{validation} after {epochs} "
-          f"({result.data.name}, {cfg.backend} backend) in {result.seconds:.1f} s")
+    if result.already_complete:
+        print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs, and "
+              f"nothing is left to do; to train it longer, pass epochs=N (more than {result.state.epoch})")
+        return 0
+    print(summary(result, cfg))
     if result.run_id:
         print(f"MLflow run {result.run_id} in {result.tracking_uri}")
         print(f"look at it: {ui_command(result.tracking_uri)}")
@@ -174,18 +180,21 @@ def cmd_gradcheck(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.examples < 1:
         raise UsageError(f"--examples {args.examples}: must be at least 1")
+    if args.tolerance is not None and not 0 < args.tolerance < float("inf"):
+        raise UsageError(f"--tolerance {args.tolerance}: must be a number > 0, e.g. 1e-7")
     data = prepare_data(cfg)
     network = Network.create(cfg.sizes, cfg.init, cfg.seed, cfg.cost, cfg.activation, cfg.dtype)
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[cfg.dtype]
-    n_params = network.params.size
-    print(f"checking {n_params:,} parameters of {list(cfg.sizes)} ({cfg.cost}, {cfg.dtype}) "
-          f"on {args.examples} examples of {data.name}", file=sys.stderr)
     x, y = data.x_train[: args.examples], data.y_train[: args.examples]
+    more = f" (all it has; {args.examples:,} asked)" if y.size < args.examples else ""
+    print(f"checking {network.params.size:,} parameters of {list(cfg.sizes)} ({cfg.cost}, {cfg.dtype}) "
+          f"on {y.size:,} examples of {data.name}{more}", file=sys.stderr)
     failed = False
     for path, gradient in (("numpy reference", None), ("compiled training path", compiled_gradient_sum)):
         worst = gradient_check(network, x, y, gradient=gradient)
-        failed |= worst > tolerance
-        verdict = "ok" if worst <= tolerance else "FAILED"
+        passed = worst <= tolerance  # a NaN error fails
+        failed |= not passed
+        verdict = "ok" if passed else "FAILED"
         print(f"{path}: worst relative error {worst:.3e} (tolerance {tolerance:.0e}): {verdict}")
     return 1 if failed else 0
 

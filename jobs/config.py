@@ -110,10 +110,30 @@ def _check(key: str, value: Any, ok: bool, valid: str) -> None:
         raise ConfigError(f"{key}={_show(value)}: {valid}")
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, limit: int = 200) -> str:
+    """A value as YAML on one line, as a user would write it, cut to ``limit`` characters."""
     if isinstance(value, tuple):
         value = list(value)
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"key {key!r} is written twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values: the safe loader, duplicate keys refused."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -171,11 +191,14 @@ def _validate(cfg: JobConfig) -> None:
     c("num_cpus", cfg.num_cpus, cfg.num_cpus > 0, "must be > 0")
     c("transport", cfg.transport, cfg.transport in TRANSPORTS, HELP["transport"])
     c("max_worker_failures", cfg.max_worker_failures, cfg.max_worker_failures >= 0, "must be >= 0")
-    c("experiment", cfg.experiment, bool(cfg.experiment.strip()), "must not be empty")
+    c("experiment", cfg.experiment, bool(cfg.experiment.strip()) and len(cfg.experiment) <= 500,
+      "must be a name of 1 to 500 characters (MLflow's limit)")
+    c("run_name", cfg.run_name, cfg.run_name is None or 0 < len(cfg.run_name) <= 250,
+      "must be a name of 1 to 250 characters, or null")
     c("log_every", cfg.log_every, cfg.log_every >= 1, "must be >= 1")
     c("diagnostics_every", cfg.diagnostics_every, cfg.diagnostics_every >= 0, "must be >= 0 (0: once an epoch)")
     c("checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, "must be >= 0 (0: never)")
-    c("data", cfg.data, bool(cfg.data.strip()), HELP["data"])
+    c("data", cfg.data, bool(cfg.data.strip()) and len(cfg.data) <= 4096, HELP["data"])
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -189,7 +212,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if kind in ("str", "str | None") and raw not in ("null", "~", ""):
         return key, raw  # text stays text: data=2024 is a path, not a number
     try:
-        return key, yaml.safe_load(raw) if raw != "" else None
+        return key, parse_yaml(raw) if raw != "" else None
     except yaml.YAMLError:
         raise ConfigError(f"override {text!r}: the value is not valid YAML; e.g. sizes=[784,30,10]") from None
 
@@ -223,11 +246,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config {str(path)!r}: cannot be read ({e})") from None
     try:
-        values = yaml.safe_load(text)
+        values = parse_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"config {str(path)!r}: {e}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"config {str(path)!r}: not valid YAML{line}; check its syntax") from None
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(f"config {str(path)!r}: {problem}{line}; write plain key: value lines") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import struct
@@ -170,7 +171,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # Python ints: a forged header cannot overflow
     if len(raw) - header < expected:
         raise DataError(f"{path}: truncated: holds {len(raw) - header} of the {expected} bytes its header "
                         f"promises for shape {dims}; download it again")
@@ -198,7 +199,7 @@ def _load_idx_pair(folder: Path, images_key: str, labels_key: str) -> tuple[np.n
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{images_path}: {images.shape[0]} images but {labels_path.name} has "
                         f"{labels.shape[0]} labels; the counts must agree")
-    x = images.reshape(images.shape[0], -1) / 255.0
+    x = images.reshape(images.shape[0], math.prod(images.shape[1:])) / 255.0
     return x, _check_labels(labels.astype(np.int64), 10, labels_path)
 
 
@@ -231,7 +232,7 @@ def _load_npz(path: Path) -> "_Source":
         raise DataError(f"{path}: needs arrays 'x' (examples as rows) and 'y' (integer labels); "
                         f"it has {sorted(arrays)}")
     x, y = _npz_pair(path, arrays["x"], arrays["y"])
-    n_classes = int(arrays["n_classes"]) if "n_classes" in arrays else int(y.max(initial=0)) + 1
+    n_classes = _npz_classes(path, arrays["n_classes"]) if "n_classes" in arrays else int(y.max(initial=0)) + 1
     x_test = y_test = None
     if "x_test" in arrays and "y_test" in arrays:
         x_test, y_test = _npz_pair(path, arrays["x_test"], arrays["y_test"])
@@ -248,9 +249,24 @@ def _npz_pair(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.
     if not np.issubdtype(y.dtype, np.integer):
         if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
             raise DataError(f"{path}: labels y must be whole numbers, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() > _MAX_LABEL):  # before the cast to int64, which would wrap them
+        bad = y[(y < 0) | (y > _MAX_LABEL)][0]
+        raise DataError(f"{path}: label {bad:.0f} is out of range; labels are class numbers 0, 1, 2, …")
+    if np.iscomplexobj(x):
+        raise DataError(f"{path}: x is complex ({x.dtype}); inputs must be real numbers")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: x must be numeric, got dtype {x.dtype}")
-    return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))).astype(np.float64), y.astype(np.int64)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])).astype(np.float64), y.astype(np.int64)
+
+
+_MAX_LABEL = 1_000_000  # a class number beyond this is a mistake in the file, not a class
+
+
+def _npz_classes(path: Path, value: np.ndarray) -> int:
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or not 2 <= int(value) <= _MAX_LABEL + 1:
+        raise DataError(f"{path}: n_classes must be one whole number >= 2, got {value.dtype} {value.shape} "
+                        f"{str(value)[:40]}; drop it to count the classes from y")
+    return int(value)
 
 
 def _load_book_pickle(path: Path, allow_pickle: bool) -> "_Source":
@@ -295,6 +311,13 @@ class _Source:
         where = self.origin or self.name
         if self.x.shape[0] == 0:
             raise DataError(f"{where}: the dataset is empty; it needs at least one training example")
+        if self.x.shape[1] == 0:
+            raise DataError(f"{where}: its examples have no inputs (shape {self.x.shape}); every example needs "
+                            "at least one value")
+        if self.x_test is not None and self.x_test.shape[1] != self.x.shape[1]:
+            raise DataError(f"{where}: the test examples have {self.x_test.shape[1]} inputs but the training "
+                            f"examples {self.x.shape[1]} (test {self.x_test.shape}, training {self.x.shape}); "
+                            "both sets must have the same shape of example")
         for arr in (self.x, self.x_test):
             if arr is not None and not np.all(np.isfinite(arr)):
                 raise DataError(f"{where}: inputs contain NaN or Inf; clean the data before training")

@@ -16,6 +16,24 @@ class Progress(Hooks):
         self.tty = self.stream.isatty()
         self._epoch_started = time.perf_counter()
 
+    def stage(self, what: str) -> None:
+        """What the job is doing before its first epoch line and after its last (seconds, at times)."""
+        if self.quiet:
+            return
+        if self.tty:  # a status line, replaced by the next one
+            self.stream.write(f"\r\x1b[Kgradavg: {what} ...")
+            self.stream.flush()
+        else:
+            self._line(f"gradavg: {what} ...")
+
+    def note(self, text: str) -> None:
+        """Something the user should know about the job's settings, shown even when quiet."""
+        self._line(f"gradavg: note: {text}")
+
+    def _line(self, text: str) -> None:
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
     def on_epoch_start(self, epoch: int, n_batches: int) -> None:
         self._epoch = epoch
         self._epoch_started = time.perf_counter()
@@ -35,13 +53,10 @@ class Progress(Hooks):
         line = (f"epoch {result.epoch}/{self.epochs}: train cost {result.train_cost:.4f}{validation}, "
                 f"test {100 * result.test_accuracy:.2f}% ({result.epoch_seconds:.2f} s, "
                 f"{result.examples_per_second:,.0f} examples/s)")
-        self.stream.write(("\r\x1b[K" if self.tty else "") + line + "\n")
-        self.stream.flush()
-
+        self._line(line)
 
     def on_worker_failure(self, failures: int, text: str) -> None:
-        self.stream.write(("\r\x1b[K" if self.tty else "") + f"gradavg: {text}\n")
-        self.stream.flush()
+        self._line(f"gradavg: {text}")
 
 
 class HookChain(Hooks):

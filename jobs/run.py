@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
+import numpy as np
+
 from cluster.errors import WorkerFailuresError
+from core.kernels import cached as kernels_cached
+from core.network import parameter_count
 from jobs.backends import make_backend
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
+from jobs.tracking import TrackingError
 from jobs.train import TrainingState, initial_state, train, training_inputs
 
 
@@ -22,49 +29,96 @@ class JobResult:
     run_id: str | None
     tracking_uri: str | None
     seconds: float
+    already_complete: bool = False  # --resume of a run that had finished: nothing was done
 
 
 def prepare_data(cfg: JobConfig) -> Dataset:
     """Load the data and check the config against it: every mistake surfaces before training."""
+    check_memory(cfg)
     data = load_dataset(cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle)
     max_label = int(max(data.y_train.max(initial=0), data.y_test.max(initial=0)))
     check_against_data(cfg, data.n_inputs, data.n_classes, max_label)
     return data
 
 
+def memory_needed(cfg: JobConfig) -> int:
+    """Bytes a job's network takes, roughly: the weights drawn in float64 and kept in the job's dtype,
+    a chunk sum per mini-batch chunk and per thread, and each thread's activations."""
+    params = parameter_count(cfg.sizes)
+    itemsize = np.dtype(cfg.dtype).itemsize
+    threads = max(cfg.threads or os.cpu_count() or 1, cfg.workers)
+    chunks = math.ceil(cfg.batch_size / cfg.chunk_size)
+    rows = min(cfg.chunk_size, cfg.batch_size)
+    return 3 * params * 8 + (chunks + threads + 2) * params * itemsize + 3 * threads * rows * sum(cfg.sizes) * itemsize
+
+
+def check_memory(cfg: JobConfig) -> None:
+    """Refuse a network this machine cannot hold, before anything is allocated."""
+    needed, available = memory_needed(cfg), available_memory()
+    if available is not None and needed > available:
+        raise ConfigError(f"sizes={list(cfg.sizes)}: a network of {parameter_count(cfg.sizes):,} parameters needs "
+                          f"about {_gib(needed)} of memory for its weights and buffers, but this machine has "
+                          f"{_gib(available)} available; use smaller layers")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
 def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | None = None, quiet: bool = False,
             resume: str | None = None, force: bool = False) -> JobResult:
     """Train and track one job. Every check that can fail runs before the MLflow run is opened
-    (or reopened): the config, the data, the tracking server, the checkpoint, the cluster."""
+    (or reopened): the config, the data, the tracking store, the checkpoint, the cluster."""
     stream = stream or sys.stderr
+    progress = Progress(cfg.epochs, stream, quiet)
     started = time.perf_counter()
+    progress.stage(f"loading {cfg.data}")
     data = prepare_data(cfg)
     state, tracker, previous = initial_state(cfg), None, None
     if cfg.track or resume:
-        from jobs.tracking import RunTracker, check_reachable, fetch_checkpoint, resolve_uri
+        from jobs.tracking import RunTracker, fetch_checkpoint, resolve_uri
 
         tracking_uri = resolve_uri(tracking_uri)
-        check_reachable(tracking_uri)
+        progress.stage(f"opening the MLflow store {tracking_uri}")
         if resume:
             previous, state, saved_cfg = fetch_checkpoint(tracking_uri, resume)
-            _check_resumable(resume, previous, saved_cfg, cfg, data, force)
-    progress = Progress(cfg.epochs, stream, quiet)
+            _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
+            if state.epoch >= cfg.epochs and previous.info.status == "FINISHED":
+                return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True)
+        tracker = RunTracker(cfg, tracking_uri, stream)
+    _note_idle_workers(cfg, progress)
+    first_epoch = state.epoch
     hooks = HookChain(progress)
-    backend = make_backend(cfg, on_failure=lambda text: hooks.on_worker_failure(backend.failures, text))
-    backend.start(state.network, training_inputs(data, state.network), data.y_train)
     status = "FAILED"
     try:
-        if cfg.track or resume:
-            tracker = RunTracker(cfg, tracking_uri, backend.tags)
-            if resume:
-                tracker.resume(resume, int(previous.data.tags.get("resumed", "0")) + 1)
-            else:
-                tracker.start(data)
-            hooks.hooks.append(tracker)
-        state = train(cfg, data, backend, state=state, hooks=hooks, backend_started=True)
+        backend = make_backend(cfg, on_failure=lambda text: hooks.on_worker_failure(backend.failures, text))
+        progress.stage("starting the backend" + ("" if kernels_cached() else "; compiling the training kernels "
+                                                 "(the first run only, they are cached after)"))
+        backend.start(state.network, training_inputs(data, state.network), data.y_train)
+        try:
+            if tracker and resume:
+                tracker.resume(resume, int(previous.data.tags.get("resumed", "0")) + 1, state.epoch, backend.tags)
+            elif tracker:
+                tracker.start(data, backend.tags)
+            hooks.hooks.extend([tracker] if tracker else [])
+            state = train(cfg, data, backend, state=state, hooks=hooks, backend_started=True)
+        finally:
+            backend.close()
         if tracker:
-            tracker.tag_backend(backend.tags)
-            tracker.log_results(state, data)
+            progress.stage("logging the plots, the weights and the model")
+            tracker.finish(state, data, backend.tags, trained=state.epoch > first_epoch)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from a stopped job
         status = "KILLED"
@@ -75,13 +129,42 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
                                       f"--resume {tracker.run_id}`") from None
         raise
     finally:
-        backend.close()
         if tracker:
             tracker.end(status)
     return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started)
 
 
-def _check_resumable(run_id: str, run, saved: JobConfig, cfg: JobConfig, data: Dataset, force: bool) -> None:
+def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
+    """Ray workers share a step by its chunks: fewer chunks than workers leaves some idle."""
+    chunks = math.ceil(cfg.batch_size / cfg.chunk_size)
+    if cfg.backend == "ray" and chunks < cfg.workers:
+        share = math.ceil(cfg.batch_size / cfg.workers)
+        progress.note(f"a mini-batch of {cfg.batch_size} is {chunks} chunk{'s' if chunks > 1 else ''} of up to "
+                      f"chunk_size={cfg.chunk_size} examples, so only {chunks} of the {cfg.workers} workers compute "
+                      f"in each step; chunk_size={share} shares it among all {cfg.workers} (the results then differ "
+                      "in the last bits: they are the same for a given chunk_size)")
+
+
+def summary(result: JobResult, cfg: JobConfig) -> str:
+    """The job's last line: test (and validation) accuracy after its epochs, and its time."""
+    network, data = result.state.network, result.data
+    test = network.evaluate(np.asarray(data.x_test, dtype=network.dtype), data.y_test)[1]
+    validation = ""
+    if data.y_validation.size:
+        accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1]
+        validation = f", validation {100 * accuracy:.2f}%"
+    epochs = f"{result.state.epoch} epoch{'' if result.state.epoch == 1 else 's'}"
+    return (f"test accuracy {100 * test:.2f}%{validation} after {epochs} ({data.name}, {cfg.backend} backend) "
+            f"in {result.seconds:.1f} s")
+
+
+def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,
+                     force: bool) -> None:
+    n_batches = math.ceil(data.y_train.size / saved.batch_size)
+    if state.step != state.epoch * n_batches:
+        raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
+                            f"an epoch of {data.y_train.size} examples in mini-batches of {saved.batch_size} is "
+                            f"{n_batches} steps; the checkpoint is damaged: start a new run instead")
     changes = result_changes(saved, cfg)
     digest = run.data.tags.get("dataset_digest")
     if digest and digest != data.digest:

@@ -1,24 +1,32 @@
 """MLflow tracking: one run per job, opened and closed here and nowhere else.
 
 The tracking URI is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's own
-default (``sqlite:///mlflow.db`` in the working directory). Metrics go in batches:
-one ``log_batch`` per epoch carries that epoch's metrics and the buffered mini-batch
-costs, sent asynchronously so the training loop does not wait on the store.
+default (``sqlite:///mlflow.db`` in the working directory). Every call to the store has a
+bounded time (``bound_requests``). While training, metrics and checkpoints go to the store
+on one background thread, in order, so the loop never waits on it; the first call that
+fails marks the store lost, nothing more is sent, training goes on, and the final weights
+and checkpoint are kept on local disk with one line that says where and how to resume.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -29,9 +37,21 @@ from jobs.train import EpochResult, Hooks, TrainingState
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# Each request to a tracking server: at most 15 s, tried 3 times, 1 s and 2 s apart (MLflow's own
+# defaults, 120 s and 7 tries, kept a process waiting 13 minutes on a dead server). Set these
+# variables to choose others.
+REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+SYSTEM_METRICS_SECONDS = 5  # CPU, memory, disk and network of the driver's machine, sampled this often
+
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says how to fix it."""
+
+
+class TrackingLostError(RuntimeError):
+    """The store stopped answering during a job whose training then finished; the message says
+    where its results are kept and how to complete the run."""
 
 
 def resolve_uri(cli_uri: str | None) -> str:
@@ -42,24 +62,108 @@ def resolve_uri(cli_uri: str | None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
 
+def bound_requests() -> None:
+    for key, value in REQUEST_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before training, when a tracking server does not answer."""
+    """Fail fast, before training, when a tracking server does not answer: its health and its API."""
     if not uri.startswith(("http://", "https://")):
         return
+    base = uri.rstrip("/")
+    for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=timeout) as reply:
+                if reply.status == 200:
+                    continue
+                problem = f"answered HTTP {reply.status} to {path}"
+        except urllib.error.HTTPError as e:
+            problem = f"answered HTTP {e.code} to {path}"
+        except (urllib.error.URLError, OSError) as e:  # refused, unknown host, timed out
+            problem = f"cannot be reached ({getattr(e, 'reason', e)})"
+        raise TrackingError(f"MLflow tracking server {uri} {problem}; start one with `gradavg cluster up` or "
+                            "`mlflow server --host 127.0.0.1 --port 5000`, or pass --tracking-uri sqlite:///mlflow.db")
+
+
+def open_store(uri: str, create: bool = True):
+    """An MlflowClient for ``uri`` whose store answers, or a TrackingError that says why not.
+
+    ``create=False`` (evaluating, repairing) refuses to make a new local store where none is.
+    A new sqlite store is created under a lock on its folder: two jobs started at once on a new
+    file would otherwise both create its tables, and one would fail.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    bound_requests()
+    check_reachable(uri)
+    db = _sqlite_path(uri)
+    if db is not None:
+        _check_sqlite(uri, db, create)
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
-            if reply.status == 200:
-                return
-            problem = f"answered HTTP {reply.status}"
-    except urllib.error.HTTPError as e:
-        problem = f"answered HTTP {e.code}"
-    except (urllib.error.URLError, OSError) as e:
-        problem = f"cannot be reached ({getattr(e, 'reason', e)})"
-    raise TrackingError(f"MLflow tracking server {uri} {problem}; start one with `mlflow server --host 127.0.0.1 "
-                        f"--port 5000` or pass --tracking-uri sqlite:///mlflow.db")
+        with _folder_lock(db.parent if db is not None else None):
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # a new store creates its tables here
+    except MlflowException as e:
+        raise TrackingError(f"--tracking-uri {uri}: {_reason(e)}; use http://HOST:PORT, sqlite:///PATH.db or "
+                            "leave it unset for ./mlflow.db") from None
+    except Exception as e:  # sqlalchemy's and sqlite's own errors: a damaged or unwritable file
+        raise TrackingError(f"tracking store {uri} cannot be used ({_reason(e)}); pass --tracking-uri of a "
+                            "working store") from None
+    return client
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(urlparse(uri).path if uri.startswith("sqlite:////") else uri.removeprefix("sqlite:///"))
+
+
+def _check_sqlite(uri: str, db: Path, create: bool) -> None:
+    if db.exists():
+        try:
+            with open(db, "rb") as f:
+                header = f.read(16)
+        except OSError as e:
+            raise TrackingError(f"tracking store {db} cannot be read ({e.strerror}); check its permissions") from None
+        if header and header != b"SQLite format 3\x00":
+            raise TrackingError(f"tracking store {db} is not an SQLite database (damaged, or another file); "
+                                "move it aside or pass another --tracking-uri")
+        if create and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)):
+            raise TrackingError(f"tracking store {db} is read-only; make it and its folder writable or pass "
+                                "another --tracking-uri")
+    elif not create:
+        raise TrackingError(f"no tracking store at {db}; pass the --tracking-uri of the store the run is in "
+                            "(or set MLFLOW_TRACKING_URI)")
+    elif not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+        raise TrackingError(f"tracking store {db} cannot be created: {db.parent} is not a writable folder; "
+                            "pass another --tracking-uri")
+
+
+@contextmanager
+def _folder_lock(folder: Path | None):
+    if folder is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
 
 
 def git_commit() -> str | None:
+    """The project's commit; a submitted job's copy of it has no .git, and gets the commit from submit."""
+    if commit := os.environ.get("GRADAVG_GIT_COMMIT"):
+        return commit
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                              timeout=5)
@@ -79,43 +183,42 @@ def _driver_tags() -> dict[str, str]:
     return {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
 
 
-def open_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    check_reachable(uri)
-    return MlflowClient(uri)
-
-
 def fetch_checkpoint(uri: str, run_id: str):
     """The run and its last checkpoint: (run, TrainingState, JobConfig)."""
-    import mlflow
+    from mlflow.exceptions import MlflowException
 
     from jobs import checkpoint
 
-    client = open_client(uri)
-    try:
-        run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise TrackingError(f"--resume {run_id}: no such run in {uri}; check the id (`gradavg run` prints it) "
-                            "and the tracking URI") from None
+    client = open_store(uri, create=False)
+    run = _get_run(client, run_id, uri, "--resume")
     try:
         path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
-    except (mlflow.exceptions.MlflowException, OSError):
+    except (MlflowException, OSError):
         raise TrackingError(f"--resume {run_id}: the run has no checkpoint to resume from (was it run with "
                             "checkpoint_every=0, or stopped before its first epoch ended?)") from None
     try:
         state, cfg = checkpoint.load(path)
     except Exception as e:  # a damaged file, or one that is not a checkpoint: never taken for a good one
-        raise TrackingError(f"--resume {run_id}: its checkpoint cannot be read ({type(e).__name__}: {e}); "
+        raise TrackingError(f"--resume {run_id}: its checkpoint cannot be used ({_reason(e)}); "
                             "start a new run instead") from None
     return run, state, cfg
 
 
+def _get_run(client, run_id: str, uri: str, what: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"{what} {run_id}: no such run in {uri}; check the id (`gradavg run` prints it) "
+                            "and the tracking URI") from None
+
+
 def repair(uri: str, run_ids: list[str] | None = None) -> list[tuple[str, str]]:
     """End RUNNING runs whose driver is gone as KILLED; return (run id, what was done)."""
-    client = open_client(uri)
+    client = open_store(uri, create=False)
     if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
+        runs = [_get_run(client, r, uri, "gradavg runs repair") for r in run_ids]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") if ids else []
@@ -147,83 +250,195 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunTracker(Hooks):
-    """Opens the run, logs what the loop reports, and closes it with the right status."""
+    """Opens the run, logs what the loop reports, and closes it with the right status.
 
-    def __init__(self, cfg: JobConfig, uri: str, backend_tags: dict[str, str]):
+    Every call to the store goes through ``_call``: the first one that fails sets ``lost`` (why),
+    and no later call is tried. Files are staged in a temporary folder, removed at the end
+    unless the store was lost, when the results are kept (``keep``).
+    """
+
+    def __init__(self, cfg: JobConfig, uri: str, stream: TextIO | None = None):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         self.cfg, self.uri = cfg, uri
         self._mlflow = mlflow
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # our own progress lines say enough
-        mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
-        self._backend_tags = dict(backend_tags)  # backend, workers and, on Ray, the transport
+        logging.getLogger("mlflow").setLevel(logging.ERROR)  # our own lines say enough, and say it once
+        self.client = open_store(uri)
+        mlflow.set_tracking_uri(uri)  # for log_model, which knows only the process's tracking URI
+        self.stream = stream or sys.stderr
+        self._backend_tags: dict[str, str] = {}  # backend, workers or threads and, on Ray, the transport
         self._buffered: list = []  # batch costs and step diagnostics, sent with the epoch's metrics
-        self._pending: list = []
         self._logged: dict[str, set[int]] = {}  # steps already in the store, when resuming
-        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="gradavg-upload")  # in order, one at a time
-        self._uploads: list = []
-        self._artifacts = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="gradavg-tracking")  # in order, one at a time
+        self._sent: list = []
+        self._staging = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
+        self._monitor = None
         self.run_id: str | None = None
+        self.lost: str | None = None  # why the store stopped answering
+        self.lost_at: int | None = None  # the epoch it happened in
+        self.stored_epoch = 0  # the last epoch whose checkpoint the store holds
+        self.kept: Path | None = None
+
+    # -- calls to the store
+    def _call(self, what: str, fn, *args, **kwargs):
+        """One call to the store, unless it is lost; the first failure loses it."""
+        if self.lost:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self.lost = f"{what} failed ({_reason(e)})"
+            return None
+
+    def _in_background(self, what: str, fn, *args) -> None:
+        self._sent.append(self._sender.submit(self._call, what, fn, *args))
 
     # -- opening and closing
-    def start(self, data: Dataset) -> str:
-        mlflow = self._mlflow
-        experiment = mlflow.set_experiment(self.cfg.experiment)
-        run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=self.cfg.run_name)
-        self.run_id = run.info.run_id
-        self.experiment_id = experiment.experiment_id
-        params = {k: str(v) for k, v in self.cfg.to_dict().items()}
-        tags = {**self._backend_tags, "dataset": data.name,
-                "dataset_digest": data.digest, "gradavg_version": __version__, **_driver_tags()}
-        if commit := git_commit():
-            tags["git_commit"] = commit
-        from mlflow.entities import Param, RunTag
+    def start(self, data: Dataset, backend_tags: dict[str, str]) -> str:
+        """Create the run with its params, tags, config and dataset. Any failure here is a
+        TrackingError: nothing has been trained yet."""
+        self._backend_tags = dict(backend_tags)
+        try:
+            self._create(data)
+        except TrackingError:
+            raise
+        except Exception as e:
+            raise TrackingError(f"tracking store {self.uri} failed while opening the run ({_reason(e)}); check "
+                                "the store, or pass track=false to train without tracking") from None
+        self._start_monitor(resume=False)
+        return self.run_id
 
-        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
-                              tags=[RunTag(k, v) for k, v in tags.items()])
-        mlflow.log_text(self.cfg.to_yaml(), "config.yaml")
+    def _create(self, data: Dataset) -> None:
+        from mlflow.entities import DatasetInput, InputTag, Param, RunTag
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking.context.registry import resolve_tags
+
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is None:
+            try:
+                experiment_id = self.client.create_experiment(self.cfg.experiment)
+            except MlflowException:  # another job created it a moment ago
+                experiment_id = self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {**self._backend_tags, "dataset": data.name, "dataset_digest": data.digest,
+                "gradavg_version": __version__, **_driver_tags(),
+                "mlflow.source.name": os.environ.get("GRADAVG_SOURCE") or "gradavg run"}
+        if commit := git_commit():
+            tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
+        run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=resolve_tags(tags))
+        self.run_id, self.experiment_id = run.info.run_id, experiment_id
+        params = [Param(k, str(v)) for k, v in self.cfg.to_dict().items()]
+        self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")
+        dataset = self._describe(data)._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+    def _describe(self, data: Dataset):
         from mlflow.exceptions import MlflowException
 
         described = {"targets": data.y_train, "name": data.name, "digest": data.digest[:16]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a dataset name is not a path; MLflow guesses
             try:
-                dataset = mlflow.data.from_numpy(data.x_train, source=self.cfg.data, **described)
+                return self._mlflow.data.from_numpy(data.x_train, source=self.cfg.data, **described)
             except MlflowException:  # a spec such as synthetic:N:INPUTS:CLASSES is no source MLflow knows,
-                dataset = mlflow.data.from_numpy(data.x_train, **described)  # so the code stands as the source
-        mlflow.log_input(dataset, context="training")
-        return self.run_id
+                return self._mlflow.data.from_numpy(data.x_train, **described)  # so the code stands as the source
 
-    def resume(self, run_id: str, times_resumed: int) -> None:
+    def resume(self, run_id: str, times_resumed: int, stored_epoch: int, backend_tags: dict[str, str]) -> None:
         """Continue an existing run: the same run id, no metric logged twice at one step."""
         from mlflow.entities import RunTag
 
-        run = self._mlflow.start_run(run_id=run_id)
-        self.run_id, self.experiment_id = run_id, run.info.experiment_id
-        for key in self.client.get_run(run_id).data.metrics:
-            self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
-        tags = {**_driver_tags(), "resumed": str(times_resumed), **self._backend_tags}
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._backend_tags = dict(backend_tags)
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+            for key in self.client.get_run(run_id).data.metrics:
+                self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
+            tags = {**_driver_tags(), "resumed": str(times_resumed), **self._backend_tags}
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as e:
+            raise TrackingError(f"tracking store {self.uri} failed while reopening run {run_id} ({_reason(e)})") \
+                from None
+        self.run_id, self.stored_epoch = run_id, stored_epoch
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        self._start_monitor(resume=True)
 
-    def tag_backend(self, backend_tags: dict[str, str]) -> None:
-        """Tags of the backend that changed during the run (a transport that fell back)."""
+    def _start_monitor(self, resume: bool) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
+                                             resume_logging=resume, tracking_uri=self.uri)
+        self._monitor.start()
+
+    def finish(self, state: TrainingState, data: Dataset, backend_tags: dict[str, str], trained: bool = True) -> None:
+        """After training: the backend's final tags, plots, weights and model. A job that trained
+        nothing (it resumed a run whose driver died while finishing) logs only what is missing.
+        Raises TrackingLostError, after keeping the results on local disk, if the store was lost."""
         from mlflow.entities import RunTag
 
+        self.flush()
         changed = {k: v for k, v in backend_tags.items() if self._backend_tags.get(k) != v}
-        if changed:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in changed.items()])
-            self._backend_tags.update(changed)
+        if changed:  # a transport that fell back during the run
+            self._call("tagging the run", self.client.log_batch, self.run_id,
+                       tags=[RunTag(k, v) for k, v in changed.items()])
+        present = set() if trained else self._present()
+        if "plots" not in present:
+            self._call("logging the plots", self.log_plots, state.network, data)
+        weights = self._staging / "weights.npz"
+        self._call("saving the weights", state.network.save, weights)
+        if "weights.npz" not in present:
+            self._call("logging the weights", self.client.log_artifact, self.run_id, str(weights))
+        if "model" not in present:
+            self._call("logging the model", self.log_model, weights, data)
+        if self.lost:
+            self.keep(state)
+
+    def _present(self) -> set[str]:
+        """What an earlier attempt to finish this run already logged (a resumed run's)."""
+        found = self._call("listing the run's artifacts", self.client.list_artifacts, self.run_id) or []
+        present = {a.path for a in found}
+        models = self._call("listing the run's models", self._mlflow.search_logged_models,
+                            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'",
+                            output_format="list") or []
+        return present | ({"model"} if models else set())
+
+    def keep(self, state: TrainingState) -> None:
+        """The store is lost: keep the final weights and checkpoint on local disk, and say so."""
+        from jobs import checkpoint
+
+        for folder in (Path.cwd() / "gradavg-unsaved", Path(tempfile.gettempdir()) / "gradavg-unsaved"):
+            try:
+                kept = folder / (self.run_id or "run")
+                kept.mkdir(parents=True, exist_ok=True)
+                state.network.save(kept / "weights.npz")
+                checkpoint.save(state, self.cfg, kept / "checkpoint.npz")
+                self.kept = kept
+                break
+            except OSError:
+                continue
+        where = (f"the final weights and checkpoint are kept in {self.kept} (`gradavg evaluate "
+                 f"{self.kept / 'weights.npz'}` reads them)" if self.kept else
+                 "no local folder could be written to keep the final weights in")
+        if self.stored_epoch:
+            complete = (f"when the store answers again, `gradavg run CONFIG --resume {self.run_id}` completes the run "
+                        f"from its last stored checkpoint (epoch {self.stored_epoch}), to the same bits")
+        else:
+            complete = "the store holds no checkpoint of this run, so a new run starts over"
+        when = f"at epoch {self.lost_at}" if self.lost_at else "after training"
+        raise TrackingLostError(f"the tracking store {self.uri} failed {when}: {self.lost}; training finished; "
+                                f"{where}; {complete}")
 
     def end(self, status: str) -> None:
-        if self.run_id is None:
-            return
+        """Close the run with ``status``; always stops the background thread and removes staged files."""
         try:
-            self.flush()
+            if self.run_id is not None and not self.lost:
+                self.flush()
+                if self._monitor is not None:
+                    self._monitor.finish()
+                self._call("closing the run", self.client.set_terminated, self.run_id, status)
         finally:
-            self._uploader.shutdown(wait=True)
-            self._mlflow.end_run(status=status)
+            self._sender.shutdown(wait=not self.lost)
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     # -- hooks from the training loop
     def on_batch_cost(self, step: int, cost: float) -> None:
@@ -239,10 +454,18 @@ class RunTracker(Hooks):
         metrics = [m for m in metrics if m.step not in self._logged.get(m.key, ())]
         self._buffered = []
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
-            self._pending.append(self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000],
-                                                       synchronous=False))
+            self._in_background(f"logging epoch {result.epoch}'s metrics", self.client.log_batch, self.run_id,
+                                metrics[start : start + 1000])
         if self.cfg.checkpoint_every and result.epoch % self.cfg.checkpoint_every == 0:
             self.log_checkpoint(state)
+        self._check_lost(result.epoch)
+
+    def _check_lost(self, epoch: int) -> None:
+        if self.lost and self.lost_at is None:
+            self.lost_at = epoch
+            self.stream.write(f"gradavg: warning: the tracking store stopped answering ({self.lost}); training "
+                              "goes on, and its results will be kept on this disk\n")
+            self.stream.flush()
 
     def on_step_diagnostics(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -251,52 +474,37 @@ class RunTracker(Hooks):
         self._buffered.extend(Metric(f"steps/{k}", v, now, step) for k, v in metrics.items())
 
     def on_worker_failure(self, failures: int, text: str) -> None:
-        self.client.set_tag(self.run_id, "worker_failures", str(failures))
-        self.client.set_tag(self.run_id, "last_worker_failure", text[:4000])
+        from mlflow.entities import RunTag
+
+        tags = [RunTag("worker_failures", str(failures)), RunTag("last_worker_failure", text[:4000])]
+        self._in_background("tagging a worker failure", self.client.log_batch, self.run_id, [], [], tags)
 
     def flush(self) -> None:
-        """Wait for every metric batch and checkpoint upload still on its way."""
-        for operation in self._pending:
-            operation.wait()
-        self._pending = []
-        for upload in self._uploads:
-            upload.result()
-        self._uploads = []
+        """Wait for every metric batch and checkpoint still on its way."""
+        for sent in self._sent:
+            sent.result()
+        self._sent = []
 
     # -- artifacts
     def log_checkpoint(self, state: TrainingState) -> None:
-        """Snapshot now, write and upload in the background: the next epoch need not wait.
-
-        The upload first waits for the metrics logged so far: a checkpoint never gets ahead
-        of its metrics, so a run resumed from it has every metric up to its step.
-        """
+        """Snapshot now, write and upload in the background, after the metrics logged so far: a
+        checkpoint never gets ahead of its metrics, so a run resumed from it has every metric up to it."""
         from jobs import checkpoint
 
-        arrays = checkpoint.snapshot(state, self.cfg)
-        metrics_so_far = list(self._pending)
+        arrays, epoch = checkpoint.snapshot(state, self.cfg), state.epoch
 
         def upload():
-            for operation in metrics_so_far:
-                operation.wait()
-            path = checkpoint.write(arrays, self._artifacts / "checkpoint.npz")
+            path = checkpoint.write(arrays, self._staging / "checkpoint.npz")
             self.client.log_artifact(self.run_id, str(path), "checkpoints")
+            self.stored_epoch = epoch
 
-        self._uploads.append(self._uploader.submit(upload))
-
-    def log_results(self, state: TrainingState, data: Dataset) -> None:
-        network = state.network
-        out = self._artifacts
-        self.flush()
-        self.log_plots(network, data)
-        network.save(out / "weights.npz")
-        self.client.log_artifact(self.run_id, str(out / "weights.npz"))
-        self.log_model(out / "weights.npz", data)
+        self._in_background(f"uploading epoch {epoch}'s checkpoint", upload)
 
     def log_plots(self, network, data: Dataset) -> None:
         """Every plot, drawn from the run's whole metric history (so a resumed run's too)."""
         from jobs import plots
 
-        out = self._artifacts / "plots"
+        out = self._staging / "plots"
         out.mkdir(exist_ok=True)
         history = self.epoch_history()
         if history:
@@ -304,7 +512,7 @@ class RunTracker(Hooks):
         layers = range(2, len(network.sizes) + 1)
         if f"layer{layers[0]}/grad_w_norm" in self.client.get_run(self.run_id).data.metrics:
             for name, title, ylabel, log in (
-                    ("grad_w_norm", "‖∂C/∂w^l‖ per layer", "gradient norm (log scale)", True),
+                    ("grad_w_norm", "‖∂C/∂wˡ‖ per layer l", "gradient norm (log scale)", True),
                     ("saturated_fraction", "saturated neurons per layer (σ'(z) < 0.01)", "fraction", False)):
                 series = {f"layer {l}": [(m.step, m.value) for m in
                                          self.client.get_metric_history(self.run_id, f"layer{l}/{name}")]
@@ -343,9 +551,10 @@ class RunTracker(Hooks):
     def _log_model(self, weights_path: Path, signature, example: np.ndarray) -> None:
         import mlflow.pyfunc
 
-        mlflow.pyfunc.log_model(
-            name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
-            artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,
-            code_paths=[str(PROJECT_ROOT / "core")],
-            pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={self._mlflow.__version__}"],
-        )
+        with mlflow.start_run(run_id=self.run_id):  # log_model links the model to the active run
+            mlflow.pyfunc.log_model(
+                name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
+                artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,
+                code_paths=[str(PROJECT_ROOT / "core")],
+                pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={self._mlflow.__version__}"],
+            )

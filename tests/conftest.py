@@ -50,3 +50,11 @@ def tracking_uri(template_store, tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def error_line(stderr: str) -> str:
+    """The one error line a failed command printed (progress lines may come before it)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("gradavg: error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
