@@ -222,12 +222,11 @@ def _load_model(model: str, tracking_uri: str | None):
     if model.startswith("runs:/"):
         import mlflow
 
-        from jobs.tracking import check_reachable, resolve_uri
+        from jobs.tracking import open_store, resolve_uri
 
         uri = resolve_uri(tracking_uri)
-        check_reachable(uri)
+        client = open_store(uri, create=False)
         run_id = model.removeprefix("runs:/").strip("/").split("/")[0]
-        client = mlflow.tracking.MlflowClient(uri)
         try:
             run = client.get_run(run_id)
             path = client.download_artifacts(run_id, "weights.npz")

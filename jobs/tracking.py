@@ -106,7 +106,10 @@ def open_store(uri: str, create: bool = True):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)  # a new store creates its tables here
     except MlflowException as e:
-        raise TrackingError(f"--tracking-uri {uri}: {_reason(e)}; use http://HOST:PORT, sqlite:///PATH.db or "
+        scheme = urlparse(uri).scheme
+        problem = (f"MLflow has no tracking store for the scheme {scheme!r}" if "scheme" in str(e).lower()
+                   else _reason(e))
+        raise TrackingError(f"--tracking-uri {uri}: {problem}; use http://HOST:PORT, sqlite:///PATH.db or "
                             "leave it unset for ./mlflow.db") from None
     except Exception as e:  # sqlalchemy's and sqlite's own errors: a damaged or unwritable file
         raise TrackingError(f"tracking store {uri} cannot be used ({_reason(e)}); pass --tracking-uri of a "
@@ -117,7 +120,7 @@ def open_store(uri: str, create: bool = True):
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(urlparse(uri).path if uri.startswith("sqlite:////") else uri.removeprefix("sqlite:///"))
+    return Path(uri.removeprefix("sqlite:///").split("?")[0])  # sqlite:////abs/path keeps its leading /
 
 
 def _check_sqlite(uri: str, db: Path, create: bool) -> None:
@@ -262,9 +265,9 @@ class RunTracker(Hooks):
 
         self.cfg, self.uri = cfg, uri
         self._mlflow = mlflow
-        logging.getLogger("mlflow").setLevel(logging.ERROR)  # our own lines say enough, and say it once
+        for name in ("mlflow", "urllib3"):  # our own lines say enough, and say it once
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.client = open_store(uri)
-        mlflow.set_tracking_uri(uri)  # for log_model, which knows only the process's tracking URI
         self.stream = stream or sys.stderr
         self._backend_tags: dict[str, str] = {}  # backend, workers or threads and, on Ray, the transport
         self._buffered: list = []  # batch costs and step diagnostics, sent with the epoch's metrics
@@ -275,7 +278,7 @@ class RunTracker(Hooks):
         self._monitor = None
         self.run_id: str | None = None
         self.lost: str | None = None  # why the store stopped answering
-        self.lost_at: int | None = None  # the epoch it happened in
+        self._warned = False
         self.stored_epoch = 0  # the last epoch whose checkpoint the store holds
         self.kept: Path | None = None
 
@@ -397,9 +400,10 @@ class RunTracker(Hooks):
         """What an earlier attempt to finish this run already logged (a resumed run's)."""
         found = self._call("listing the run's artifacts", self.client.list_artifacts, self.run_id) or []
         present = {a.path for a in found}
-        models = self._call("listing the run's models", self._mlflow.search_logged_models,
-                            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'",
-                            output_format="list") or []
+        with self._process_uri():
+            models = self._call("listing the run's models", self._mlflow.search_logged_models,
+                                experiment_ids=[self.experiment_id],
+                                filter_string=f"source_run_id = '{self.run_id}'", output_format="list") or []
         return present | ({"model"} if models else set())
 
     def keep(self, state: TrainingState) -> None:
@@ -424,8 +428,7 @@ class RunTracker(Hooks):
                         f"from its last stored checkpoint (epoch {self.stored_epoch}), to the same bits")
         else:
             complete = "the store holds no checkpoint of this run, so a new run starts over"
-        when = f"at epoch {self.lost_at}" if self.lost_at else "after training"
-        raise TrackingLostError(f"the tracking store {self.uri} failed {when}: {self.lost}; training finished; "
+        raise TrackingLostError(f"the tracking store {self.uri} stopped answering: {self.lost}; training finished; "
                                 f"{where}; {complete}")
 
     def end(self, status: str) -> None:
@@ -436,9 +439,23 @@ class RunTracker(Hooks):
                 if self._monitor is not None:
                     self._monitor.finish()
                 self._call("closing the run", self.client.set_terminated, self.run_id, status)
+            elif self.run_id is not None:  # one bounded try: a store that lost only its artifacts still answers
+                try:
+                    self.client.set_terminated(self.run_id, "FAILED")
+                except Exception:
+                    pass
         finally:
             self._sender.shutdown(wait=not self.lost)
             shutil.rmtree(self._staging, ignore_errors=True)
+
+    @contextmanager
+    def _process_uri(self):
+        """This run's store as the process's tracking URI, for the MLflow calls that take no other."""
+        self._mlflow.set_tracking_uri(self.uri)
+        try:
+            yield
+        finally:
+            self._mlflow.set_tracking_uri(None)  # back to MLFLOW_TRACKING_URI or MLflow's default
 
     # -- hooks from the training loop
     def on_batch_cost(self, step: int, cost: float) -> None:
@@ -458,11 +475,11 @@ class RunTracker(Hooks):
                                 metrics[start : start + 1000])
         if self.cfg.checkpoint_every and result.epoch % self.cfg.checkpoint_every == 0:
             self.log_checkpoint(state)
-        self._check_lost(result.epoch)
+        self._check_lost()
 
-    def _check_lost(self, epoch: int) -> None:
-        if self.lost and self.lost_at is None:
-            self.lost_at = epoch
+    def _check_lost(self) -> None:
+        if self.lost and not self._warned:
+            self._warned = True
             self.stream.write(f"gradavg: warning: the tracking store stopped answering ({self.lost}); training "
                               "goes on, and its results will be kept on this disk\n")
             self.stream.flush()
@@ -551,7 +568,7 @@ class RunTracker(Hooks):
     def _log_model(self, weights_path: Path, signature, example: np.ndarray) -> None:
         import mlflow.pyfunc
 
-        with mlflow.start_run(run_id=self.run_id):  # log_model links the model to the active run
+        with self._process_uri(), mlflow.start_run(run_id=self.run_id):  # the model is linked to the active run
             mlflow.pyfunc.log_model(
                 name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
                 artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,
