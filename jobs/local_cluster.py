@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_free(port: int, option: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no listener
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ClusterUpError(f"port {port} is taken by another process; pass {option} PORT") from None
+
+
+def _listens(pgid: int, port: int) -> bool:
+    """Whether a process of group ``pgid`` listens on ``port``: a server that answers may be someone else's."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                                                    for c in proc.net_connections("tcp")):
+                return True
+        except (psutil.Error, OSError):
+            pass  # gone meanwhile, or not ours to look at
+    return False
+
+
 def _cli(name: str) -> str:
     here = Path(sys.executable).with_name(name)
     return str(here) if here.exists() else (shutil.which(name) or name)
@@ -60,17 +84,22 @@ def _spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
 def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, dashboard_port: int = 8265,
        mlflow_port: int = 5000, timeout: float = 180.0) -> Servers:
     state = Path(state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
     if (state / "cluster.json").exists():
         raise ClusterUpError(f"{state / 'cluster.json'} exists: a cluster from here is up; "
                              "`gradavg cluster down` stops it first")
+    _check_free(dashboard_port, "--dashboard-port")
+    _check_free(mlflow_port, "--mlflow-port")
+    state.mkdir(parents=True, exist_ok=True)
     ensure_token()
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs find this python
     env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "15")  # time for a stopped job to end its MLflow run
-    ray_port = free_port()
+    ray_port, agent_port = free_port(), free_port()
+    # Ray's other ports are fixed by default (the job agent's 52365, workers' 10002-19999): beside another Ray
+    # the agent cannot listen and every submit fails. Ray picks the rest free itself; 0 lets workers do so too.
     ray = _spawn([_cli("ray"), "start", "--head", "--block", "--port", str(ray_port), "--node-ip-address",
                   "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+                  "--dashboard-agent-listen-port", str(agent_port), "--min-worker-port", "0", "--max-worker-port", "0",
                   "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus or os.cpu_count() or 1),
                   "--disable-usage-stats", "--include-dashboard", "true",
                   # the inline limits the tasks transport wants (cluster.driver); compiled graphs need none
@@ -83,30 +112,45 @@ def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, d
                       f"http://127.0.0.1:{mlflow_port}")
     (state / "cluster.json").write_text(json.dumps(asdict(servers), indent=2))
     try:
-        _wait_healthy(ray, f"{servers.dashboard}/api/version", state / "ray.log", timeout, auth=True)
-        _wait_healthy(mlflow, f"{servers.tracking_uri}/health", state / "mlflow.log", timeout)
+        _wait_healthy(ray, f"{servers.dashboard}/api/version", state / "ray.log", timeout,
+                      "pass --dashboard-port PORT", auth=True)
+        # the job agent runs every submitted job: a head without one refuses them all
+        _wait_healthy(ray, f"http://127.0.0.1:{agent_port}/api/local_raylet_healthz", state / "ray.log", timeout,
+                      "run `gradavg cluster up` again, which picks another", auth=True)
+        _wait_healthy(mlflow, f"{servers.tracking_uri}/health", state / "mlflow.log", timeout,
+                      "pass --mlflow-port PORT")
     except BaseException:
         down(state)
         raise
     return servers
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float, auth: bool = False) -> None:
-    headers = {}
-    if auth and (token := read_token()):
-        headers["Authorization"] = f"Bearer {token}"
+def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float, fix: str,
+                  auth: bool = False) -> None:
+    """Wait until ``url`` answers from a process of ``proc``'s group; another process on its port is an error."""
+    headers = {"Authorization": f"Bearer {token}"} if auth and (token := read_token()) else {}
+    port = urllib.parse.urlsplit(url).port
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ClusterUpError(f"{url.split('/')[2]} exited with status {proc.returncode} while starting; see {log}")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if _accepts(port):
+            if not _listens(proc.pid, port):  # asked second: a listener of ours does not stop listening
+                raise ClusterUpError(f"port {port} is taken by another process; {fix}")
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
         time.sleep(0.5)
     raise ClusterUpError(f"{url} did not answer within {timeout:.0f} s; see {log}")
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def down(state_dir: str | os.PathLike = ".gradavg", grace: float = 40.0) -> list[str]:
@@ -136,29 +180,49 @@ def _forget_head(port: int) -> None:
 
 
 def _stop_group(pgid: int, grace: float) -> bool:
+    """Stop the group whose leader ``up`` started: the leader first, then what it left, then SIGKILL.
+
+    ``ray start --block`` stops Ray's processes in order (seconds); a signal to the whole group kills
+    the GCS first and Ray then waits 30 s for it. MLflow's leader leaves its worker behind.
+    """
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
+    _signal(pgid, signal.SIGTERM)
+    leader_alive = True
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        _reap(pgid)
+        if leader_alive and not _alive(pgid):
+            leader_alive = False
+            _signal(-pgid, signal.SIGTERM)
+        if not _alive(-pgid):
             return True
-        _reap()
         time.sleep(0.2)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _signal(-pgid, signal.SIGKILL)
     return True
 
 
-def _reap() -> None:
-    """Collect exited children of this process so that their group can disappear."""
+def _signal(pid: int, signum: int) -> None:
+    """Signal a process (``pid``) or a process group (``-pgid``) that may be gone already."""
     try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the leader's exit status when this process started it (``up`` and ``down`` in one process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass

@@ -18,7 +18,7 @@ import yaml
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
 from cluster.auth import read_token
 from jobs.config import JobConfig
-from jobs.tracking import PROJECT_ROOT, TrackingError, check_reachable
+from jobs.tracking import PROJECT_ROOT, TrackingError, check_reachable, git_commit
 
 # Left behind: environments, tracking stores and caches are not part of the job.
 EXCLUDES = [".venv", "venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "*.db", "__pycache__", "*.egg-info",
@@ -71,8 +71,12 @@ def check_tracking_uri(uri: str, address: str) -> None:
         else:
             try:
                 check_reachable(uri)
-            except TrackingError as e:
-                raise SubmitError(str(e)) from None
+            except TrackingError as e:  # its advice, a sqlite file here, is one a job cannot use
+                port = parsed.port or 5000
+                start = (f"here (`mlflow server --host 127.0.0.1 --port {port}`, or `gradavg cluster up` for a "
+                         "Ray head beside it)" if parsed.hostname in LOOPBACK
+                         else f"on {parsed.hostname} (`mlflow server --host 0.0.0.0 --port {port}`)")
+                raise SubmitError(f"{str(e).split('; ')[0]}; start one {start} and pass its http URL") from None
             return
     elif parsed.scheme in ("", "file", "sqlite"):
         path = uri.removeprefix("sqlite:///").removeprefix("file://") if parsed.scheme else uri
@@ -95,7 +99,7 @@ def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None) -> 
     args = ["exec", "python", "-m", "jobs.cli", "run", "-"]
     for key, value in values.items():
         args.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
-    args += ["--quiet", "--tracking-uri", tracking_uri]
+    args += ["--tracking-uri", tracking_uri]  # not --quiet: a job's log shows a line per epoch
     if resume:
         args += ["--resume", resume]
     return " ".join(shlex.quote(a) if a != "exec" else a for a in args)
@@ -107,8 +111,10 @@ def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str |
     address = resolve_address(address)
     check_tracking_uri(tracking_uri, address)
     jobs = client(address)
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES,
-                   "env_vars": {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri}}
+    env_vars = {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri}
+    if commit := git_commit():
+        env_vars["GRADAVG_GIT_COMMIT"] = commit  # the job's copy of the project has no .git
+    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
     try:
         return jobs.submit_job(entrypoint=entrypoint(cfg, tracking_uri, resume), runtime_env=runtime_env,
                                metadata={"gradavg_config": cfg.data, "experiment": cfg.experiment})

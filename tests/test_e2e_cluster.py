@@ -1,20 +1,25 @@
 """Submit jobs to a real Ray head and track them on a real MLflow server, both on 127.0.0.1.
 
 The servers come from `gradavg cluster up` (free ports, a temporary state folder), are shared
-by the module, and `gradavg cluster down` stops exactly them at the end.
+by the module, and `gradavg cluster down` stops exactly them at the end. Another Ray head runs
+beside them, on Ray's default ports, as a user's own might.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS
+from cluster.auth import ensure_token
+from conftest import CONFIGS, ROOT
 from core import Network
 from jobs import local_cluster
 from jobs.cli import main
@@ -24,8 +29,36 @@ from jobs.submit import SubmitError, check_tracking_uri
 pytestmark = [pytest.mark.ray, pytest.mark.server]
 
 
+RAY_AGENT_PORT = 52365  # Ray's default for the job agent of every head
+
+
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def neighbour(tmp_path_factory):
+    """A plain `ray start --head` in a process group of its own, holding Ray's default ports."""
+    ensure_token()
+    port, dashboard = local_cluster.free_port(), local_cluster.free_port()
+    with open(tmp_path_factory.mktemp("neighbour") / "ray.log", "wb") as log:
+        head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                                 "--port", str(port), "--dashboard-port", str(dashboard),
+                                 "--ray-client-server-port", str(local_cluster.free_port()), "--num-cpus", "1",
+                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, taken_since = time.monotonic() + 120, None
+        while not local_cluster._listens(head.pid, RAY_AGENT_PORT):
+            assert head.poll() is None and time.monotonic() < deadline, "the neighbouring Ray head did not start"
+            # another Ray of this machine holding the port does as well, once it has outlasted the agent's retries
+            taken_since = (taken_since or time.monotonic()) if local_cluster._accepts(RAY_AGENT_PORT) else None
+            if taken_since and time.monotonic() - taken_since > 10:
+                break
+            time.sleep(0.5)
+        yield dashboard
+    finally:
+        local_cluster._stop_group(head.pid, grace=40)
+        local_cluster._forget_head(port)
+
+
+@pytest.fixture(scope="module")
+def servers(neighbour, tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
     up = local_cluster.up(state, num_cpus=3, dashboard_port=local_cluster.free_port(),
                           mlflow_port=local_cluster.free_port())
@@ -39,9 +72,10 @@ def servers(tmp_path_factory):
 
 def submit(servers, capsys, *args) -> tuple[int, str]:
     code = main(["submit", *args, "--address", servers.dashboard, "--tracking-uri", servers.tracking_uri])
-    out = capsys.readouterr().out
-    job_id = next(line for line in out.splitlines() if line.startswith("raysubmit_"))
-    return code, job_id
+    captured = capsys.readouterr()
+    job_ids = [line for line in captured.out.splitlines() if line.startswith("raysubmit_")]
+    assert job_ids, captured.err
+    return code, job_ids[0]
 
 
 def runs_of(servers, experiment: str):
@@ -51,6 +85,7 @@ def runs_of(servers, experiment: str):
 
 
 def test_submitted_job_is_tracked_on_the_server(servers, capsys):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     code, job_id = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "workers=2", "epochs=3",
                           "experiment=e2e-digits", "--follow")
     assert code == 0
@@ -61,6 +96,12 @@ def test_submitted_job_is_tracked_on_the_server(servers, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.params["workers"] == "2" and run.data.params["backend"] == "ray"
     assert run.data.tags["workers"] == "2" and run.data.tags["backend"] == "ray"
+    if head.returncode == 0:  # the job's copy of the project has no .git: the commit travels with it
+        assert run.data.tags["git_commit"] == head.stdout.strip()
+    assert main(["jobs", "logs", job_id, "--address", servers.dashboard]) == 0
+    logs = capsys.readouterr().out
+    assert [line.split(":")[0] for line in logs.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/3", "epoch 2/3", "epoch 3/3"]
     for key in ("train_cost", "validation_accuracy", "test_accuracy", "epoch_seconds"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
     plots = {"curves", "confusion_matrix", "gradient_norms", "saturated_fraction", "misclassified",
@@ -77,6 +118,23 @@ def test_submitted_job_is_tracked_on_the_server(servers, capsys):
     assert np.array_equal(model.predict(data.x_test), weights.predict(data.x_test))
     assert main(["jobs", "list", "--address", servers.dashboard]) == 0
     assert job_id in capsys.readouterr().out
+
+
+def test_a_second_cluster_beside_this_one_is_refused_and_leaves_nothing(servers, neighbour, tmp_path, capsys):
+    import psutil
+
+    second = tmp_path / "second"
+    for option, port in (("--mlflow-port", servers.tracking_uri.rsplit(":", 1)[1]), ("--dashboard-port", neighbour)):
+        ports = {"--dashboard-port": local_cluster.free_port(), "--mlflow-port": local_cluster.free_port(),
+                 option: port}
+        argv = ["cluster", "up", "--state-dir", str(second)]
+        for flag, value in ports.items():
+            argv += [flag, str(value)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err == f"gradavg: error: port {port} is taken by another process; pass {option} PORT"
+        assert not (second / "cluster.json").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(second) in " ".join(p.info["cmdline"] or [])]
 
 
 def test_a_path_only_this_machine_has_fails_on_the_cluster(servers, capsys, tmp_path, monkeypatch):

@@ -1,0 +1,197 @@
+"""`gradavg cluster up|down` and `gradavg submit` where no real Ray or MLflow server is needed.
+
+Stand-ins are small processes in process groups of their own, as the real servers are.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, ROOT
+from jobs import local_cluster, submit
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.local_cluster import ClusterUpError, free_port
+
+# A process that notes each signal in LOG. On SIGTERM a leader stops its child in order (SIGUSR1), as
+# `ray start --block` stops Ray's processes; with --abandon it exits without it, as MLflow's CLI leaves its worker.
+MEMBER = """
+import signal, subprocess, sys, time
+
+log, role = sys.argv[1], sys.argv[2]
+
+
+def note(what):
+    with open(log, "a") as f:
+        f.write(f"{role}: {what}\\n")
+
+
+def on(signum, frame):
+    note(signal.Signals(signum).name)
+    if role == "leader" and "--abandon" not in sys.argv:
+        child.send_signal(signal.SIGUSR1)
+        child.wait()
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, on)
+signal.signal(signal.SIGUSR1, on)
+if role == "leader":
+    child = subprocess.Popen([sys.executable, __file__, log, "child"])
+note("ready")
+while True:
+    time.sleep(1)
+"""
+
+
+def start_group(tmp_path: Path, name: str, *flags: str) -> tuple[subprocess.Popen, Path]:
+    script, log = tmp_path / "member.py", tmp_path / f"{name}.log"
+    script.write_text(MEMBER)
+    leader = subprocess.Popen([sys.executable, str(script), str(log), "leader", *flags], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while "child: ready" not in (log.read_text() if log.exists() else ""):  # its handlers are in place
+        assert time.monotonic() < deadline, "the stand-in group did not start"
+        time.sleep(0.05)
+    return leader, log
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def record(state: Path, ray_pgid: int, mlflow_pgid: int) -> None:
+    state.mkdir(exist_ok=True)
+    (state / "cluster.json").write_text(json.dumps({
+        "state_dir": str(state), "ray_pgid": ray_pgid, "ray_port": free_port(), "dashboard": "http://127.0.0.1:9",
+        "mlflow_pgid": mlflow_pgid, "tracking_uri": "http://127.0.0.1:9"}))
+
+
+def test_down_signals_each_leader_first_and_waits_for_its_group(tmp_path):
+    (ray, ray_log), (mlflow, mlflow_log) = start_group(tmp_path, "ray"), start_group(tmp_path, "mlflow", "--abandon")
+    record(tmp_path / "state", ray.pid, mlflow.pid)
+
+    assert local_cluster.down(tmp_path / "state") == ["MLflow server", "Ray head"]
+    # a signal to the whole group would reach Ray's child before its leader could stop it in order
+    assert ray_log.read_text().splitlines() == ["leader: ready", "child: ready", "leader: SIGTERM", "child: SIGUSR1"]
+    # what a leader leaves behind is signalled next
+    assert mlflow_log.read_text().splitlines() == ["leader: ready", "child: ready", "leader: SIGTERM",
+                                                   "child: SIGTERM"]
+    assert group_gone(ray.pid) and group_gone(mlflow.pid)
+    assert not (tmp_path / "state" / "cluster.json").exists()
+
+
+def test_down_kills_a_group_that_ignores_sigterm(tmp_path):
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(600)"],
+                                stdout=subprocess.PIPE, start_new_session=True)
+    assert stubborn.stdout.readline() == b"ready\n"
+    assert local_cluster._stop_group(stubborn.pid, grace=1.0)
+    assert stubborn.wait(timeout=10) == -9
+
+
+@pytest.mark.parametrize("option", ["--dashboard-port", "--mlflow-port"])
+def test_up_refuses_a_taken_port_and_starts_nothing(option, tmp_path, capsys, monkeypatch):
+    def spawn(*args, **kwargs):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(local_cluster, "_spawn", spawn)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["cluster", "up", "--state-dir", str(tmp_path / "state")]
+        for flag, value in {"--dashboard-port": free_port(), "--mlflow-port": free_port(), option: port}.items():
+            argv += [flag, str(value)]
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[-1] == f"gradavg: error: port {port} is taken by another process; pass {option} PORT"
+    assert not (tmp_path / "state").exists()
+
+
+class Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_up_tells_its_own_server_from_another_on_the_same_port(tmp_path):
+    """The port was free when checked, then another process took it: its answer is not our server's."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    other = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    try:
+        with pytest.raises(ClusterUpError, match=f"^port {port} is taken by another process; pass --mlflow-port"):
+            local_cluster._wait_healthy(sleeper, f"http://127.0.0.1:{port}/health", tmp_path / "log", 30,
+                                        "pass --mlflow-port PORT")
+    finally:
+        other.shutdown()
+        sleeper.kill()
+        sleeper.wait()
+
+    port = free_port()
+    ours = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        local_cluster._wait_healthy(ours, f"http://127.0.0.1:{port}/", tmp_path / "log", 30, "pass --mlflow-port PORT")
+    finally:
+        ours.kill()
+        ours.wait()
+
+
+def test_an_unreachable_tracking_server_gets_advice_that_submit_accepts(capsys):
+    port = free_port()
+    code = main(["submit", str(CONFIGS / "digits.yaml"), "--address", "http://127.0.0.1:9",
+                 "--tracking-uri", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    (line,) = err.splitlines()
+    assert line.startswith(f"gradavg: error: MLflow tracking server http://127.0.0.1:{port} cannot be reached")
+    assert "sqlite" not in line
+    assert f"`mlflow server --host 127.0.0.1 --port {port}`" in line and "pass its http URL" in line
+
+
+def test_a_submitted_job_logs_its_epochs_and_knows_its_commit(monkeypatch):
+    sent = {}
+
+    class Jobs:
+        def submit_job(self, **kwargs):
+            sent.update(kwargs)
+            return "raysubmit_x"
+
+    monkeypatch.setattr(submit, "client", lambda address: Jobs())
+    monkeypatch.setattr(submit, "check_tracking_uri", lambda uri, address: None)
+    cfg = load_config(CONFIGS / "digits.yaml", [])
+    assert submit.submit(cfg, "http://127.0.0.1:9", "http://127.0.0.1:9") == "raysubmit_x"
+    assert "--quiet" not in sent["entrypoint"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("the project is not a git checkout")
+    assert sent["runtime_env"]["env_vars"]["GRADAVG_GIT_COMMIT"] == head.stdout.strip()
+    assert ".git" in sent["runtime_env"]["excludes"]  # why the commit travels in the environment
+
+
+def test_git_commit_comes_from_the_environment_first(monkeypatch):
+    from jobs.tracking import git_commit
+
+    monkeypatch.setenv("GRADAVG_GIT_COMMIT", "0123abcd")
+    assert git_commit() == "0123abcd"
