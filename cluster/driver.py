@@ -89,6 +89,11 @@ def _init(cpus_needed: float) -> None:
                                f"({str(e).splitlines()[0]}); check that it runs (`ray status`) or unset "
                                "RAY_ADDRESS to start a local one") from None
     else:
+        cores = os.cpu_count() or 1
+        if cpus_needed > cores:  # an embedded cluster would offer them anyway, and start more processes than cores
+            raise ClusterError(f"the workers need {cpus_needed:g} CPUs (workers × num_cpus) but this machine has "
+                               f"{cores} cores, all that a local Ray cluster offers; lower workers or num_cpus, or "
+                               "submit the job to a larger cluster (gradavg submit)")
         # "local": a new embedded cluster, never one a `ray start` elsewhere on this machine left behind
         ray.init(address="local", num_cpus=max(1, math.ceil(cpus_needed)), include_dashboard=False,
                  logging_level="WARNING", log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)
