@@ -202,44 +202,67 @@ def cmd_gradcheck(args) -> int:
 def cmd_evaluate(args) -> int:
     from jobs.data import load_dataset
 
-    network, run_data = _load_model(args.model, args.tracking_uri)
-    spec = args.data or run_data or "digits"
-    data = load_dataset(spec)
+    network, params = _load_model(args.model, args.tracking_uri)
+    spec = args.data or params.get("data") or "digits"
+    # the run's own split of its data, so that its validation and test examples are the ones it held out
+    split = _run_split(params) if spec == params.get("data") else {}
+    data = load_dataset(spec, **split)
     x, y = getattr(data, f"x_{args.split}"), getattr(data, f"y_{args.split}")
     if x.shape[1] != network.sizes[0]:
         raise UsageError(f"--data {spec}: has {x.shape[1]} inputs per example but the model takes "
                          f"{network.sizes[0]}; pass the dataset it was trained on")
     if y.size == 0:
-        raise UsageError(f"--split {args.split}: {spec} has no {args.split} examples")
+        held = "" if split else " (pass a run's model, runs:/RUN_ID, to use the validation examples it held out)"
+        raise UsageError(f"--split {args.split}: {spec} has no {args.split} examples{held}")
     cost, accuracy = network.evaluate(x, y)
     print(f"{spec} {args.split} ({y.size} examples): accuracy {100 * accuracy:.2f}%, mean cost {cost:.4f}")
     return 0
 
 
-def _load_model(model: str, tracking_uri: str | None):
+def _run_split(params: dict[str, str]) -> dict:
+    """How a run split its data, from its logged params (``str`` of each value)."""
+    import yaml
+
+    keys = ("validation_size", "test_size", "allow_pickle")
+    return {k: None if params[k] == "None" else yaml.safe_load(params[k]) for k in keys if k in params}
+
+
+def _load_model(model: str, tracking_uri: str | None) -> tuple:
+    """The network a weights file, ``runs:/RUN_ID`` or ``models:/MODEL_ID`` holds, and its run's params."""
     from core import Network
 
-    if model.startswith("runs:/"):
-        import mlflow
-
-        from jobs.tracking import open_store, resolve_uri
-
-        uri = resolve_uri(tracking_uri)
-        client = open_store(uri, create=False)
-        run_id = model.removeprefix("runs:/").strip("/").split("/")[0]
-        try:
-            run = client.get_run(run_id)
-            path = client.download_artifacts(run_id, "weights.npz")
-        except mlflow.exceptions.MlflowException:
-            raise UsageError(f"{model}: no such run with weights.npz in {uri}; check the run id "
-                             "(gradavg run prints it) and --tracking-uri") from None
-        return Network.load(path), run.data.params.get("data")
+    if model.startswith(("runs:/", "models:/")):
+        return _load_tracked(model, tracking_uri)
     if not Path(model).is_file():
-        raise UsageError(f"{model}: no such file; pass a weights.npz or runs:/RUN_ID")
+        raise UsageError(f"{model}: no such file; pass a weights.npz, runs:/RUN_ID or models:/MODEL_ID")
     try:
-        return Network.load(model), None
+        return Network.load(model), {}
     except (ValueError, OSError) as e:
         raise UsageError(f"{model}: cannot be loaded as weights ({e})") from None
+
+
+def _load_tracked(model: str, tracking_uri: str | None) -> tuple:
+    import mlflow
+
+    from core import Network
+    from jobs.tracking import open_store, resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    client = open_store(uri, create=False)
+    try:
+        if model.startswith("runs:/"):
+            run_id = model.removeprefix("runs:/").strip("/").split("/")[0]
+            path = client.download_artifacts(run_id, "weights.npz")
+        else:  # a logged model (models:/m-...) or a registered one (models:/NAME/VERSION)
+            run_id = mlflow.models.get_model_info(model).run_id
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri)
+            path = Path(folder) / "artifacts" / "weights.npz"
+        params = client.get_run(run_id).data.params if run_id else {}
+    except (mlflow.exceptions.MlflowException, OSError):
+        what = "run with weights.npz" if model.startswith("runs:/") else "gradavg model"
+        raise UsageError(f"{model}: no such {what} in {uri}; check the id (gradavg run prints the run's) and "
+                         "--tracking-uri") from None
+    return Network.load(path), params
 
 
 def cmd_submit(args) -> int:

@@ -119,7 +119,15 @@ def _show(value: Any, limit: int = 200) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key written twice (plain YAML keeps the last one silently)."""
+    """YAML's safe loader, refusing a key written twice (plain YAML keeps the last one silently) and
+    aliases (a config writes its values out; nested aliases can make a small file expand without end)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"an alias (*{event.anchor}) at line {event.start_mark.line + 1}: write each value "
+                              "out instead of YAML's & anchors and * aliases")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()

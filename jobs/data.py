@@ -251,7 +251,8 @@ def _npz_pair(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.
             raise DataError(f"{path}: labels y must be whole numbers, got dtype {y.dtype}")
     if y.size and (y.min() < 0 or y.max() > _MAX_LABEL):  # before the cast to int64, which would wrap them
         bad = y[(y < 0) | (y > _MAX_LABEL)][0]
-        raise DataError(f"{path}: label {bad:.0f} is out of range; labels are class numbers 0, 1, 2, …")
+        bad = int(bad) if np.issubdtype(y.dtype, np.integer) else f"{bad:.0f}"  # exact, however large
+        raise DataError(f"{path}: label {bad} is out of range; labels are class numbers 0, 1, 2, …")
     if np.iscomplexobj(x):
         raise DataError(f"{path}: x is complex ({x.dtype}); inputs must be real numbers")
     if not np.issubdtype(x.dtype, np.number):

@@ -7,9 +7,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+GRADIENT_NORMS_TITLE = r"$\|\partial C/\partial w^l\|$ per layer $l$"  # mathtext: drawn in any font
+
+
+def _save(fig: Figure, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _epoch_axis(ax) -> None:
+    """Epochs are whole numbers: no tick at 1.5."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def curves(history, path) -> None:
+    _save(curves_figure(history), path)
+
+
+def curves_figure(history) -> Figure:
     """Cost and accuracy against epoch, training, validation and test side by side."""
     epochs = [r.epoch for r in history]
     fig, (ax_cost, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -18,14 +38,13 @@ def curves(history, path) -> None:
         if costs and costs[0] is not None:
             ax_cost.plot(epochs, costs, marker=".", label=name)
             ax_acc.plot(epochs, [100 * getattr(r, f"{name}_accuracy") for r in history], marker=".", label=name)
-    ax_cost.set(xlabel="epoch", ylabel="mean cost C", title="cost")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax_cost.set(ylabel="mean cost C", title="cost")
+    ax_acc.set(ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_cost, ax_acc):
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -47,12 +66,15 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int, path, t
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix, {title} ({100 * accuracy:.1f}% correct)",
            xticks=range(n_classes), yticks=range(n_classes))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def per_layer(series: dict[str, list[tuple[int, float]]], path, title: str, ylabel: str, log: bool = False) -> None:
+    _save(per_layer_figure(series, title, ylabel, log), path)
+
+
+def per_layer_figure(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str,
+                     log: bool = False) -> Figure:
     """One line per layer over training: ``series`` maps 'layer 2' to [(epoch, value), ...]."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, points in series.items():
@@ -61,12 +83,11 @@ def per_layer(series: dict[str, list[tuple[int, float]]], path, title: str, ylab
             ax.plot(epochs, values, marker=".", label=name)
     if log:
         ax.set_yscale("log")
-    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.set(ylabel=ylabel, title=title)
+    _epoch_axis(ax)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, shape: tuple[int, int], path,
@@ -82,9 +103,7 @@ def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
         ax.imshow(images[i].reshape(shape), cmap="gray_r")
         ax.set_title(f"{labels[i]} → {predicted[i]}", fontsize=9, color="firebrick")
     fig.suptitle("misclassified test images (true → predicted)" if len(wrong) else "no misclassified test images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return len(wrong)
 
 
@@ -101,6 +120,4 @@ def first_layer_weights(weights: np.ndarray, shape: tuple[int, int], path, limit
         ax.imshow(w.reshape(shape), cmap="RdBu_r", vmin=-bound, vmax=bound)
         ax.set_title(str(j), fontsize=7)
     fig.suptitle("first layer's weights, one image per hidden neuron (red +, blue −)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

@@ -42,7 +42,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # variables to choose others.
 REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-SYSTEM_METRICS_SECONDS = 5  # CPU, memory, disk and network of the driver's machine, sampled this often
+# While training, metrics and checkpoints go to the store at most this often, and at the end: each send
+# costs milliseconds of a core that training would otherwise use (an epoch can take less than 0.1 s).
+SEND_EVERY_SECONDS = 2.0
+SYSTEM_METRICS_SECONDS = 2  # CPU, memory, disk and network of the driver's machine, sampled this often
 
 
 class TrackingError(RuntimeError):
@@ -273,7 +276,11 @@ class RunTracker(Hooks):
         self._buffered: list = []  # batch costs and step diagnostics, sent with the epoch's metrics
         self._logged: dict[str, set[int]] = {}  # steps already in the store, when resuming
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="gradavg-tracking")  # in order, one at a time
-        self._sent: list = []
+        self._sent: list = []  # what the sender has been handed: metric batches, checkpoint uploads
+        self._unsent: list = []  # metrics held back until the next send (SEND_EVERY_SECONDS)
+        self._unsent_epochs: list[int] = []
+        self._checkpoint = None  # the newest checkpoint not yet sent: (arrays, epoch)
+        self._last_sent = time.monotonic()
         self._staging = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
         self._monitor = None
         self.run_id: str | None = None
@@ -466,16 +473,40 @@ class RunTracker(Hooks):
     def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None:
         from mlflow.entities import Metric
 
+        from jobs import checkpoint
+
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, result.epoch) for k, v in result.metrics().items()] + self._buffered
-        metrics = [m for m in metrics if m.step not in self._logged.get(m.key, ())]
         self._buffered = []
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
-            self._in_background(f"logging epoch {result.epoch}'s metrics", self.client.log_batch, self.run_id,
-                                metrics[start : start + 1000])
+        self._unsent.extend(m for m in metrics if m.step not in self._logged.get(m.key, ()))
+        self._unsent_epochs.append(result.epoch)
         if self.cfg.checkpoint_every and result.epoch % self.cfg.checkpoint_every == 0:
-            self.log_checkpoint(state)
+            self._checkpoint = (checkpoint.snapshot(state, self.cfg), state.epoch)  # the newest replaces older
+        if time.monotonic() - self._last_sent >= SEND_EVERY_SECONDS:
+            self._send()
         self._check_lost()
+
+    def _send(self) -> None:
+        """Hand the metrics so far, then the newest checkpoint, to the sender thread. In that order: a
+        checkpoint never gets ahead of its metrics, so a run resumed from it has every metric up to it."""
+        from jobs import checkpoint
+
+        epochs = self._unsent_epochs or [0]
+        what = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}–{epochs[-1]}"
+        metrics, self._unsent, self._unsent_epochs = self._unsent, [], []
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+            self._in_background(f"logging {what}'s metrics", self.client.log_batch, self.run_id,
+                                metrics[start : start + 1000])
+        if self._checkpoint is not None:
+            (arrays, epoch), self._checkpoint = self._checkpoint, None
+
+            def upload():
+                path = checkpoint.write(arrays, self._staging / "checkpoint.npz")
+                self.client.log_artifact(self.run_id, str(path), "checkpoints")
+                self.stored_epoch = epoch
+
+            self._in_background(f"uploading epoch {epoch}'s checkpoint", upload)
+        self._last_sent = time.monotonic()
 
     def _check_lost(self) -> None:
         if self.lost and not self._warned:
@@ -497,26 +528,13 @@ class RunTracker(Hooks):
         self._in_background("tagging a worker failure", self.client.log_batch, self.run_id, [], [], tags)
 
     def flush(self) -> None:
-        """Wait for every metric batch and checkpoint still on its way."""
+        """Send what is held back, and wait for every metric batch and checkpoint still on its way."""
+        self._send()
         for sent in self._sent:
             sent.result()
         self._sent = []
 
     # -- artifacts
-    def log_checkpoint(self, state: TrainingState) -> None:
-        """Snapshot now, write and upload in the background, after the metrics logged so far: a
-        checkpoint never gets ahead of its metrics, so a run resumed from it has every metric up to it."""
-        from jobs import checkpoint
-
-        arrays, epoch = checkpoint.snapshot(state, self.cfg), state.epoch
-
-        def upload():
-            path = checkpoint.write(arrays, self._staging / "checkpoint.npz")
-            self.client.log_artifact(self.run_id, str(path), "checkpoints")
-            self.stored_epoch = epoch
-
-        self._in_background(f"uploading epoch {epoch}'s checkpoint", upload)
-
     def log_plots(self, network, data: Dataset) -> None:
         """Every plot, drawn from the run's whole metric history (so a resumed run's too)."""
         from jobs import plots
@@ -529,7 +547,7 @@ class RunTracker(Hooks):
         layers = range(2, len(network.sizes) + 1)
         if f"layer{layers[0]}/grad_w_norm" in self.client.get_run(self.run_id).data.metrics:
             for name, title, ylabel, log in (
-                    ("grad_w_norm", "‖∂C/∂wˡ‖ per layer l", "gradient norm (log scale)", True),
+                    ("grad_w_norm", plots.GRADIENT_NORMS_TITLE, "gradient norm (log scale)", True),
                     ("saturated_fraction", "saturated neurons per layer (σ'(z) < 0.01)", "fraction", False)):
                 series = {f"layer {l}": [(m.step, m.value) for m in
                                          self.client.get_metric_history(self.run_id, f"layer{l}/{name}")]
@@ -551,7 +569,7 @@ class RunTracker(Hooks):
 
         by_epoch: dict[int, dict[str, float]] = {}
         for key in EPOCH_METRICS:
-            for m in self.client.get_metric_history(self.run_id, key):
+            for m in self.client.get_metric_history(self.run_id, EPOCH_METRICS[key]):
                 by_epoch.setdefault(m.step, {})[key] = m.value
         return [SimpleNamespace(epoch=epoch, **{k: values.get(k) for k in EPOCH_METRICS})
                 for epoch, values in sorted(by_epoch.items())]

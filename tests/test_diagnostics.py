@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -9,11 +12,12 @@ from mlflow.tracking import MlflowClient
 from conftest import CONFIGS
 from core import Network, gradient_sum
 from core.diagnostics import layer_metrics, stats_size
+from jobs import plots
 from jobs.backends import LocalBackend
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.data import load_dataset
-from jobs.train import diagnostic_rows
+from jobs.train import EPOCH_METRICS, EpochResult, diagnostic_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -146,6 +150,63 @@ def test_the_slowdown_lesson_from_logged_runs(tracking_uri, capsys):
     assert first(quad, "layer3/grad_w_norm") < first(xent, "layer3/grad_w_norm") / 4
     assert first(quad, "layer3/saturated_fraction") > 0.5
     # and the cross-entropy run's cost falls faster, relative to where each started
-    q_cost, x_cost = history(quad, "train_cost"), history(xent, "train_cost")
+    q_cost, x_cost = history(quad, "cost/train"), history(xent, "cost/train")
     assert x_cost[-1] / x_cost[0] < q_cost[-1] / q_cost[0] - 0.2
-    assert history(xent, "test_accuracy")[-1] > history(quad, "test_accuracy")[-1] + 0.5
+    assert history(xent, "accuracy/test")[-1] > history(quad, "accuracy/test")[-1] + 0.5
+
+
+def mlflow_ui_sections(names) -> list[str]:
+    """The sections, in order, that MLflow 3.17's UI draws a run's metric charts in (read from its
+    bundled JS and seen in a browser): one per name prefix up to the last "/", sorted, then "" for
+    the unprefixed names (its "Model metrics" section)."""
+    prefixes = {name.rpartition("/")[0] for name in names}
+    return sorted(prefixes - {""}) + [""] * ("" in prefixes)
+
+
+def test_cost_and_accuracy_are_the_first_charts_in_mlflow():
+    net = Network.create([20, 12, 8, 5], seed=4)
+    rng = np.random.default_rng(1)
+    stats = np.zeros(stats_size(net.sizes))
+    nabla, n = gradient_sum(net, rng.random((10, 20)), rng.integers(0, 5, 10), stats=stats)
+    diagnostics = layer_metrics(net, nabla, n, stats)
+    result = EpochResult(1, 10, 0.5, 0.8, 0.6, 0.7, 0.6, 0.7, 1.0, 100.0, diagnostics=diagnostics)
+    names = [*result.metrics(), *(f"steps/{k}" for k in diagnostics), "batch_cost"]
+    assert mlflow_ui_sections(names) == ["accuracy", "cost", "layer2", "layer3", "layer4", "steps/layer2",
+                                         "steps/layer3", "steps/layer4", ""]
+    assert {k: result.metrics()[v] for k, v in EPOCH_METRICS.items()} == {
+        "train_cost": 0.5, "train_accuracy": 0.8, "validation_cost": 0.6, "validation_accuracy": 0.7,
+        "test_cost": 0.6, "test_accuracy": 0.7, "epoch_seconds": 1.0, "examples_per_second": 100.0,
+        "worker_failures": 0}
+
+
+def epoch_ticks(fig) -> list[np.ndarray]:
+    """Each axes' x ticks that fall inside its view."""
+    fig.canvas.draw()
+    ticks = []
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks.append(np.array([t for t in ax.get_xticks() if low <= t <= high]))
+    plots.plt.close(fig)
+    return ticks
+
+
+@pytest.mark.parametrize("n_epochs", [1, 2, 3, 7, 30])
+def test_per_epoch_axes_tick_only_whole_epochs(n_epochs):
+    """Regression: 3 epochs were ticked at 1, 1.5, 2, 2.5, 3."""
+    epochs = range(1, n_epochs + 1)
+    history = [SimpleNamespace(epoch=e, train_cost=1 / e, train_accuracy=0.5, validation_cost=None,
+                               validation_accuracy=None, test_cost=1 / e, test_accuracy=0.5) for e in epochs]
+    series = {f"layer {layer}": [(e, 10.0 ** -e) for e in epochs] for layer in (2, 3)}
+    for fig in (plots.curves_figure(history), plots.per_layer_figure(series, "t", "y", log=True)):
+        for ticks in epoch_ticks(fig):
+            assert len(ticks) and np.array_equal(ticks, np.round(ticks)), ticks
+
+
+def test_the_gradient_norm_title_draws_every_glyph():
+    """The title log_plots passes once read `w^l`; a glyph missing from the font only warns, so fail on it."""
+    fig = plots.per_layer_figure({"layer 2": [(1, 0.1), (2, 0.2)]}, plots.GRADIENT_NORMS_TITLE, "norm", log=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.canvas.draw()  # a mathtext mistake raises here too
+    assert fig.axes[0].get_title() == plots.GRADIENT_NORMS_TITLE
+    plots.plt.close(fig)

@@ -102,7 +102,7 @@ def test_submitted_job_is_tracked_on_the_server(servers, capsys):
     logs = capsys.readouterr().out
     assert [line.split(":")[0] for line in logs.splitlines() if line.startswith("epoch ")] == [
         "epoch 1/3", "epoch 2/3", "epoch 3/3"]
-    for key in ("train_cost", "validation_accuracy", "test_accuracy", "epoch_seconds"):
+    for key in ("cost/train", "accuracy/validation", "accuracy/test", "epoch_seconds"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
     plots = {"curves", "confusion_matrix", "gradient_norms", "saturated_fraction", "misclassified",
              "first_layer_weights"}

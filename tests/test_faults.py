@@ -200,11 +200,12 @@ def test_workers_that_keep_dying_stop_the_job_with_a_checkpoint_to_resume(tracki
     cfg = digits_cfg()
     local = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(cfg.chunk_size, threads=2))
     assert np.array_equal(weights, local.network.params)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy/test")] == [1, 2, 3]
 
 
 def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys):
-    args = [DIGITS, "epochs=40", "log_every=10"]
+    # long enough (about 4 s) for a checkpoint to land mid-training: they are sent every 2 s
+    args = [DIGITS, "data=mnist-5k", "sizes=[784,30,10]", "epochs=120", "log_every=10"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -220,7 +221,7 @@ def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     run_id = run.info.run_id
     assert run.info.status == "RUNNING"
-    assert len(client.get_metric_history(run_id, "train_cost")) < 40
+    assert len(client.get_metric_history(run_id, "cost/train")) < 120
 
     assert main(["runs", "repair"]) == 0
     assert f"{run_id}: ended KILLED (its driver is gone)" in capsys.readouterr().out
@@ -230,13 +231,14 @@ def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys
     capsys.readouterr()
     finished = client.get_run(run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["resumed"] == "1"
-    for key in ("train_cost", "test_accuracy", "epoch_seconds", "layer3/grad_w_norm"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 41)), key
+    for key in ("cost/train", "accuracy/test", "epoch_seconds", "layer3/grad_w_norm"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 121)), key
+    cfg = load_config(CONFIGS / "digits.yaml", args[1:])
+    data = load_dataset(cfg.data, cfg.validation_size)
     steps = [m.step for m in client.get_metric_history(run_id, "batch_cost")]
-    assert sorted(steps) == list(range(10, 40 * 124 + 1, 10))  # 124 steps an epoch, none twice
+    assert sorted(steps) == list(range(10, 120 * data.y_train.size // 10 + 1, 10))  # none twice
     weights = Network.load(client.download_artifacts(run_id, "weights.npz")).params
-    cfg = load_config(CONFIGS / "digits.yaml", ["epochs=40"])
-    uninterrupted = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(cfg.chunk_size))
+    uninterrupted = train(cfg, data, LocalBackend(cfg.chunk_size))
     assert np.array_equal(weights, uninterrupted.network.params)
 
 

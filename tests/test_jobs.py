@@ -18,8 +18,8 @@ from core import Network
 from jobs.cli import main
 from jobs.config import ConfigError, JobConfig, load_config
 
-PER_EPOCH = ["train_cost", "train_accuracy", "validation_cost", "validation_accuracy", "test_cost",
-             "test_accuracy", "epoch_seconds", "examples_per_second"]
+PER_EPOCH = ["cost/train", "accuracy/train", "cost/validation", "accuracy/validation", "cost/test",
+             "accuracy/test", "epoch_seconds", "examples_per_second"]
 
 
 def only_run(uri):
@@ -52,7 +52,7 @@ def test_digits_run_end_to_end(tracking_uri, capsys):
     assert run.inputs.dataset_inputs[0].dataset.name == "digits"
 
     network = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
-    test_acc = client.get_metric_history(run.info.run_id, "test_accuracy")[-1].value
+    test_acc = client.get_metric_history(run.info.run_id, "accuracy/test")[-1].value
     from jobs.data import load_dataset
 
     data = load_dataset("digits", validation_size=200)
@@ -244,3 +244,111 @@ def test_synthetic_data_runs_with_tracking_on(tracking_uri, capsys):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.data.params["data"] == "synthetic:300:64:10"
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic"]
+
+
+def test_a_tracked_run_cleans_up_and_tags_what_it_ran_on(tracking_uri, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]) == 0
+    assert list((tmp_path / "tmp").iterdir()) == []  # the staged checkpoint, weights and plots are gone
+    client, run = only_run(tracking_uri)
+    tags = run.data.tags
+    assert tags["threads"] == str(os.cpu_count()) and "workers" not in tags  # `workers` is the Ray key
+    assert tags["mlflow.source.name"] == "gradavg run"
+    assert len(tags["git_commit"]) == 40 or not (ROOT / ".git").exists()
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # sampled every 2 s; closing takes longer
+
+
+def test_resuming_a_finished_run_says_it_is_complete(tracking_uri, capsys):
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]) == 0
+    client, run = only_run(tracking_uri)
+    capsys.readouterr()
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--resume", run.info.run_id]) == 0
+    out = capsys.readouterr().out
+    assert f"run {run.info.run_id} is already complete: it FINISHED after 2 epochs" in out
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert len(models) == 1 and client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_resume_finishes_what_a_killed_close_left_undone(tracking_uri, monkeypatch, capsys):
+    from jobs.tracking import RunTracker
+
+    def killed(self, weights_path, data):  # the driver is stopped while it logs the model
+        raise KeyboardInterrupt
+
+    log_model = RunTracker.log_model
+    monkeypatch.setattr(RunTracker, "log_model", killed)
+    args = ["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]
+    assert main(args) == 130
+    client, run = only_run(tracking_uri)
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED"
+    experiment = [run.info.experiment_id]
+    assert mlflow.search_logged_models(experiment_ids=experiment, output_format="list") == []
+    weights = Network.load(client.download_artifacts(run_id, "weights.npz")).params
+    monkeypatch.setattr(RunTracker, "log_model", log_model)
+    capsys.readouterr()
+    assert main([*args, "--resume", run_id]) == 0
+    assert "after 2 epochs" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    (model,) = mlflow.search_logged_models(experiment_ids=experiment, output_format="list")
+    assert model.source_run_id == run_id
+    assert np.array_equal(Network.load(client.download_artifacts(run_id, "weights.npz")).params, weights)
+    assert [m.step for m in client.get_metric_history(run_id, "cost/train")] == [1, 2]
+    assert main([*args, "--resume", run_id]) == 0  # and now there is nothing left to do
+    assert "is already complete" in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_contradicts_itself_is_refused(tracking_uri, tmp_path, capsys):
+    from jobs import checkpoint
+
+    args = ["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]
+    assert main(args) == 0
+    client, run = only_run(tracking_uri)
+    run_id = run.info.run_id
+    arrays = dict(np.load(client.download_artifacts(run_id, "checkpoints/checkpoint.npz")))
+    for field, value, message in (("epoch", -5, "it holds epoch -5 and step"),
+                                  ("step", 7, "its checkpoint says epoch 2 at step 7, but an epoch of")):
+        checkpoint.write({**arrays, field: np.array(value)}, tmp_path / "checkpoint.npz")
+        client.log_artifact(run_id, str(tmp_path / "checkpoint.npz"), "checkpoints")
+        assert main([*args[:2], "epochs=3", "--resume", run_id]) == 2
+        assert message in error_line(capsys.readouterr().err)
+    assert [m.step for m in client.get_metric_history(run_id, "cost/train")] == [1, 2]
+
+
+def test_evaluate_a_logged_model_on_its_runs_validation_split(tracking_uri, capsys):
+    from jobs.data import load_dataset
+
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=1", "--quiet"]) == 0
+    client, run = only_run(tracking_uri)
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    capsys.readouterr()
+    assert main(["evaluate", f"models:/{model.model_id}", "--split", "validation"]) == 0
+    network = Network.load(client.download_artifacts(run.info.run_id, "weights.npz"))
+    data = load_dataset("digits", validation_size=200)  # the run's own split (configs/digits.yaml)
+    cost, accuracy = network.evaluate(data.x_validation, data.y_validation)
+    out = capsys.readouterr().out
+    assert f"digits validation (200 examples): accuracy {100 * accuracy:.2f}%, mean cost {cost:.4f}" in out
+
+
+def test_workers_left_idle_by_one_chunk_are_told():
+    import io
+
+    from jobs.progress import Progress
+    from jobs.run import _note_idle_workers
+
+    stream = io.StringIO()
+    _note_idle_workers(load_config(None, ["backend=ray", "workers=2", "batch_size=10"]), Progress(1, stream))
+    _note_idle_workers(load_config(None, ["backend=ray", "workers=2", "batch_size=1000"]), Progress(1, stream))
+    (line,) = stream.getvalue().splitlines()
+    assert line.startswith("gradavg: note: a mini-batch of 10 is 1 chunk of up to chunk_size=500 examples, so "
+                           "only 1 of the 2 workers compute in each step; chunk_size=5 shares it among all 2")
+
+
+def test_gradcheck_says_how_many_examples_it_checked(capsys):
+    assert main(["gradcheck", str(CONFIGS / "digits.yaml"), "sizes=[64,3,10]", "--examples", "100000000"]) == 0
+    err = capsys.readouterr().err
+    assert "on 1,238 examples of digits (all it has; 100,000,000 asked)" in err

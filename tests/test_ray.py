@@ -118,7 +118,7 @@ def test_gradavg_run_digits_on_two_ray_workers(tracking_uri, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.tags["backend"] == "ray" and run.data.tags["workers"] == "2"
     assert run.data.tags["transport"] == "compiled"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy/test")] == [1, 2]
     weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz")).params
     cfg = load_config(CONFIGS / "digits.yaml", ["chunk_size=4", "epochs=2"])
     local = train(cfg, load_dataset("digits", cfg.validation_size), LocalBackend(4, threads=2))

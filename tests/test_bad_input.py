@@ -1,0 +1,164 @@
+"""Bad input, table-driven: each command exits 2 with one line that names the problem, no traceback,
+and leaves no run RUNNING in the store."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS, error_line
+from core import Network
+from jobs.cli import main
+from jobs.data import save_npz
+
+DIGITS = str(CONFIGS / "digits.yaml")
+LONG = "x" * 600
+
+BOMB = """sizes: [&a [1, 1, 1, 1, 1, 1, 1, 1, 1], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a],
+  &c [*b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c], *d]
+"""
+
+
+def idx(path: Path, shape: tuple[int, ...], data: bytes = b"") -> None:
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape) + data)
+
+
+def weights_file(path: Path, **changes) -> None:
+    """A weights file as Network.save writes it, with some arrays replaced."""
+    Network.create([64, 30, 10]).save(path)
+    arrays = dict(np.load(path))
+    arrays.update(changes)
+    np.savez(path, **arrays)
+
+
+def forged_header(path: Path) -> None:
+    """A weights file whose weights_0.npy header claims (100000, 100000) doubles: 80 GB."""
+    Network.create([64, 30, 10]).save(path)
+    arrays = dict(np.load(path))
+    with zipfile.ZipFile(path, "w") as z:
+        for name, value in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            raw = buffer.getvalue()
+            if name == "weights_0":
+                raw = raw.replace(b"(30, 64)", b"(100000, 100000)")
+            z.writestr(f"{name}.npy", raw)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "dup.yaml").write_text("eta: 1.0\nepochs: 2\neta: 3.0\n")
+    (d / "syntax.yaml").write_text("eta: [1.0\n")
+    (d / "list.yaml").write_text("- eta\n- epochs\n")
+    (d / "bomb.yaml").write_text(BOMB)
+    (d / "tagged.yaml").write_text("sizes: !!python/tuple [64, 30, 10]\n")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((100, 64)), rng.integers(0, 10, 100)
+    save_npz(d / "complex.npz", x + 1j, y)
+    save_npz(d / "huge-labels.npz", x, np.full(100, 2**63 + 5, dtype=np.uint64))
+    save_npz(d / "classes.npz", x, y, n_classes=np.array(-3))
+    save_npz(d / "test-width.npz", x, y, x_test=rng.random((20, 32)), y_test=rng.integers(0, 10, 20))
+    (d / "zero-pixels").mkdir()
+    idx(d / "zero-pixels" / "train-images-idx3-ubyte", (100, 0, 0))
+    idx(d / "zero-pixels" / "train-labels-idx1-ubyte", (100,), bytes(100))
+    (d / "overflow").mkdir()
+    idx(d / "overflow" / "train-images-idx3-ubyte", (2**32 - 1, 2**32 - 1, 2**32 - 1), bytes(64))
+    idx(d / "overflow" / "train-labels-idx1-ubyte", (100,), bytes(100))
+    (d / "not-a-zip.npz").write_bytes(b"hello")
+    weights_file(d / "sizes-2d.npz", sizes=np.array([[64, 30, 10]]))
+    weights_file(d / "sizes-0d.npz", sizes=np.array(64))
+    weights_file(d / "strings.npz", weights_0=np.full((30, 64), "a"))
+    weights_file(d / "nan.npz", weights_0=np.full((30, 64), np.nan))
+    forged_header(d / "forged.npz")
+    Network.create([64, 30, 10]).save(d / "good.npz")
+    return d
+
+
+# (arguments, with {d} for the folder of files above; what the error line must say)
+ROWS = [
+    (["run", DIGITS, "eta=0"], "eta=0.0: the learning rate η must be a finite number > 0"),
+    (["run", DIGITS, "eta=-1"], "eta=-1.0: the learning rate"),
+    (["run", DIGITS, "eta=.nan"], "eta=.nan: the learning rate"),
+    (["run", DIGITS, "lmbda=-1"], "lmbda=-1.0: the L2 decay"),
+    (["run", DIGITS, "batch_size=0"], "batch_size=0: the mini-batch size must be >= 1"),
+    (["run", DIGITS, "epochs=0"], "epochs=0: must be >= 1"),
+    (["run", DIGITS, "epochs=2.5"], "epochs=2.5: must be a whole number"),
+    (["run", DIGITS, "seed=-1"], "seed=-1: must be >= 0"),
+    (["run", DIGITS, "sizes=[64]"], "sizes=[64]: needs at least two layer sizes"),
+    (["run", DIGITS, "sizes=[64,0,10]"], "sizes=[64, 0, 10]: needs at least two layer sizes, each >= 1"),
+    (["run", DIGITS, "sizes=[64,100000000000,10]"], "of memory for its weights and buffers, but this machine has"),
+    (["run", DIGITS, f"sizes=[{','.join(['784'] * 33)}]"], "the input layer has 784 neurons but digits has 64"),
+    (["run", DIGITS, "sizes=[784,30,10]"], "the input layer has 784 neurons but digits has 64 inputs"),
+    (["run", DIGITS, "sizes=[64,30,5]"], "the output layer has 5 neurons but digits has labels up to 9"),
+    (["run", DIGITS, "cost=hinge"], "cost=hinge: one of quadratic, cross_entropy"),
+    (["run", DIGITS, "activation=relu"], "activation=relu: one of sigmoid"),
+    (["run", DIGITS, "dtype=float16"], "dtype=float16: one of float64, float32"),
+    (["run", DIGITS, "init=zeros"], "init=zeros: one of standard, scaled"),
+    (["run", DIGITS, "backend=spark"], "backend=spark: one of local, ray"),
+    (["run", DIGITS, "transport=nccl"], "transport=nccl: how Ray steps travel"),
+    (["run", DIGITS, "workers=0"], "workers=0: must be >= 1"),
+    (["run", DIGITS, "backend=ray", "workers=1000", "track=false"], "this machine has"),
+    (["run", DIGITS, "chunk_size=0"], "chunk_size=0: must be >= 1"),
+    (["run", DIGITS, "validation_size=-1"], "validation_size=-1: must be >= 0"),
+    (["run", DIGITS, "validation_size=100000"], "validation_size=100000: must be at least 0 and less than"),
+    (["run", DIGITS, "test_size=0"], "test_size=0: must be >= 1, or null"),
+    (["run", DIGITS, "eta"], "override 'eta': write key=value"),
+    (["run", DIGITS, "etta=1"], "unknown key 'etta': did you mean 'eta'?"),
+    (["run", DIGITS, f"experiment={LONG}"], "must be a name of 1 to 500 characters"),
+    (["run", DIGITS, f"run_name={LONG}"], "must be a name of 1 to 250 characters"),
+    (["run", DIGITS, "data=no-such-dataset"], "data='no-such-dataset': no such file or folder"),
+    (["run", DIGITS, "data=synthetic:0:64:10"], "examples and inputs must be positive"),
+    (["run", DIGITS, "data=synthetic:abc"], "write synthetic:EXAMPLES:INPUTS:CLASSES"),
+    (["run", "no-such.yaml"], "config 'no-such.yaml': no such file"),
+    (["run", "{d}/dup.yaml"], "key 'eta' is written twice (line 3); keep one"),
+    (["run", "{d}/syntax.yaml"], "at line 2; write plain key: value lines"),
+    (["run", "{d}/list.yaml"], "must be a mapping of key: value lines"),
+    (["run", "{d}/bomb.yaml"], "an alias (*a) at line 1: write each value out"),
+    (["run", "{d}/tagged.yaml"], "could not determine a constructor for the tag"),
+    (["run", DIGITS, "data={d}/complex.npz"], "x is complex (complex128); inputs must be real numbers"),
+    (["run", DIGITS, "data={d}/huge-labels.npz"], "label 9223372036854775813 is out of range"),
+    (["run", DIGITS, "data={d}/classes.npz"], "n_classes must be one whole number >= 2"),
+    (["run", DIGITS, "data={d}/test-width.npz"], "the test examples have 32 inputs but the training examples 64"),
+    (["run", DIGITS, "data={d}/zero-pixels"], "its examples have no inputs (shape (100, 0))"),
+    (["run", DIGITS, "data={d}/overflow"], "bytes its header promises for shape (4294967295, 4294967295"),
+    (["run", DIGITS, "data={d}/not-a-zip.npz"], "not a readable .npz"),
+    (["run", DIGITS, "--resume", "deadbeefdeadbeef"], "--resume deadbeefdeadbeef: no such run"),
+    (["run", DIGITS, "--tracking-uri", "bogus://x"], "MLflow has no tracking store for the scheme 'bogus'"),
+    (["run", DIGITS, "--tracking-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9 cannot be reached"),
+    (["gradcheck", DIGITS, "--tolerance", "nan"], "--tolerance nan: must be a number > 0"),
+    (["gradcheck", DIGITS, "--examples", "0"], "--examples 0: must be at least 1"),
+    (["evaluate", "{d}/no-such.npz"], "no such file; pass a weights.npz, runs:/RUN_ID or models:/MODEL_ID"),
+    (["evaluate", "{d}/sizes-2d.npz"], "sizes must be a list of at least two positive whole numbers"),
+    (["evaluate", "{d}/sizes-0d.npz"], "sizes must be a list of at least two positive whole numbers"),
+    (["evaluate", "{d}/strings.npz"], "weights_0 holds <U1, not floating-point numbers"),
+    (["evaluate", "{d}/nan.npz"], "the weights contain NaN or Inf"),
+    (["evaluate", "{d}/forged.npz"], "weights_0 has shape (100000, 100000) but sizes need (30, 64)"),
+    (["evaluate", "{d}/good.npz", "--data", "mnist-5k"], "has 784 inputs per example but the model takes 64"),
+    (["evaluate", "{d}/good.npz", "--split", "validation"], "digits has no validation examples"),
+    (["evaluate", "runs:/deadbeefdeadbeef"], "runs:/deadbeefdeadbeef: no such run with weights.npz"),
+    (["evaluate", "models:/m-deadbeef"], "models:/m-deadbeef: no such gradavg model"),
+    (["runs", "repair", "deadbeefdeadbeef"], "gradavg runs repair deadbeefdeadbeef: no such run"),
+    (["submit", DIGITS], "a job on a cluster needs a tracking server it can reach"),
+]
+
+
+@pytest.mark.parametrize("args, message", ROWS, ids=[" ".join(a)[:60] for a, _ in ROWS])
+def test_bad_input_is_one_line_and_exit_2(files, tracking_uri, capsys, monkeypatch, args, message):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False) if args[0] == "submit" else None
+    assert main([a.replace("{d}", str(files)) for a in args]) == 2
+    assert message in error_line(capsys.readouterr().err)
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_the_table_is_long_enough():
+    assert len(ROWS) >= 40
