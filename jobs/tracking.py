@@ -373,6 +373,14 @@ class RunTracker(Hooks):
         self.experiment_id = self.client.get_run(run_id).info.experiment_id
         self._start_monitor(resume=True)
 
+    def _stop_monitor(self) -> None:
+        """Stop sampling, and log one last sample: a run shorter than the interval gets one too."""
+        monitor = self._monitor
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+
     def _start_monitor(self, resume: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -444,7 +452,7 @@ class RunTracker(Hooks):
             if self.run_id is not None and not self.lost:
                 self.flush()
                 if self._monitor is not None:
-                    self._monitor.finish()
+                    self._call("logging system metrics", self._stop_monitor)
                 self._call("closing the run", self.client.set_terminated, self.run_id, status)
             elif self.run_id is not None:  # one bounded try: a store that lost only its artifacts still answers
                 try:

@@ -55,6 +55,8 @@ def tracking_uri(template_store, tmp_path, monkeypatch) -> str:
 def error_line(stderr: str) -> str:
     """The one error line a failed command printed (progress lines may come before it)."""
     assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("gradavg: error: ")]
+    lines = stderr.splitlines()
+    assert all(line.startswith(("gradavg: ", "epoch ")) for line in lines), stderr  # no message runs on
+    errors = [line for line in lines if line.startswith("gradavg: error: ")]
     assert len(errors) == 1, stderr
     return errors[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,3 +210,28 @@ def test_artifacts_on_a_full_disk_keep_the_weights(tracking_uri, tmp_path, monke
     state, _ = checkpoint.load(run_dir / "checkpoint.npz")
     assert state.epoch == 2 and np.array_equal(state.network.params, untracked)
     assert MlflowClient(tracking_uri).get_run(run_dir.name).info.status == "FAILED"  # the store itself answered
+
+
+@pytest.fixture
+def read_only_mount(tmp_path, template_store):
+    """A folder on a tmpfs holding a store, then remounted read-only (needs root: skipped elsewhere)."""
+    folder = tmp_path / "mount"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        shutil.copy(template_store, folder / "existing.db")
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_store_on_a_read_only_mount_is_refused_at_once(read_only_mount, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for db, message in (("existing.db", "is read-only; make it and its folder writable"),
+                        ("new.db", "cannot be created: " + str(read_only_mount) + " is not a writable folder")):
+        started = time.perf_counter()
+        assert main(["run", DIGITS, "epochs=1", "--tracking-uri", f"sqlite:///{read_only_mount / db}"]) == 2
+        assert time.perf_counter() - started < 30  # MLflow alone spent 105 s before its traceback
+        assert message in error_line(capsys.readouterr().err)
