@@ -349,6 +349,9 @@ def entry() -> None:
     also when an error escapes."""
     try:
         code = main()
+    except BrokenPipeError:  # `gradavg keys | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except Exception:
         if "cluster.driver" not in sys.modules:
             raise

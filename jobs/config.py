@@ -1,14 +1,20 @@
 """Job configuration: a YAML file in configs/, overridden on the command line by key=value.
 
-Every key is typed and validated when the config is loaded, before any data, cluster or
-tracking work starts. Errors are one line that names the key, the value and what is valid.
+Every key is defined once, in ``JobConfig``: its type, its default, what it means, what is
+valid and whether changing it changes what a run computes. Keys are typed and validated when
+the config is loaded, before any data, cluster or tracking work starts. Errors are one line
+that names the key, the value and what is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from dataclasses import dataclass, fields
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +31,81 @@ class ConfigError(ValueError):
     """A user's mistake in a config or an override; the message says what to write instead."""
 
 
+def key(default: Any, help: str, valid: Callable[[Any], bool] | None = None, invalid: str = "",
+        result: bool = False) -> Any:
+    """One config key. ``valid`` checks a value of the right type; ``invalid`` says what is valid
+    when it fails (default: ``help``). ``result``: a changed value changes the numbers a run
+    computes, so a resumed run must keep it."""
+    return field(default=default, metadata={"help": help, "valid": valid, "invalid": invalid or help,
+                                            "result": result})
+
+
+def one_of(names) -> Callable[[Any], bool]:
+    return lambda value: value in names
+
+
+def at_least(low) -> Callable[[Any], bool]:
+    return lambda value: low <= value < math.inf  # NaN compares false
+
+
 @dataclass(frozen=True)
 class JobConfig:
     # the data
-    data: str = "digits"
-    validation_size: int = 0
-    test_size: int | None = None
-    allow_pickle: bool = False
+    data: str = key("digits", "a bundled dataset (digits, mnist-5k, synthetic[:N:INPUTS:CLASSES]) or a path",
+                    lambda v: bool(v.strip()) and len(v) <= 4096, result=True)
+    validation_size: int = key(0, "training examples held out for validation, >= 0", at_least(0),
+                               "must be >= 0", result=True)
+    test_size: int | None = key(None, "examples held out for test where the data has no test set (null: the "
+                                "dataset's default)", lambda v: v is None or v >= 1, "must be >= 1, or null",
+                                result=True)
+    allow_pickle: bool = key(False, "read the book's pickled mnist.pkl.gz (unpickling can run code: only for "
+                             "files you trust)")
     # the network (chapter 1's network by default)
-    sizes: tuple[int, ...] = (64, 30, 10)
-    cost: str = "quadratic"
-    activation: str = "sigmoid"
-    init: str = "standard"
-    init_scale: float = 1.0
-    dtype: str = "float64"
+    sizes: tuple[int, ...] = key((64, 30, 10), "layer sizes, input first, e.g. [784, 30, 10]",
+                                 lambda v: len(v) >= 2 and min(v) >= 1,
+                                 "needs at least two layer sizes, each >= 1, e.g. sizes=[784,30,10]", result=True)
+    cost: str = key("quadratic", f"one of {', '.join(COSTS)}", one_of(COSTS), result=True)
+    activation: str = key("sigmoid", f"one of {', '.join(ACTIVATIONS)}", one_of(ACTIVATIONS), result=True)
+    init: str = key("standard", f"one of {', '.join(INITS)}", one_of(INITS), result=True)
+    init_scale: float = key(1.0, "multiplies the initial weights, > 0 (large values start the network saturated)",
+                            lambda v: 0 < v < math.inf, "must be a finite number > 0", result=True)
+    dtype: str = key("float64", f"one of {', '.join(DTYPES)}", one_of(DTYPES), result=True)
     # stochastic gradient descent
-    eta: float = 3.0
-    lmbda: float = 0.0
-    batch_size: int = 10
-    epochs: int = 30
-    seed: int = 0
+    eta: float = key(3.0, "learning rate η, > 0", lambda v: 0 < v < math.inf,
+                     "the learning rate η must be a finite number > 0, e.g. eta=3.0", result=True)
+    lmbda: float = key(0.0, "L2 weight decay λ, >= 0", at_least(0),
+                       "the L2 decay λ must be a finite number >= 0, e.g. lmbda=5.0", result=True)
+    batch_size: int = key(10, "mini-batch size, >= 1", at_least(1),
+                          "the mini-batch size must be >= 1, e.g. batch_size=10", result=True)
+    epochs: int = key(30, "passes over the training data, >= 1", at_least(1), "must be >= 1")
+    seed: int = key(0, "seed of the initial weights and the shuffles, >= 0", at_least(0), "must be >= 0",
+                    result=True)
     # where gradients are computed
-    backend: str = "local"
-    workers: int = 1
-    chunk_size: int = 500
-    threads: int = 0
-    num_cpus: float = 1.0
-    transport: str = "auto"
-    max_worker_failures: int = 3
+    backend: str = key("local", f"one of {', '.join(BACKENDS)}", one_of(BACKENDS))
+    workers: int = key(1, "Ray workers (backend=ray), >= 1", at_least(1), "must be >= 1")
+    chunk_size: int = key(500, "examples per gradient chunk, >= 1; results are bit-identical for a given "
+                          "chunk_size", at_least(1), "must be >= 1", result=True)
+    threads: int = key(0, "threads computing chunks in the local backend, 0 for one per core", at_least(0),
+                       "must be >= 0 (0: one per core)")
+    num_cpus: float = key(1.0, "CPUs each Ray worker holds (and its BLAS threads), > 0",
+                          lambda v: 0 < v < math.inf, "must be > 0")
+    transport: str = key("auto", f"how Ray steps travel: one of {', '.join(TRANSPORTS)} (auto: a compiled graph "
+                         "where it works, else tasks; the results are the same bits)", one_of(TRANSPORTS))
+    max_worker_failures: int = key(3, "Ray worker deaths a job survives before it stops (to be resumed), >= 0",
+                                   at_least(0), "must be >= 0")
     # tracking and output
-    experiment: str = "gradavg"
-    run_name: str | None = None
-    log_every: int = 100
-    diagnostics: bool = True
-    diagnostics_every: int = 0
-    checkpoint_every: int = 1
-    track: bool = True
+    experiment: str = key("gradavg", "MLflow experiment name", lambda v: bool(v.strip()) and len(v) <= 500,
+                          "must be a name of 1 to 500 characters (MLflow's limit)")
+    run_name: str | None = key(None, "MLflow run name (null: MLflow picks one)",
+                               lambda v: v is None or 0 < len(v) <= 250,
+                               "must be a name of 1 to 250 characters, or null")
+    log_every: int = key(100, "log the mini-batch cost every this many steps, >= 1", at_least(1), "must be >= 1")
+    diagnostics: bool = key(True, "log per-layer diagnostics (|δ|, gradient norms, saturation) every epoch")
+    diagnostics_every: int = key(0, "also log them every this many steps, 0 for only once an epoch", at_least(0),
+                                 "must be >= 0 (0: once an epoch)")
+    checkpoint_every: int = key(1, "save a checkpoint every this many epochs, 0 for never", at_least(0),
+                                "must be >= 0 (0: never)")
+    track: bool = key(True, "track the run in MLflow (false: train without tracking)")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -71,38 +116,10 @@ class JobConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-HELP = {
-    "data": "a bundled dataset (digits, mnist-5k, synthetic[:N:INPUTS:CLASSES]) or a path",
-    "validation_size": "training examples held out for validation, >= 0",
-    "test_size": "examples held out for test where the data has no test set (null: the dataset's default)",
-    "allow_pickle": "read the book's pickled mnist.pkl.gz (unpickling can run code: only for files you trust)",
-    "sizes": "layer sizes, input first, e.g. [784, 30, 10]",
-    "cost": f"one of {', '.join(COSTS)}",
-    "activation": f"one of {', '.join(ACTIVATIONS)}",
-    "init": f"one of {', '.join(INITS)}",
-    "init_scale": "multiplies the initial weights, > 0 (large values start the network saturated)",
-    "dtype": f"one of {', '.join(DTYPES)}",
-    "eta": "learning rate η, > 0",
-    "lmbda": "L2 weight decay λ, >= 0",
-    "batch_size": "mini-batch size, >= 1",
-    "epochs": "passes over the training data, >= 1",
-    "seed": "seed of the initial weights and the shuffles, >= 0",
-    "backend": f"one of {', '.join(BACKENDS)}",
-    "workers": "Ray workers (backend=ray), >= 1",
-    "chunk_size": "examples per gradient chunk, >= 1; results are bit-identical for a given chunk_size",
-    "threads": "threads computing chunks in the local backend, 0 for one per core",
-    "num_cpus": "CPUs each Ray worker holds (and its BLAS threads), > 0",
-    "transport": f"how Ray steps travel: one of {', '.join(TRANSPORTS)} (auto: a compiled graph where it works, "
-                 "else tasks; the results are the same bits)",
-    "max_worker_failures": "Ray worker deaths a job survives before it stops (to be resumed), >= 0",
-    "experiment": "MLflow experiment name",
-    "run_name": "MLflow run name (null: MLflow picks one)",
-    "log_every": "log the mini-batch cost every this many steps, >= 1",
-    "diagnostics": "log per-layer diagnostics (|δ|, gradient norms, saturation) every epoch",
-    "diagnostics_every": "also log them every this many steps, 0 for only once an epoch",
-    "checkpoint_every": "save a checkpoint every this many epochs, 0 for never",
-    "track": "track the run in MLflow (false: train without tracking)",
-}
+KEYS = {f.name: f for f in fields(JobConfig)}
+TYPES = typing.get_type_hints(JobConfig)
+HELP = {name: f.metadata["help"] for name, f in KEYS.items()}
+RESULT_KEYS = tuple(name for name, f in KEYS.items() if f.metadata["result"])
 
 
 def _check(key: str, value: Any, ok: bool, valid: str) -> None:
@@ -144,69 +161,40 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Check a value's type against the field's and normalise it (ints for floats, tuples for lists)."""
-    kind = {f.name: f.type for f in fields(JobConfig)}[key]
-    valid = HELP[key]
-    if kind == "bool":
-        _check(key, value, isinstance(value, bool), f"must be true or false ({valid})")
-    elif kind == "int":
-        _check(key, value, isinstance(value, int) and not isinstance(value, bool), f"must be a whole number ({valid})")
-    elif kind == "int | None":
-        _check(key, value, value is None or (isinstance(value, int) and not isinstance(value, bool)),
-               f"must be a whole number or null ({valid})")
-    elif kind == "float":
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value's type against the key's and normalise it (floats from ints, a tuple from a list)."""
+    kind, what = TYPES[name], HELP[name]
+    if isinstance(kind, types.UnionType) and value is None:  # X | None
+        return None
+    kind = next(k for k in typing.get_args(kind) if k is not type(None)) if isinstance(kind, types.UnionType) else kind
+    null = " or null" if isinstance(TYPES[name], types.UnionType) else ""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if kind is bool:
+        _check(name, value, isinstance(value, bool), f"must be true or false ({what})")
+    elif kind is int:
+        _check(name, value, whole, f"must be a whole number{null} ({what})")
+    elif kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
             try:
                 value = float(value)
             except ValueError:
                 pass
-        _check(key, value, isinstance(value, int | float) and not isinstance(value, bool),
-               f"must be a number ({valid})")
+        _check(name, value, whole or isinstance(value, float), f"must be a number{null} ({what})")
         value = float(value)
-    elif kind == "str":
-        _check(key, value, isinstance(value, str), f"must be text ({valid})")
-    elif kind == "str | None":
-        _check(key, value, value is None or isinstance(value, str), f"must be text or null ({valid})")
-    elif kind == "tuple[int, ...]":
+    elif kind is str:
+        _check(name, value, isinstance(value, str), f"must be text{null} ({what})")
+    else:  # tuple[int, ...]
         ok = isinstance(value, list | tuple) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
-        _check(key, value, ok, f"must be a list of whole numbers ({valid})")
+        _check(name, value, ok, f"must be a list of whole numbers ({what})")
         value = tuple(value)
     return value
 
 
 def _validate(cfg: JobConfig) -> None:
-    c = _check
-    c("sizes", cfg.sizes, len(cfg.sizes) >= 2 and min(cfg.sizes) >= 1,
-      "needs at least two layer sizes, each >= 1, e.g. sizes=[784,30,10]")
-    c("cost", cfg.cost, cfg.cost in COSTS, HELP["cost"])
-    c("activation", cfg.activation, cfg.activation in ACTIVATIONS, HELP["activation"])
-    c("init", cfg.init, cfg.init in INITS, HELP["init"])
-    c("init_scale", cfg.init_scale, 0 < cfg.init_scale < float("inf"), "must be a finite number > 0")
-    c("dtype", cfg.dtype, cfg.dtype in DTYPES, HELP["dtype"])
-    c("eta", cfg.eta, cfg.eta > 0 and cfg.eta == cfg.eta and cfg.eta != float("inf"),
-      "the learning rate η must be a finite number > 0, e.g. eta=3.0")
-    c("lmbda", cfg.lmbda, 0 <= cfg.lmbda < float("inf"), "the L2 decay λ must be a finite number >= 0, e.g. lmbda=5.0")
-    c("batch_size", cfg.batch_size, cfg.batch_size >= 1, "the mini-batch size must be >= 1, e.g. batch_size=10")
-    c("epochs", cfg.epochs, cfg.epochs >= 1, "must be >= 1")
-    c("seed", cfg.seed, cfg.seed >= 0, "must be >= 0")
-    c("validation_size", cfg.validation_size, cfg.validation_size >= 0, "must be >= 0")
-    c("test_size", cfg.test_size, cfg.test_size is None or cfg.test_size >= 1, "must be >= 1, or null")
-    c("backend", cfg.backend, cfg.backend in BACKENDS, HELP["backend"])
-    c("workers", cfg.workers, cfg.workers >= 1, "must be >= 1")
-    c("chunk_size", cfg.chunk_size, cfg.chunk_size >= 1, "must be >= 1")
-    c("threads", cfg.threads, cfg.threads >= 0, "must be >= 0 (0: one per core)")
-    c("num_cpus", cfg.num_cpus, cfg.num_cpus > 0, "must be > 0")
-    c("transport", cfg.transport, cfg.transport in TRANSPORTS, HELP["transport"])
-    c("max_worker_failures", cfg.max_worker_failures, cfg.max_worker_failures >= 0, "must be >= 0")
-    c("experiment", cfg.experiment, bool(cfg.experiment.strip()) and len(cfg.experiment) <= 500,
-      "must be a name of 1 to 500 characters (MLflow's limit)")
-    c("run_name", cfg.run_name, cfg.run_name is None or 0 < len(cfg.run_name) <= 250,
-      "must be a name of 1 to 250 characters, or null")
-    c("log_every", cfg.log_every, cfg.log_every >= 1, "must be >= 1")
-    c("diagnostics_every", cfg.diagnostics_every, cfg.diagnostics_every >= 0, "must be >= 0 (0: once an epoch)")
-    c("checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, "must be >= 0 (0: never)")
-    c("data", cfg.data, bool(cfg.data.strip()) and len(cfg.data) <= 4096, HELP["data"])
+    for name, f in KEYS.items():
+        valid = f.metadata["valid"]
+        if valid is not None:
+            _check(name, getattr(cfg, name), valid(getattr(cfg, name)), f.metadata["invalid"])
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -216,8 +204,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r}: write key=value, e.g. eta=0.5")
     _known(key)
-    kind = {f.name: f.type for f in fields(JobConfig)}[key]
-    if kind in ("str", "str | None") and raw not in ("null", "~", ""):
+    if TYPES[key] in (str, str | None) and raw not in ("null", "~", ""):
         return key, raw  # text stays text: data=2024 is a path, not a number
     try:
         return key, parse_yaml(raw) if raw != "" else None
@@ -226,7 +213,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _known(key: str) -> None:
-    names = [f.name for f in fields(JobConfig)]
+    names = list(KEYS)
     if key not in names:
         import difflib
 
@@ -290,14 +277,6 @@ def check_against_data(cfg: JobConfig, n_inputs: int, n_classes: int, max_label:
 
 def replace(cfg: JobConfig, **changes: Any) -> JobConfig:
     return build_config({**cfg.to_dict(), **changes})
-
-
-
-
-# Keys whose change changes the numbers a run computes: a resumed run must keep them.
-RESULT_KEYS = ("data", "validation_size", "test_size", "sizes", "cost", "activation", "init", "init_scale", "dtype",
-               "eta",
-               "lmbda", "batch_size", "seed", "chunk_size")
 
 
 def result_changes(before: JobConfig, after: JobConfig) -> list[str]:
