@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.config import ConfigError
     from jobs.data import DataError
     from jobs.local_cluster import ClusterUpError
+    from jobs.store import TrackingError
     from jobs.submit import SubmitError
-    from jobs.tracking import TrackingError, TrackingLostError
+    from jobs.tracking import TrackingLostError
     from jobs.train import DivergedError
 
     user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError, SubmitError, ClusterUpError)
@@ -155,7 +156,7 @@ def _on_sigterm(signum, frame):
 def cmd_run(args) -> int:
     from jobs.config import load_config
     from jobs.run import run_job, summary
-    from jobs.tracking import ui_command
+    from jobs.store import ui_command
 
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
@@ -245,7 +246,7 @@ def _load_tracked(model: str, tracking_uri: str | None) -> tuple:
     import mlflow
 
     from core import Network
-    from jobs.tracking import open_store, resolve_uri
+    from jobs.store import open_store, resolve_uri
 
     uri = resolve_uri(tracking_uri)
     client = open_store(uri, create=False)
@@ -268,7 +269,7 @@ def _load_tracked(model: str, tracking_uri: str | None) -> tuple:
 def cmd_submit(args) -> int:
     from jobs import submit
     from jobs.config import load_config
-    from jobs.tracking import resolve_uri
+    from jobs.store import resolve_uri
 
     cfg = load_config(args.config, args.overrides)  # validated here, before anything is sent
     if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
@@ -326,7 +327,7 @@ def cmd_cluster(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from jobs.tracking import repair, resolve_uri
+    from jobs.store import repair, resolve_uri
 
     for run_id, what in repair(resolve_uri(args.tracking_uri), args.run_ids):
         print(f"{run_id}: {what}")

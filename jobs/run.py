@@ -18,7 +18,7 @@ from jobs.backends import make_backend
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
-from jobs.tracking import TrackingError
+from jobs.store import TrackingError
 from jobs.train import TrainingState, initial_state, train, training_inputs
 
 
@@ -88,7 +88,8 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
     data = prepare_data(cfg)
     state, tracker, previous = initial_state(cfg), None, None
     if cfg.track or resume:
-        from jobs.tracking import RunTracker, fetch_checkpoint, resolve_uri
+        from jobs.store import fetch_checkpoint, resolve_uri
+        from jobs.tracking import RunTracker
 
         tracking_uri = resolve_uri(tracking_uri)
         progress.stage(f"opening the MLflow store {tracking_uri}")

@@ -18,7 +18,7 @@ import yaml
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
 from cluster.auth import read_token
 from jobs.config import JobConfig
-from jobs.tracking import PROJECT_ROOT, TrackingError, check_reachable, git_commit
+from jobs.store import PROJECT_ROOT, TrackingError, check_reachable, git_commit
 
 # Left behind: environments, tracking stores and caches are not part of the job.
 EXCLUDES = [".venv", "venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "*.db", "__pycache__", "*.egg-info",

@@ -1,258 +1,43 @@
-"""MLflow tracking: one run per job, opened and closed here and nowhere else.
+"""Tracking a running job in MLflow: one run per job, opened and closed here and nowhere else.
 
-The tracking URI is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's own
-default (``sqlite:///mlflow.db`` in the working directory). Every call to the store has a
-bounded time (``bound_requests``). While training, metrics and checkpoints go to the store
-on one background thread, in order, so the loop never waits on it; the first call that
-fails marks the store lost, nothing more is sent, training goes on, and the final weights
-and checkpoint are kept on local disk with one line that says where and how to resume.
+While training, metrics and checkpoints go to the store on one background thread, in order,
+at most every ``SEND_EVERY_SECONDS``, so the loop never waits on it; the first call that fails
+marks the store lost, nothing more is sent, training goes on, and the final weights and
+checkpoint are kept on local disk with one line that says where and how to resume. Which
+store, and the runs in it, are ``jobs.store``'s.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
-from urllib.parse import urlparse
 
 import numpy as np
 
 from jobs import __version__
 from jobs.config import JobConfig
 from jobs.data import Dataset
+from jobs.store import PROJECT_ROOT, TrackingError, driver_tags, git_commit, open_store, reason
 from jobs.train import EpochResult, Hooks, TrainingState
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-# Each request to a tracking server: at most 15 s, tried 3 times, 1 s and 2 s apart (MLflow's own
-# defaults, 120 s and 7 tries, kept a process waiting 13 minutes on a dead server). Set these
-# variables to choose others.
-REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
 # costs milliseconds of a core that training would otherwise use (an epoch can take less than 0.1 s).
 SEND_EVERY_SECONDS = 2.0
 SYSTEM_METRICS_SECONDS = 2  # CPU, memory, disk and network of the driver's machine, sampled this often
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message says how to fix it."""
-
-
 class TrackingLostError(RuntimeError):
     """The store stopped answering during a job whose training then finished; the message says
     where its results are kept and how to complete the run."""
-
-
-def resolve_uri(cli_uri: str | None) -> str:
-    import mlflow
-
-    if cli_uri:
-        return cli_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-
-
-def bound_requests() -> None:
-    for key, value in REQUEST_LIMITS.items():
-        os.environ.setdefault(key, value)
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before training, when a tracking server does not answer: its health and its API."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    base = uri.rstrip("/")
-    for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
-        try:
-            with urllib.request.urlopen(base + path, timeout=timeout) as reply:
-                if reply.status == 200:
-                    continue
-                problem = f"answered HTTP {reply.status} to {path}"
-        except urllib.error.HTTPError as e:
-            problem = f"answered HTTP {e.code} to {path}"
-        except (urllib.error.URLError, OSError) as e:  # refused, unknown host, timed out
-            problem = f"cannot be reached ({getattr(e, 'reason', e)})"
-        raise TrackingError(f"MLflow tracking server {uri} {problem}; start one with `gradavg cluster up` or "
-                            "`mlflow server --host 127.0.0.1 --port 5000`, or pass --tracking-uri sqlite:///mlflow.db")
-
-
-def open_store(uri: str, create: bool = True):
-    """An MlflowClient for ``uri`` whose store answers, or a TrackingError that says why not.
-
-    ``create=False`` (evaluating, repairing) refuses to make a new local store where none is.
-    A new sqlite store is created under a lock on its folder: two jobs started at once on a new
-    file would otherwise both create its tables, and one would fail.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    bound_requests()
-    check_reachable(uri)
-    db = _sqlite_path(uri)
-    if db is not None:
-        _check_sqlite(uri, db, create)
-    try:
-        with _folder_lock(db.parent if db is not None else None):
-            client = MlflowClient(uri)
-            client.search_experiments(max_results=1)  # a new store creates its tables here
-    except MlflowException as e:
-        scheme = urlparse(uri).scheme
-        problem = (f"MLflow has no tracking store for the scheme {scheme!r}" if "scheme" in str(e).lower()
-                   else _reason(e))
-        raise TrackingError(f"--tracking-uri {uri}: {problem}; use http://HOST:PORT, sqlite:///PATH.db or "
-                            "leave it unset for ./mlflow.db") from None
-    except Exception as e:  # sqlalchemy's and sqlite's own errors: a damaged or unwritable file
-        raise TrackingError(f"tracking store {uri} cannot be used ({_reason(e)}); pass --tracking-uri of a "
-                            "working store") from None
-    return client
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?")[0])  # sqlite:////abs/path keeps its leading /
-
-
-def _check_sqlite(uri: str, db: Path, create: bool) -> None:
-    if db.exists():
-        try:
-            with open(db, "rb") as f:
-                header = f.read(16)
-        except OSError as e:
-            raise TrackingError(f"tracking store {db} cannot be read ({e.strerror}); check its permissions") from None
-        if header and header != b"SQLite format 3\x00":
-            raise TrackingError(f"tracking store {db} is not an SQLite database (damaged, or another file); "
-                                "move it aside or pass another --tracking-uri")
-        if create and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)):
-            raise TrackingError(f"tracking store {db} is read-only; make it and its folder writable or pass "
-                                "another --tracking-uri")
-    elif not create:
-        raise TrackingError(f"no tracking store at {db}; pass the --tracking-uri of the store the run is in "
-                            "(or set MLFLOW_TRACKING_URI)")
-    elif not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
-        raise TrackingError(f"tracking store {db} cannot be created: {db.parent} is not a writable folder; "
-                            "pass another --tracking-uri")
-
-
-@contextmanager
-def _folder_lock(folder: Path | None):
-    if folder is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _reason(error: BaseException) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
-
-
-def git_commit() -> str | None:
-    """The project's commit; a submitted job's copy of it has no .git, and gets the commit from submit."""
-    if commit := os.environ.get("GRADAVG_GIT_COMMIT"):
-        return commit
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def ui_command(uri: str) -> str:
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-
-
-def _driver_tags() -> dict[str, str]:
-    """Where the driver runs, so that `gradavg runs repair` can tell a dead one."""
-    return {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
-
-
-def fetch_checkpoint(uri: str, run_id: str):
-    """The run and its last checkpoint: (run, TrainingState, JobConfig)."""
-    from mlflow.exceptions import MlflowException
-
-    from jobs import checkpoint
-
-    client = open_store(uri, create=False)
-    run = _get_run(client, run_id, uri, "--resume")
-    try:
-        path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
-    except (MlflowException, OSError):
-        raise TrackingError(f"--resume {run_id}: the run has no checkpoint to resume from (was it run with "
-                            "checkpoint_every=0, or stopped before its first epoch ended?)") from None
-    try:
-        state, cfg = checkpoint.load(path)
-    except Exception as e:  # a damaged file, or one that is not a checkpoint: never taken for a good one
-        raise TrackingError(f"--resume {run_id}: its checkpoint cannot be used ({_reason(e)}); "
-                            "start a new run instead") from None
-    return run, state, cfg
-
-
-def _get_run(client, run_id: str, uri: str, what: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"{what} {run_id}: no such run in {uri}; check the id (`gradavg run` prints it) "
-                            "and the tracking URI") from None
-
-
-def repair(uri: str, run_ids: list[str] | None = None) -> list[tuple[str, str]]:
-    """End RUNNING runs whose driver is gone as KILLED; return (run id, what was done)."""
-    client = open_store(uri, create=False)
-    if run_ids:
-        runs = [_get_run(client, r, uri, "gradavg runs repair") for r in run_ids]
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") if ids else []
-    done = []
-    for run in runs:
-        if run.info.status != "RUNNING":
-            done.append((run.info.run_id, f"left as {run.info.status}"))
-            continue
-        host, pid = run.data.tags.get("driver_host"), run.data.tags.get("driver_pid")
-        alive = host == socket.gethostname() and pid and _pid_alive(int(pid))
-        if alive:
-            done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid}) is still running"))
-        elif host != socket.gethostname() and not run_ids:
-            done.append((run.info.run_id, f"left RUNNING: its driver ran on {host}; name the run to end it"))
-        else:
-            client.set_terminated(run.info.run_id, "KILLED")
-            done.append((run.info.run_id, "ended KILLED (its driver is gone)"))
-    return done
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunTracker(Hooks):
@@ -297,7 +82,7 @@ class RunTracker(Hooks):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            self.lost = f"{what} failed ({_reason(e)})"
+            self.lost = f"{what} failed ({reason(e)})"
             return None
 
     def _in_background(self, what: str, fn, *args) -> None:
@@ -313,7 +98,7 @@ class RunTracker(Hooks):
         except TrackingError:
             raise
         except Exception as e:
-            raise TrackingError(f"tracking store {self.uri} failed while opening the run ({_reason(e)}); check "
+            raise TrackingError(f"tracking store {self.uri} failed while opening the run ({reason(e)}); check "
                                 "the store, or pass track=false to train without tracking") from None
         self._start_monitor(resume=False)
         return self.run_id
@@ -332,7 +117,7 @@ class RunTracker(Hooks):
         else:
             experiment_id = experiment.experiment_id
         tags = {**self._backend_tags, "dataset": data.name, "dataset_digest": data.digest,
-                "gradavg_version": __version__, **_driver_tags(),
+                "gradavg_version": __version__, **driver_tags(),
                 "mlflow.source.name": os.environ.get("GRADAVG_SOURCE") or "gradavg run"}
         if commit := git_commit():
             tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
@@ -364,10 +149,10 @@ class RunTracker(Hooks):
             self.client.update_run(run_id, status="RUNNING")
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
-            tags = {**_driver_tags(), "resumed": str(times_resumed), **self._backend_tags}
+            tags = {**driver_tags(), "resumed": str(times_resumed), **self._backend_tags}
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception as e:
-            raise TrackingError(f"tracking store {self.uri} failed while reopening run {run_id} ({_reason(e)})") \
+            raise TrackingError(f"tracking store {self.uri} failed while reopening run {run_id} ({reason(e)})") \
                 from None
         self.run_id, self.stored_epoch = run_id, stored_epoch
         self.experiment_id = self.client.get_run(run_id).info.experiment_id

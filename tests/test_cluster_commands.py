@@ -191,7 +191,7 @@ def test_a_submitted_job_logs_its_epochs_and_knows_its_commit(monkeypatch):
 
 
 def test_git_commit_comes_from_the_environment_first(monkeypatch):
-    from jobs.tracking import git_commit
+    from jobs.store import git_commit
 
     monkeypatch.setenv("GRADAVG_GIT_COMMIT", "0123abcd")
     assert git_commit() == "0123abcd"
