@@ -173,10 +173,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_gradcheck(args) -> int:
-    from core import TOLERANCES, Network, gradient_check
+    from core import TOLERANCES, gradient_check
     from core.kernels import compiled_gradient_sum
     from jobs.config import load_config
     from jobs.run import prepare_data
+    from jobs.train import initial_state
 
     cfg = load_config(args.config, args.overrides)
     if args.examples < 1:
@@ -184,7 +185,7 @@ def cmd_gradcheck(args) -> int:
     if args.tolerance is not None and not 0 < args.tolerance < float("inf"):
         raise UsageError(f"--tolerance {args.tolerance}: must be a number > 0, e.g. 1e-7")
     data = prepare_data(cfg)
-    network = Network.create(cfg.sizes, cfg.init, cfg.seed, cfg.cost, cfg.activation, cfg.dtype)
+    network = initial_state(cfg).network  # the network the job would train, init_scale and all
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[cfg.dtype]
     x, y = data.x_train[: args.examples], data.y_train[: args.examples]
     more = f" (all it has; {args.examples:,} asked)" if y.size < args.examples else ""

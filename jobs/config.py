@@ -124,15 +124,15 @@ RESULT_KEYS = tuple(name for name, f in KEYS.items() if f.metadata["result"])
 
 def _check(key: str, value: Any, ok: bool, valid: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={_show(value)}: {valid}")
+        raise ConfigError(f"{key}={show(value)}: {valid}")
 
 
-def _show(value: Any, limit: int = 200) -> str:
-    """A value as YAML on one line, as a user would write it, cut to ``limit`` characters."""
+def show(value: Any, limit: int | None = 200) -> str:
+    """A value as YAML on one line, as a user would write it (``key=VALUE``), cut to ``limit`` characters."""
     if isinstance(value, tuple):
         value = list(value)
     text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _Loader(yaml.SafeLoader):
@@ -268,10 +268,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Jo
 def check_against_data(cfg: JobConfig, n_inputs: int, n_classes: int, max_label: int) -> None:
     """sizes must fit the data: one input neuron per feature, one output neuron per class."""
     if cfg.sizes[0] != n_inputs:
-        raise ConfigError(f"sizes={_show(cfg.sizes)}: the input layer has {cfg.sizes[0]} neurons but {cfg.data} "
+        raise ConfigError(f"sizes={show(cfg.sizes)}: the input layer has {cfg.sizes[0]} neurons but {cfg.data} "
                           f"has {n_inputs} inputs per example; use sizes=[{n_inputs},...]")
     if cfg.sizes[-1] < n_classes or max_label >= cfg.sizes[-1]:
-        raise ConfigError(f"sizes={_show(cfg.sizes)}: the output layer has {cfg.sizes[-1]} neurons but {cfg.data} "
+        raise ConfigError(f"sizes={show(cfg.sizes)}: the output layer has {cfg.sizes[-1]} neurons but {cfg.data} "
                           f"has labels up to {max_label}; use sizes=[...,{max(n_classes, max_label + 1)}]")
 
 
@@ -281,5 +281,5 @@ def replace(cfg: JobConfig, **changes: Any) -> JobConfig:
 
 def result_changes(before: JobConfig, after: JobConfig) -> list[str]:
     """``key: old -> new`` for each result-changing key that differs."""
-    return [f"{key}: {_show(getattr(before, key))} -> {_show(getattr(after, key))}" for key in RESULT_KEYS
+    return [f"{key}: {show(getattr(before, key))} -> {show(getattr(after, key))}" for key in RESULT_KEYS
             if getattr(before, key) != getattr(after, key)]

@@ -13,11 +13,9 @@ import sys
 import time
 from urllib.parse import urlparse
 
-import yaml
-
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
 from cluster.auth import read_token
-from jobs.config import JobConfig
+from jobs.config import JobConfig, replace, show
 from jobs.store import PROJECT_ROOT, TrackingError, check_reachable, git_commit
 
 # Left behind: environments, tracking stores and caches are not part of the job.
@@ -97,8 +95,7 @@ def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None) -> 
     """The job's command: the resolved config, every key spelled out, on the cluster's Ray."""
     values = {**cfg.to_dict(), "backend": "ray"}
     args = ["exec", "python", "-m", "jobs.cli", "run", "-"]
-    for key, value in values.items():
-        args.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    args += [f"{key}={show(value, limit=None)}" for key, value in values.items()]
     args += ["--tracking-uri", tracking_uri]  # not --quiet: a job's log shows a line per epoch
     if resume:
         args += ["--resume", resume]
@@ -106,8 +103,7 @@ def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None) -> 
 
 
 def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None) -> str:
-    if cfg.backend != "ray":
-        cfg = JobConfig(**{**cfg.__dict__, "backend": "ray"})
+    cfg = replace(cfg, backend="ray")
     address = resolve_address(address)
     check_tracking_uri(tracking_uri, address)
     jobs = client(address)

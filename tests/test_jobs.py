@@ -352,3 +352,22 @@ def test_gradcheck_says_how_many_examples_it_checked(capsys):
     assert main(["gradcheck", str(CONFIGS / "digits.yaml"), "sizes=[64,3,10]", "--examples", "100000000"]) == 0
     err = capsys.readouterr().err
     assert "on 1,238 examples of digits (all it has; 100,000,000 asked)" in err
+
+
+def test_gradcheck_checks_the_network_the_job_would_train(monkeypatch, capsys):
+    import jobs.cli
+    from core import gradcheck
+    from jobs.train import initial_state
+
+    checked = []
+
+    def record(network, x, y, gradient=None):
+        checked.append(network.params.copy())
+        return 0.0
+
+    monkeypatch.setattr(gradcheck, "gradient_check", record)
+    monkeypatch.setattr("core.gradient_check", record)
+    overrides = ["init_scale=3.0", "init=scaled", "seed=7", "dtype=float32"]
+    assert jobs.cli.main(["gradcheck", str(CONFIGS / "digits.yaml"), *overrides]) == 0
+    trained = initial_state(load_config(CONFIGS / "digits.yaml", overrides)).network.params
+    assert len(checked) == 2 and all(np.array_equal(p, trained) and p.dtype == np.float32 for p in checked)
