@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, error_line
 from jobs import local_cluster, submit
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.local_cluster import ClusterUpError, free_port
+from jobs.submit import SubmitError, check_tracking_uri
 
 # A process that notes each signal in LOG. On SIGTERM a leader stops its child in order (SIGUSR1), as
 # `ray start --block` stops Ray's processes; with --abandon it exits without it, as MLflow's CLI leaves its worker.
@@ -195,3 +196,25 @@ def test_git_commit_comes_from_the_environment_first(monkeypatch):
 
     monkeypatch.setenv("GRADAVG_GIT_COMMIT", "0123abcd")
     assert git_commit() == "0123abcd"
+
+
+def test_a_tracking_uri_the_cluster_cannot_reach_is_refused_before_sending(capsys):
+    code = main(["submit", str(CONFIGS / "digits.yaml"), "--address", "http://127.0.0.1:9",
+                 "--tracking-uri", "sqlite:///mlflow.db"])
+    assert code == 2 and "run an MLflow tracking server the cluster can reach" in error_line(capsys.readouterr().err)
+    with pytest.raises(SubmitError, match="this machine's loopback"):
+        check_tracking_uri("http://127.0.0.1:5000", "http://10.0.0.7:8265")
+    with pytest.raises(SubmitError, match="a path on this machine"):
+        check_tracking_uri("sqlite:////srv/mlflow.db", "http://ray-head:8265")
+    check_tracking_uri("sqlite:////srv/mlflow.db", "http://127.0.0.1:8265")  # same machine: reachable
+
+
+def test_config_mistakes_are_refused_before_sending(capsys):
+    assert main(["submit", str(CONFIGS / "digits.yaml"), "eta=0", "--address", "http://127.0.0.1:9",
+                 "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "eta=0.0: the learning rate" in error_line(capsys.readouterr().err)
+
+
+def test_an_unreachable_cluster_is_one_line(capsys):
+    assert main(["jobs", "list", "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the Ray cluster at http://127.0.0.1:9" in error_line(capsys.readouterr().err)

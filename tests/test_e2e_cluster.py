@@ -24,7 +24,6 @@ from core import Network
 from jobs import local_cluster
 from jobs.cli import main
 from jobs.data import load_dataset, save_npz, synthetic
-from jobs.submit import SubmitError, check_tracking_uri
 
 pytestmark = [pytest.mark.ray, pytest.mark.server]
 
@@ -173,26 +172,6 @@ def test_stopping_a_job_ends_its_run_killed(servers, capsys):
     assert runs_of(servers, "e2e-stop")[1][0].info.status == "KILLED"
 
 
-def test_a_tracking_uri_the_cluster_cannot_reach_is_refused(servers, capsys):
-    code = main(["submit", str(CONFIGS / "digits.yaml"), "--address", servers.dashboard,
-                 "--tracking-uri", "sqlite:///mlflow.db"])
-    err = capsys.readouterr().err
-    assert code == 2 and "run an MLflow tracking server the cluster can reach" in err
-    with pytest.raises(SubmitError, match="this machine's loopback"):
-        check_tracking_uri("http://127.0.0.1:5000", "http://10.0.0.7:8265")
-    with pytest.raises(SubmitError, match="a path on this machine"):
-        check_tracking_uri("sqlite:////srv/mlflow.db", "http://ray-head:8265")
-    check_tracking_uri("sqlite:////srv/mlflow.db", "http://127.0.0.1:8265")  # same machine: reachable
-
-
-def test_config_mistakes_are_refused_before_sending(servers, capsys):
-    assert main(["submit", str(CONFIGS / "digits.yaml"), "eta=0", "--address", servers.dashboard,
-                 "--tracking-uri", servers.tracking_uri]) == 2
-    assert "eta=0.0: the learning rate" in capsys.readouterr().err
-
-
-def test_unknown_job_and_unreachable_cluster(servers, capsys):
+def test_an_unknown_job_is_one_line(servers, capsys):
     assert main(["jobs", "status", "raysubmit_nope", "--address", servers.dashboard]) == 2
     assert "no job 'raysubmit_nope'" in capsys.readouterr().err
-    assert main(["jobs", "list", "--address", "http://127.0.0.1:9"]) == 2
-    assert "cannot reach the Ray cluster at http://127.0.0.1:9" in capsys.readouterr().err
