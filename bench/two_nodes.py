@@ -62,9 +62,11 @@ class Nodes:
         """The second node joins the head (again, after it was stopped or lost)."""
         if self.worker is not None:
             _stop(self.worker)
+        # a node lost a moment ago still counts as alive until the head notices: wait for a new one
+        before = set(_alive_nodes(self) or {}) if self.worker is not None else set()
         self.worker = _ray_start(self.worker_ns, self.folder / "worker.log", self.env(), "--address",
                                  self.address, "--node-ip-address", WORKER_IP)
-        _wait_for_nodes(self, 2, timeout)
+        _wait_for_new_worker(self, before, timeout)
 
 
 def kill_everything_in(ns: str) -> None:
@@ -101,15 +103,24 @@ def _ray_start(ns: str, log: Path, env: dict[str, str], *args: str) -> subproces
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for_nodes(nodes: Nodes, count: int, timeout: float) -> None:
-    code = ("import ray, sys; ray.init(logging_level='ERROR'); "
-            f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)")
+def _alive_nodes(nodes: Nodes) -> dict[str, str] | None:
+    """Node id -> IP of every node the head counts as alive; None while the head does not answer."""
+    code = ("import json, ray; ray.init(logging_level='ERROR'); "
+            "print(json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']}))")
+    proc = nodes.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+
+
+def _wait_for_new_worker(nodes: Nodes, before: set[str], timeout: float) -> None:
+    """Until exactly two nodes are alive: the head and a worker node that is not one of ``before``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in (nodes.head, nodes.worker):
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"a Ray node exited early (status {proc.returncode})")
-        if nodes.run([sys.executable, "-c", code], capture_output=True).returncode == 0:
+        alive = _alive_nodes(nodes) or {}
+        workers = {node for node, ip in alive.items() if ip == WORKER_IP}
+        if len(alive) == 2 and len(workers) == 1 and not workers & before:
             return
         time.sleep(1)
     raise RuntimeError(f"the two Ray nodes did not both come up within {timeout:.0f} s")
