@@ -158,6 +158,9 @@ def cmd_run(args) -> int:
     from jobs.run import run_job, summary
     from jobs.store import ui_command
 
+    if args.force and not args.resume:
+        raise UsageError("--force goes with --resume RUN_ID (it accepts a config that changes a resumed run); "
+                         "drop it, or add --resume")
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
@@ -247,7 +250,7 @@ def _load_tracked(model: str, tracking_uri: str | None) -> tuple:
     import mlflow
 
     from core import Network
-    from jobs.store import open_store, resolve_uri
+    from jobs.store import open_store, process_uri, resolve_uri
 
     uri = resolve_uri(tracking_uri)
     client = open_store(uri, create=False)
@@ -256,8 +259,9 @@ def _load_tracked(model: str, tracking_uri: str | None) -> tuple:
             run_id = model.removeprefix("runs:/").strip("/").split("/")[0]
             path = client.download_artifacts(run_id, "weights.npz")
         else:  # a logged model (models:/m-...) or a registered one (models:/NAME/VERSION)
-            run_id = mlflow.models.get_model_info(model).run_id
-            folder = mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri)
+            with process_uri(uri):  # models:/ URIs are resolved in the process's store
+                run_id = mlflow.models.get_model_info(model).run_id
+                folder = mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri)
             path = Path(folder) / "artifacts" / "weights.npz"
         params = client.get_run(run_id).data.params if run_id else {}
     except (mlflow.exceptions.MlflowException, OSError):
@@ -317,6 +321,11 @@ def cmd_cluster(args) -> int:
         print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing to stop ({args.state_dir}/cluster.json "
                                                                 "is absent)")
         return 0
+    for option, port in (("--dashboard-port", args.dashboard_port), ("--mlflow-port", args.mlflow_port)):
+        if not 1 <= port <= 65535:
+            raise UsageError(f"{option} {port}: a port is a number from 1 to 65535")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UsageError(f"--num-cpus {args.num_cpus}: the head offers at least 1 CPU (leave it out for all)")
     print("starting a Ray head and an MLflow server on 127.0.0.1 (about a minute)...", file=sys.stderr)
     servers = local_cluster.up(args.state_dir, args.num_cpus, args.dashboard_port, args.mlflow_port)
     print(f"Ray dashboard   {servers.dashboard}")

@@ -212,8 +212,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML; e.g. sizes=[784,30,10]") from None
 
 
-def _known(key: str) -> None:
+def _known(key: Any) -> None:
     names = list(KEYS)
+    if not isinstance(key, str):
+        raise ConfigError(f"key {show(key)}: a key is a name, e.g. eta: 3.0; valid keys: {', '.join(names)}")
     if key not in names:
         import difflib
 
@@ -259,9 +261,12 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> JobConfig:
     """The YAML file's values, then the overrides in order, typed and validated."""
     values = read_yaml(path) if path is not None else {}
+    given: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
-        values[key] = value
+        if key in given:
+            raise ConfigError(f"{key} is given twice on the command line ({given[key]}, {text}); keep one")
+        given[key], values[key] = text, value
     return build_config(values)
 
 

@@ -326,10 +326,19 @@ class _Source:
         order = rng.permutation(self.x.shape[0])
         if self.x_test is None:
             n_test = self.default_test if test_size is None else test_size
+            if not 1 <= n_test < order.size:
+                given = f"test_size={test_size}" if test_size is not None else f"its default test hold-out ({n_test})"
+                raise DataError(f"{where}: {given} leaves no test or no training examples of its {order.size}; "
+                                f"use test_size=N with 1 <= N < {order.size}" if order.size > 1 else
+                                f"{where}: {order.size} example cannot be split into training and test examples; "
+                                "use a dataset of at least 2")
             test_idx, order = order[:n_test], order[n_test:]
             x_test, y_test = self.x[test_idx], self.y[test_idx]
         else:
             x_test, y_test = self.x_test, self.y_test
+            if y_test.size == 0:
+                raise DataError(f"{where}: its test set is empty; give x_test and y_test some examples, or leave "
+                                "them out to hold out a tenth")
         if validation_size < 0 or validation_size >= order.size:
             raise DataError(f"validation_size={validation_size}: must be at least 0 and less than the "
                             f"{order.size} training examples of {self.name}")

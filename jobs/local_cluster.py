@@ -97,7 +97,12 @@ def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, d
     ray_port, agent_port = free_port(), free_port()
     # Ray's other ports are fixed by default (the job agent's 52365, workers' 10002-19999): beside another Ray
     # the agent cannot listen and every submit fails. Ray picks the rest free itself; 0 lets workers do so too.
-    ray = _spawn([_cli("ray"), "start", "--head", "--block", "--port", str(ray_port), "--node-ip-address",
+    # A Ray temporary folder of its own: Ray Jobs sends a job to the head named in the folder's
+    # ray_current_cluster, which in the shared /tmp/ray is whichever head on the machine started last.
+    # Short, under the system's temp folder: Ray's socket paths inside it must fit in 107 characters.
+    ray_temp = Path(tempfile.gettempdir()) / f"gradavg-ray-{ray_port}"
+    ray = _spawn([_cli("ray"), "start", "--head", "--block", "--port", str(ray_port), "--temp-dir", str(ray_temp),
+                  "--node-ip-address",
                   "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
                   "--dashboard-agent-listen-port", str(agent_port), "--min-worker-port", "0", "--max-worker-port", "0",
                   "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus or os.cpu_count() or 1),
@@ -164,19 +169,9 @@ def down(state_dir: str | os.PathLike = ".gradavg", grace: float = 40.0) -> list
     for name, pgid in (("MLflow server", servers.mlflow_pgid), ("Ray head", servers.ray_pgid)):
         if _stop_group(pgid, grace):
             stopped.append(name)
-    _forget_head(servers.ray_port)
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"gradavg-ray-{servers.ray_port}", ignore_errors=True)
     record.unlink()
     return stopped
-
-
-def _forget_head(port: int) -> None:
-    """``ray start`` records its head for later ``ray.init()`` calls to join; a stopped head must not be."""
-    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    try:
-        if current.read_text().strip() == f"127.0.0.1:{port}":
-            current.unlink()
-    except OSError:
-        pass
 
 
 def _stop_group(pgid: int, grace: float) -> bool:

@@ -161,11 +161,7 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
 
 def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,
                      force: bool) -> None:
-    n_batches = math.ceil(data.y_train.size / saved.batch_size)
-    if state.step != state.epoch * n_batches:
-        raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
-                            f"an epoch of {data.y_train.size} examples in mini-batches of {saved.batch_size} is "
-                            f"{n_batches} steps; the checkpoint is damaged: start a new run instead")
+    """A resume continues the run it names: the same computation (or --force), to at least its own end."""
     changes = result_changes(saved, cfg)
     digest = run.data.tags.get("dataset_digest")
     if digest and digest != data.digest:
@@ -173,3 +169,12 @@ def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, c
     if changes and not force:
         raise ConfigError(f"--resume {run_id}: this config changes what the run computes ({'; '.join(changes)}); "
                           "use the run's own values, or pass --force to continue anyway")
+    if cfg.epochs < state.epoch or (cfg.epochs < saved.epochs and not force):
+        raise ConfigError(f"--resume {run_id}: the run is at epoch {state.epoch} of its epochs={saved.epochs}, but "
+                          f"this config says epochs={cfg.epochs}; pass epochs={saved.epochs} (or more) to finish it"
+                          + (", or --force to end it sooner" if cfg.epochs >= state.epoch else ""))
+    n_batches = math.ceil(data.y_train.size / saved.batch_size)
+    if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
+        raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
+                            f"an epoch of {data.y_train.size} examples in mini-batches of {saved.batch_size} is "
+                            f"{n_batches} steps; the checkpoint is damaged: start a new run instead")

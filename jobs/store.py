@@ -12,6 +12,7 @@ import fcntl
 import os
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ def resolve_uri(cli_uri: str | None) -> str:
 def bound_requests() -> None:
     for key, value in REQUEST_LIMITS.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the run's own last lines say where
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -133,10 +135,29 @@ def _folder_lock(folder: Path | None):
         os.close(fd)  # closing releases the lock
 
 
+@contextmanager
+def process_uri(uri: str):
+    """``uri`` as the process's tracking URI, for the MLflow calls that take no other (logging a model,
+    resolving a models:/ URI); afterwards back to ``MLFLOW_TRACKING_URI`` or MLflow's default."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # MLflow sets and unsets it along with its own
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def reason(error: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    first = lines[0] if len(lines[0]) <= 300 else lines[0][:300].rsplit(" ", 1)[0] + " …"
+    return f"{type(error).__name__}: {first}"
 
 
 def git_commit() -> str | None:
@@ -154,7 +175,9 @@ def git_commit() -> str | None:
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    beside = Path(sys.executable).with_name("mlflow")  # this environment's, activated or not
+    mlflow = str(beside) if beside.exists() else "mlflow"
+    return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def driver_tags() -> dict[str, str]:
@@ -173,8 +196,9 @@ def fetch_checkpoint(uri: str, run_id: str):
     try:
         path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
     except (MlflowException, OSError):
-        raise TrackingError(f"--resume {run_id}: the run has no checkpoint to resume from (was it run with "
-                            "checkpoint_every=0, or stopped before its first epoch ended?)") from None
+        raise TrackingError(f"--resume {run_id}: the store holds no checkpoint of this run (it ran with "
+                            "checkpoint_every=0, or stopped, or lost its store, before its first checkpoint was "
+                            "sent); start a new run") from None
     try:
         state, cfg = checkpoint.load(path)
     except Exception as e:  # a damaged file, or one that is not a checkpoint: never taken for a good one

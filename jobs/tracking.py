@@ -17,7 +17,6 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -26,7 +25,7 @@ import numpy as np
 from jobs import __version__
 from jobs.config import JobConfig
 from jobs.data import Dataset
-from jobs.store import PROJECT_ROOT, TrackingError, driver_tags, git_commit, open_store, reason
+from jobs.store import PROJECT_ROOT, TrackingError, driver_tags, git_commit, open_store, process_uri, reason
 from jobs.train import EpochResult, Hooks, TrainingState
 
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
@@ -197,14 +196,20 @@ class RunTracker(Hooks):
             self.keep(state)
 
     def _present(self) -> set[str]:
-        """What an earlier attempt to finish this run already logged (a resumed run's)."""
+        """What an earlier attempt to finish this run already logged (a resumed run's). A model the
+        attempt began but did not finish (still PENDING, without its files) is removed, to log it again."""
+        from mlflow.entities import LoggedModelStatus
+
         found = self._call("listing the run's artifacts", self.client.list_artifacts, self.run_id) or []
         present = {a.path for a in found}
-        with self._process_uri():
+        with process_uri(self.uri):
             models = self._call("listing the run's models", self._mlflow.search_logged_models,
                                 experiment_ids=[self.experiment_id],
                                 filter_string=f"source_run_id = '{self.run_id}'", output_format="list") or []
-        return present | ({"model"} if models else set())
+        for model in models:
+            if model.status != LoggedModelStatus.READY:
+                self._call("removing an unfinished model", self.client.delete_logged_model, model.model_id)
+        return present | ({"model"} if any(m.status == LoggedModelStatus.READY for m in models) else set())
 
     def keep(self, state: TrainingState) -> None:
         """The store is lost: keep the final weights and checkpoint on local disk, and say so."""
@@ -227,7 +232,8 @@ class RunTracker(Hooks):
             complete = (f"when the store answers again, `gradavg run CONFIG --resume {self.run_id}` completes the run "
                         f"from its last stored checkpoint (epoch {self.stored_epoch}), to the same bits")
         else:
-            complete = "the store holds no checkpoint of this run, so a new run starts over"
+            complete = (f"the store holds no checkpoint of this run, so a new run starts over (once the store "
+                        f"answers, `gradavg runs repair {self.run_id}` ends this one)")
         raise TrackingLostError(f"the tracking store {self.uri} stopped answering: {self.lost}; training finished; "
                                 f"{where}; {complete}")
 
@@ -247,15 +253,6 @@ class RunTracker(Hooks):
         finally:
             self._sender.shutdown(wait=not self.lost)
             shutil.rmtree(self._staging, ignore_errors=True)
-
-    @contextmanager
-    def _process_uri(self):
-        """This run's store as the process's tracking URI, for the MLflow calls that take no other."""
-        self._mlflow.set_tracking_uri(self.uri)
-        try:
-            yield
-        finally:
-            self._mlflow.set_tracking_uri(None)  # back to MLFLOW_TRACKING_URI or MLflow's default
 
     # -- hooks from the training loop
     def on_batch_cost(self, step: int, cost: float) -> None:
@@ -379,7 +376,7 @@ class RunTracker(Hooks):
     def _log_model(self, weights_path: Path, signature, example: np.ndarray) -> None:
         import mlflow.pyfunc
 
-        with self._process_uri(), mlflow.start_run(run_id=self.run_id):  # the model is linked to the active run
+        with process_uri(self.uri), mlflow.start_run(run_id=self.run_id):  # the model is linked to the active run
             mlflow.pyfunc.log_model(
                 name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
                 artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,

@@ -7,9 +7,11 @@ beside them, on Ray's default ports, as a user's own might.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,17 +33,31 @@ pytestmark = [pytest.mark.ray, pytest.mark.server]
 RAY_AGENT_PORT = 52365  # Ray's default for the job agent of every head
 
 
-@pytest.fixture(scope="module")
-def neighbour(tmp_path_factory):
-    """A plain `ray start --head` in a process group of its own, holding Ray's default ports."""
+@contextlib.contextmanager
+def plain_head(folder: Path):
+    """A plain `ray start --head`, as another user of the machine would run it, in a process group of
+    its own; yields its GCS port and dashboard port."""
     ensure_token()
     port, dashboard = local_cluster.free_port(), local_cluster.free_port()
-    with open(tmp_path_factory.mktemp("neighbour") / "ray.log", "wb") as log:
+    with open(folder / "ray.log", "wb") as log:
         head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                                  "--port", str(port), "--dashboard-port", str(dashboard),
                                  "--ray-client-server-port", str(local_cluster.free_port()), "--num-cpus", "1",
                                  "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     try:
+        yield head, port, dashboard
+    finally:
+        local_cluster._stop_group(head.pid, grace=40)
+        with contextlib.suppress(OSError):  # `ray start` names itself the machine's current head
+            if current.read_text().strip().endswith(f":{port}"):
+                current.unlink()
+
+
+@pytest.fixture(scope="module")
+def neighbour(tmp_path_factory):
+    """Another Ray head on the machine before ours, holding Ray's default ports (its job agent's 52365)."""
+    with plain_head(tmp_path_factory.mktemp("neighbour")) as (head, port, dashboard):
         deadline, taken_since = time.monotonic() + 120, None
         while not local_cluster._listens(head.pid, RAY_AGENT_PORT):
             assert head.poll() is None and time.monotonic() < deadline, "the neighbouring Ray head did not start"
@@ -51,9 +67,19 @@ def neighbour(tmp_path_factory):
                 break
             time.sleep(0.5)
         yield dashboard
-    finally:
-        local_cluster._stop_group(head.pid, grace=40)
-        local_cluster._forget_head(port)
+
+
+@pytest.fixture(scope="module")
+def late_neighbour(servers, tmp_path_factory):
+    """Another Ray head started after ours: `ray start` names it the machine's current head in /tmp/ray,
+    where Ray Jobs looks for the head to run a job on unless the head has a temporary folder of its own."""
+    with plain_head(tmp_path_factory.mktemp("late-neighbour")) as (head, port, dashboard):
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not (current.exists() and current.read_text().strip().endswith(f":{port}")):
+            assert head.poll() is None and time.monotonic() < deadline, "the late Ray head did not start"
+            time.sleep(0.5)
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +109,7 @@ def runs_of(servers, experiment: str):
     return client, (client.search_runs([found.experiment_id]) if found else [])
 
 
-def test_submitted_job_is_tracked_on_the_server(servers, capsys):
+def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     code, job_id = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "workers=2", "epochs=3",
                           "experiment=e2e-digits", "--follow")

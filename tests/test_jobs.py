@@ -370,3 +370,57 @@ def test_gradcheck_checks_the_network_the_job_would_train(monkeypatch, capsys):
     assert jobs.cli.main(["gradcheck", str(CONFIGS / "digits.yaml"), *overrides]) == 0
     trained = initial_state(load_config(CONFIGS / "digits.yaml", overrides)).network.params
     assert len(checked) == 2 and all(np.array_equal(p, trained) and p.dtype == np.float32 for p in checked)
+
+
+def test_resume_replaces_a_model_left_unfinished(tracking_uri, monkeypatch, capsys):
+    """A driver killed after MLflow created the model's entry, before its files: the entry stays PENDING."""
+    from mlflow.entities import LoggedModelStatus
+
+    from jobs.tracking import RunTracker
+
+    def killed_while_logging(self, weights_path, data):
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.initialize_logged_model(name="model", source_run_id=self.run_id, experiment_id=self.experiment_id)
+        raise KeyboardInterrupt
+
+    log_model = RunTracker.log_model
+    monkeypatch.setattr(RunTracker, "log_model", killed_while_logging)
+    args = ["run", str(CONFIGS / "digits.yaml"), "epochs=1", "--quiet"]
+    assert main(args) == 130
+    client, run = only_run(tracking_uri)
+    experiment = [run.info.experiment_id]
+    (pending,) = mlflow.search_logged_models(experiment_ids=experiment, output_format="list")
+    assert pending.status == LoggedModelStatus.PENDING
+    monkeypatch.setattr(RunTracker, "log_model", log_model)
+    assert main([*args, "--resume", run.info.run_id]) == 0
+    (model,) = mlflow.search_logged_models(experiment_ids=experiment, output_format="list")
+    assert model.status == LoggedModelStatus.READY and model.model_id != pending.model_id
+    assert mlflow.pyfunc.load_model(f"models:/{model.model_id}") is not None
+
+
+def test_evaluate_finds_a_model_in_the_store_it_is_given(tracking_uri, tmp_path, monkeypatch, capsys):
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=1", "--quiet"]) == 0
+    client, run = only_run(tracking_uri)
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["evaluate", f"models:/{model.model_id}", "--tracking-uri", tracking_uri]) == 0
+    assert "digits test (359 examples)" in capsys.readouterr().out
+    assert list(elsewhere.iterdir()) == []  # no store made here
+
+
+def test_a_resume_must_reach_the_runs_own_end(tracking_uri, capsys):
+    args = ["run", str(CONFIGS / "digits.yaml"), "--quiet"]
+    assert main([*args, "epochs=3", "checkpoint_every=1"]) == 0
+    client, run = only_run(tracking_uri)
+    client.set_terminated(run.info.run_id, "KILLED")
+    capsys.readouterr()
+    assert main([*args, "epochs=2", "--resume", run.info.run_id]) == 2
+    assert "the run is at epoch 3 of its epochs=3, but this config says epochs=2; pass epochs=3" in \
+        error_line(capsys.readouterr().err)
+    assert main([*args, "epochs=3", "validation_size=100", "--resume", run.info.run_id]) == 2
+    assert "this config changes what the run computes (validation_size: 200 -> 100;" in \
+        error_line(capsys.readouterr().err)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"

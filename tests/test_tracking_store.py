@@ -235,3 +235,15 @@ def test_a_store_on_a_read_only_mount_is_refused_at_once(read_only_mount, tmp_pa
         assert main(["run", DIGITS, "epochs=1", "--tracking-uri", f"sqlite:///{read_only_mount / db}"]) == 2
         assert time.perf_counter() - started < 30  # MLflow alone spent 105 s before its traceback
         assert message in error_line(capsys.readouterr().err)
+
+
+def test_the_process_uri_is_set_only_around_the_calls_that_need_it(monkeypatch):
+    import mlflow
+
+    from jobs.store import process_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///the-users.db")
+    with process_uri("sqlite:///the-runs.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:///the-runs.db"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///the-users.db"  # MLflow unsets it with its own
+    assert mlflow.get_tracking_uri() == "sqlite:///the-users.db"
