@@ -6,7 +6,6 @@ import os
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from core import Network, chunk_bounds
 from core.chunks import ChunkEngine
@@ -32,12 +31,11 @@ class ShardWorker:
     worker on the node. Each chunk's sum is returned separately (not added up here),
     so that the driver can add all chunk sums in chunk order whoever computed them.
     A worker holding ``threads`` CPUs computes that many chunks at once, each with
-    one BLAS thread, as the single-process backend does.
+    one BLAS thread (its ``ChunkEngine`` holds BLAS to one), as the single-process backend does.
     """
 
     def __init__(self, x: np.ndarray, labels: np.ndarray, sizes: list[int], cost: str, activation: str,
                  threads: int = 1):
-        self._blas = threadpool_limits(limits=1, user_api="blas")  # set once for the actor's life
         self.sizes, self.cost, self.activation = list(sizes), cost, activation
         self.engine = ChunkEngine(x, labels, threads)
 

@@ -1,9 +1,9 @@
 """Computing the gradient sums of several chunks of a training set, on a few threads.
 
 The compiled chunk sum (``core.kernels``) runs without the GIL, so chunks computed on
-threads run in parallel. The caller pins BLAS to one thread per call (threadpoolctl,
-outside core): every chunk's products then give the same bits here, in another thread,
-or in another process.
+threads run in parallel. A ``ChunkEngine`` holds BLAS to one thread for as long as it is
+open (``core.blas.one_thread``): every chunk's products then give the same bits here, in
+another thread, or in another process.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from core.average import chunk_bounds
-from core.backprop import Workspace, gradient_sum
-from core.kernels import chunk_gradient_sum, run_steps
+from core.backprop import gradient_sum
+from core.blas import one_thread
+from core.kernels import Workspace, chunk_gradient_sum, run_steps
 from core.network import Network
+from core.step import piece_count
 
 
 def sum_rows(buffer: np.ndarray | None, chunks: int, network: Network) -> np.ndarray:
@@ -29,10 +30,12 @@ def sum_rows(buffer: np.ndarray | None, chunks: int, network: Network) -> np.nda
 
 
 class ChunkEngine:
-    """Owns a training set and returns Σ_x ∂C_x/∂params for chunks of its rows."""
+    """Owns a training set and returns Σ_x ∂C_x/∂params for chunks of its rows, each chunk's
+    products on one BLAS thread until ``close``."""
 
     def __init__(self, x: np.ndarray, labels: np.ndarray, threads: int = 1):
         self.x, self.labels = x, labels
+        self._blas_limit = one_thread()
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gradavg-chunk") if self.threads > 1 else None
         self._local = threading.local()
@@ -47,20 +50,20 @@ class ChunkEngine:
 
     def chunk(self, network: Network, indices: np.ndarray, out: np.ndarray,
                stats: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        m = indices.shape[0]
-        workspace = self._workspace(network, m)
-        if stats is None:  # training: the compiled path, which gathers the rows itself
+        if stats is None:  # training: the compiled path, which copies the rows itself
+            workspace = self._workspace(network, indices.shape[0])
             return chunk_gradient_sum(network, self.x, self.labels, indices, out, workspace)
         # diagnostics: numpy's gradient_sum, which also sums the per-layer statistics
-        x = np.take(self.x, indices, axis=0, out=workspace.rows_of(m))  # a contiguous copy of the chunk's rows
-        return gradient_sum(network, x, self.labels[indices], out=out, workspace=workspace, stats=stats)
+        nabla, count = gradient_sum(network, self.x[indices], self.labels[indices], stats=stats)
+        out[:] = nabla
+        return out, count
 
     def steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
               lmbda: float, chunk_size: int) -> None:
         """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, compiled
         (``core.kernels.run_steps``): a mini-batch of several chunks has them computed on up to
         ``threads`` threads at once."""
-        n_chunks = len(chunk_bounds(min(batch_size, order.shape[0]), chunk_size))
+        n_chunks = piece_count(min(batch_size, order.shape[0]), chunk_size)
         slots = min(self.threads, n_chunks)
         rows = min(batch_size, chunk_size)
         state = self._local
@@ -79,3 +82,6 @@ class ChunkEngine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+            self._blas_limit = None

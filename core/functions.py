@@ -2,7 +2,8 @@
 
 They are looked up by the name a config uses in ``ACTIVATIONS`` and ``COSTS``.
 ``per_example`` takes examples as rows, ``a`` and ``y`` of shape (m, n_L); the deltas and
-activations are elementwise, so ``gradient_sum`` gives them its one-column-per-example arrays.
+activations are elementwise, so they take arrays of any shape: one example, or the
+one-column-per-example matrices of ``gradient_sum``.
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ def sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return np.reciprocal(out, out=out)
 
 
-def sigmoid_prime_from_output(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def sigmoid_prime_from_output(a: np.ndarray) -> np.ndarray:
     """σ'(z) = σ(z)(1 − σ(z)), computed from a = σ(z) so z need not be kept."""
-    out = np.subtract(1.0, a, out=out)
-    out *= a
-    return out
+    return (1.0 - a) * a
 
 
 @dataclass(frozen=True)
 class Activation:
     name: str
-    fn: Callable[..., np.ndarray]  # (z, out=None) -> σ(z)
-    prime_from_output: Callable[..., np.ndarray]  # (a, out=None) -> σ'(z)
+    fn: Callable[..., np.ndarray]  # (z, out=None) -> σ(z); out=z computes it in place
+    prime_from_output: Callable[[np.ndarray], np.ndarray]  # a = σ(z) -> σ'(z)
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,8 @@ class Cost:
     name: str
     # (a, y) -> C_x for each row, shape (m,)
     per_example: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    # (a, y, activation, out=None, scratch=None) -> δ^L, elementwise, the shape of a
-    delta: Callable[..., np.ndarray]
+    # (a, y, activation) -> δ^L, elementwise, the shape of a
+    delta: Callable[[np.ndarray, np.ndarray, Activation], np.ndarray]
 
 
 def _quadratic_per_example(a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -53,11 +52,9 @@ def _quadratic_per_example(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 0.5 * np.einsum("ij,ij->i", diff, diff)
 
 
-def _quadratic_delta(a, y, activation: Activation, out=None, scratch=None):
+def _quadratic_delta(a: np.ndarray, y: np.ndarray, activation: Activation) -> np.ndarray:
     """BP1: δ^L = (a^L − y) ⊙ σ'(z^L)."""
-    out = np.subtract(a, y, out=out)
-    out *= activation.prime_from_output(a, out=scratch)
-    return out
+    return (a - y) * activation.prime_from_output(a)
 
 
 def _cross_entropy_per_example(a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -71,11 +68,11 @@ def _cross_entropy_per_example(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return terms.sum(axis=1)
 
 
-def _cross_entropy_delta(a, y, activation: Activation, out=None, scratch=None):
+def _cross_entropy_delta(a: np.ndarray, y: np.ndarray, activation: Activation) -> np.ndarray:
     """BP1 for cross-entropy with sigmoid output: the σ'(z^L) cancels, δ^L = a^L − y."""
     if activation.name != "sigmoid":
         raise ValueError(f"cross_entropy's δ^L = a − y holds for sigmoid output, not {activation.name!r}")
-    return np.subtract(a, y, out=out)
+    return a - y
 
 
 ACTIVATIONS: dict[str, Activation] = {
@@ -102,12 +99,8 @@ def cost_named(name: str) -> Cost:
         raise ValueError(f"unknown cost {name!r}; valid: {', '.join(COSTS)}") from None
 
 
-def one_hot(labels: np.ndarray, n_classes: int, dtype=np.float64, out: np.ndarray | None = None) -> np.ndarray:
+def one_hot(labels: np.ndarray, n_classes: int, dtype=np.float64) -> np.ndarray:
     """Desired outputs y(x) as rows: 1.0 at the label, 0.0 elsewhere.  # (m, n_classes)"""
-    m = labels.shape[0]
-    if out is None:
-        out = np.zeros((m, n_classes), dtype=dtype)
-    else:
-        out.fill(0.0)
-    out[np.arange(m), labels] = 1.0
-    return out
+    y = np.zeros((labels.shape[0], n_classes), dtype=dtype)
+    y[np.arange(labels.shape[0]), labels] = 1.0
+    return y

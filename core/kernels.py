@@ -1,29 +1,31 @@
-"""The batched backward pass of ``core.backprop``, compiled: the path training runs on.
+"""Compiled copies of the reference: the path training runs on.
 
-``gradient_sum`` in ``core/backprop.py`` is the readable numpy version of BP1–BP4 over a
-batch; this module computes the same sums with the same products, compiled by numba so
-that a mini-batch of 10 is not paid for in interpreter overhead: at [784, 30, 10] the
-arithmetic of a step takes about 20 µs and numpy's calls around it took three times that.
-What it does beyond ``gradient_sum``:
+``gradient_sum`` in ``core/backprop.py`` (BP1–BP4 over a batch) and the cuts, in-order add and
+update of ``core/step.py`` say what is computed; this module computes the same with the same
+products, compiled by numba so that a mini-batch of 10 is not paid for in interpreter overhead:
+at [784, 30, 10] the arithmetic of a step takes about 20 µs and numpy's calls around it took
+three times that. Each part and the reference it copies (``tests/test_core.py`` holds each to it):
 
-- ``chunk_gradient_sum`` gathers the chunk's rows itself (``_gather``, faster here than
-  ``np.take``) and computes Σ_x ∂C_x/∂params for them, the input layer's products a block
-  of ``INPUT_BLOCK`` examples at a time;
-- ``run_steps`` runs whole stretches of gradient descent (gather, sum, update) without
-  returning to Python between steps; a mini-batch of several chunks has its chunks
-  computed at once on numba's threads, one workspace slot each;
-- ``add_and_update`` ends every training step on every backend: a mini-batch's chunk sums
-  added left to right in chunk order, as ``add_in_order`` adds them, then the update with
-  ``update_in_place``'s arithmetic (x ← x − dtype(η/m)·∇, after the decay, never a fused
-  multiply-add). ``run_steps`` calls it after computing the chunk sums itself; the Ray
-  driver calls it on the chunk sums its workers return (``steps_from_chunk_sums``).
+- ``_chunk_sum`` (``chunk_gradient_sum``): ``gradient_sum`` over a chunk's rows ``x[rows]``,
+  which it copies out of the training set itself (``_copy_rows``, faster here than ``np.take``),
+  the input layer's products a block of ``INPUT_BLOCK`` examples at a time (``core.blas.gemm``),
+  into the buffers of a ``Workspace``; held to ``per_example_gradient_sum`` and to finite
+  differences;
+- ``_piece``, ``_piece_count``: ``core.step``'s cuts, of an epoch into mini-batches and of a
+  mini-batch into chunks; held to them bit for bit;
+- ``_add_and_update`` (``add_and_update``): ``add_in_order``, then ``update_in_place``
+  (x ← x − dtype(η/m)·∇, after the decay, never a fused multiply-add); bit for bit;
+- ``run_steps``: ``core.step.descend`` over the chunk sums above, whole stretches of steps
+  without returning to Python, a mini-batch's chunks at once on numba's threads, one workspace
+  slot each; ``steps_from_chunk_sums``: ``descend`` over chunk sums computed elsewhere (Ray's
+  workers), ending in the same ``add_and_update``; both bit for bit.
 
-Every gradient sum of a training run, on every backend and every Ray worker, comes from
-the same chunk kernel and every step ends in the same ``add_and_update``, so the bits do
-not depend on which backend ran the job, how many workers or threads it had, or which
-thread computed which chunk. The products are calls to SciPy's BLAS, one
-thread each: through numba's ``np.dot`` for the small layers, ``?gemm`` called directly for
-the input layer's two.
+Every gradient sum of a training run, on every backend and every Ray worker, comes from the
+same chunk kernel and every step ends in the same ``_add_and_update``, so the bits do not depend
+on which backend ran the job, how many workers or threads it had, or which thread computed which
+chunk. The products are calls to SciPy's BLAS, one thread each (``core.blas.one_thread``):
+through numba's ``np.dot`` for the small layers, ``?gemm`` called directly for the input layer's
+two. The kernels implement the sigmoid activation only and refuse a network with another.
 """
 
 from __future__ import annotations
@@ -31,16 +33,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  the BLAS the products call: loaded now, so thread limits reach it
-from numba.core import types
-from numba.extending import get_cython_function_address, overload
 
-from core.average import chunk_bounds
-from core.backprop import Workspace
+from core.blas import N, T, gemm, gemm_scratch
 from core.network import Network
+from core.step import mini_batch, piece_count
 
 # BP1 for each cost with sigmoid output (the only activation): δ^L = (a − y) ⊙ σ'(z^L), or a − y
 COST_CODES = {"quadratic": 0, "cross_entropy": 1}
@@ -48,43 +46,43 @@ COST_CODES = {"quadratic": 0, "cross_entropy": 1}
 # The two products with the input layer (eq. 25's w^1 x and BP4's δ^1 x^T) take 32 examples at a
 # time: OpenBLAS multiplies matrices that small without first copying them into its packed layout,
 # which at [784, 30, 10] is 15–20% faster than one product over the whole chunk, and the block of
-# rows stays in the core's cache from gathering it to multiplying it. A fixed size, so the bits
+# rows stays in the core's cache from copying it to multiplying it. A fixed size, so the bits
 # depend only on the chunk.
 INPUT_BLOCK = 32
 
-_N, _T = ord("N"), ord("T")
+
+class Workspace:
+    """The compiled backward pass's buffers, reused across steps: at a mini-batch of 10 the
+    arithmetic is tiny and allocation would be a large share of the time.
+
+    ``slots`` sets of them, one for each chunk computed at once on its own thread, each for
+    chunks of up to ``rows`` examples: the chunk's rows copied out of the training set, and
+    a^l and δ^l of every layer kept as the book writes them, one column per example, (n_l, m):
+    the products then run on contiguous operands, which OpenBLAS does faster.
+    """
+
+    def __init__(self, sizes: list[int], rows: int, dtype, slots: int = 1):
+        self.sizes, self.rows, self.dtype, self.slots = list(sizes), rows, np.dtype(dtype), slots
+        self.x_slots = np.empty((slots, rows * sizes[0]), dtype)  # a chunk's rows, (m, n_0) flat
+        self.activation_slots = tuple(np.empty((slots, n * rows), dtype) for n in sizes[1:])  # a^l, (n_l, m) flat
+        self.delta_slots = tuple(np.empty((slots, n * rows), dtype) for n in sizes[1:])  # δ^l, (n_l, m) flat
+
+    def fits(self, network: Network, rows: int, slots: int = 1) -> bool:
+        return (self.sizes == network.sizes and self.dtype == network.dtype and rows <= self.rows
+                and slots <= self.slots)
 
 
-def _blas_gemm(name):
-    """SciPy's Fortran ?gemm (every argument by pointer), called from compiled code by a symbol
-    name, so that numba can cache the code that calls it."""
-    symbol = f"gradavg_scipy_{name}"
-    llvm.add_symbol(symbol, get_cython_function_address("scipy.linalg.cython_blas", name))
-    return types.ExternalFunction(symbol, types.void(*[types.voidptr] * 13))
+@numba.njit(nogil=True, cache=True)
+def _piece(index, size, n):
+    """``core.step.piece``: positions lo … hi − 1 of piece ``index`` of n cut into pieces of ``size``."""
+    lo = index * size
+    return lo, min(lo + size, n)
 
 
-_DGEMM, _SGEMM = _blas_gemm("dgemm"), _blas_gemm("sgemm")
-
-
-def _gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, ints, scalars):
-    """C ← op(A) op(B) + beta·C, column-major as BLAS sees it; ``a``, ``b``, ``c`` are flat arrays
-    starting at the matrices' first elements, ``ints`` (int32, 8) and ``scalars`` (2) scratch."""
-    raise NotImplementedError("compiled code only")
-
-
-@overload(_gemm)
-def _gemm_compiled(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, ints, scalars):
-    gemm = _SGEMM if c.dtype == types.float32 else _DGEMM
-
-    def call(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, ints, scalars):
-        ints[0], ints[1], ints[2], ints[3], ints[4] = trans_a, trans_b, m, n, k
-        ints[5], ints[6], ints[7] = lda, ldb, ldc
-        scalars[0], scalars[1] = 1, beta
-        gemm(ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, ints[3:].ctypes, ints[4:].ctypes,
-             scalars[0:].ctypes, a.ctypes, ints[5:].ctypes, b.ctypes, ints[6:].ctypes, scalars[1:].ctypes,
-             c.ctypes, ints[7:].ctypes)
-
-    return call
+@numba.njit(nogil=True, cache=True)
+def _piece_count(n, size):
+    """``core.step.piece_count``: ⌈n / size⌉."""
+    return -(-n // size)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -114,7 +112,7 @@ def _row_sums(delta, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather(x, rows, out):
+def _copy_rows(x, rows, out):
     """out[i] = x[rows[i]], eight rows at a time: eight streams in flight at once copy
     shuffled rows faster than one after another (a row is a few KiB, read from memory)."""
     m, d = rows.shape[0], x.shape[1]
@@ -145,16 +143,16 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, sl
     m, d, L = rows.shape[0], x.shape[1], len(weights)
     xb = xs[slot, : m * d].reshape(m, d)  # the chunk's rows, one example per row
     x_flat = xs[slot, : m * d]
-    ints, scalars = np.empty(8, np.int32), np.empty(2, x.dtype)
+    scratch = gemm_scratch(x)
     # eq. 25, layer by layer; activations one column per example, as in the book
     n = weights[0].shape[0]
     a_flat = acts[0][slot, : n * m]
     w_flat = weights[0].reshape(n * d)
-    for lo in range(0, m, INPUT_BLOCK):  # gather a block of rows, then z^1 = w^1 x for them
+    for lo in range(0, m, INPUT_BLOCK):  # copy a block of rows, then z^1 = w^1 x for them
         hi = min(lo + INPUT_BLOCK, m)
-        _gather(x, rows[lo:hi], xb[lo:hi])
+        _copy_rows(x, rows[lo:hi], xb[lo:hi])
         # column-major: a[:, lo:hi]^T (hi − lo, n_1), ld m  ←  xb[lo:hi] (hi − lo, d) · (w^1)^T (d, n_1)
-        _gemm(_T, _N, hi - lo, n, d, x_flat[lo * d :], d, w_flat, d, 0, a_flat[lo:], m, ints, scalars)
+        gemm(T, N, hi - lo, n, d, x_flat[lo * d :], d, w_flat, d, 0, a_flat[lo:], m, scratch)
     a = a_flat.reshape(n, m)  # (n_1, m)
     _sigmoid_with_bias(a, biases[0], one)
     for layer in range(1, L):
@@ -187,8 +185,8 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, sl
             for lo in range(0, m, INPUT_BLOCK):
                 hi = min(lo + INPUT_BLOCK, m)
                 # column-major: (∂C/∂w^1)^T (d, n_1) ← xb[lo:hi]^T (d, hi − lo) · δ[:, lo:hi]^T (hi − lo, n_1), ld m
-                _gemm(_N, _N, d, n, hi - lo, x_flat[lo * d :], d, d_flat[lo:], m, 0 if lo == 0 else 1,
-                      out[w_end:], d, ints, scalars)
+                gemm(N, N, d, n, hi - lo, x_flat[lo * d :], d, d_flat[lo:], m, 0 if lo == 0 else 1,
+                     out[w_end:], d, scratch)
             _row_sums(delta, out[b_end : b_end + n])  # BP3
             break
         a_in = acts[layer - 1][slot, : n_in * m].reshape(n_in, m)
@@ -201,13 +199,12 @@ def _chunk_sum(weights, biases, x, labels, rows, cost, one, xs, acts, deltas, sl
 
 @numba.njit(parallel=True, cache=True)
 def _chunk_sums(weights, biases, x, labels, batch, chunk_size, cost, one, xs, acts, deltas, sums):
-    """Chunk c of ``batch`` (``chunk_bounds``'s cut) into ``sums[c]``, the chunks shared out over the
-    workspace's slots, one thread each."""
+    """Chunk c of ``batch`` (``core.step.chunk_bounds``'s cut) into ``sums[c]``, the chunks shared out
+    over the workspace's slots, one thread each."""
     n_chunks, slots = sums.shape[0], xs.shape[0]
     for slot in numba.prange(slots):
         for c in range(slot, n_chunks, slots):
-            lo = c * chunk_size
-            hi = min(lo + chunk_size, batch.shape[0])
+            lo, hi = _piece(c, chunk_size, batch.shape[0])
             _chunk_sum(weights, biases, x, labels, batch[lo:hi], cost, one, xs, acts, deltas, slot, sums[c])
 
 
@@ -242,11 +239,10 @@ def _add_and_update(params, sums, n_chunks, total, scale, n_weights, decay, one)
 @numba.njit(nogil=True, cache=True)
 def _run_steps(weights, biases, params, n_weights, sums, x, labels, order, first, last, batch_size, cost, one,
                eta, decay, xs, acts, deltas):
-    n = order.shape[0]
+    """``descend`` with every mini-batch one chunk, on workspace slot 0."""
     scale = np.empty(1, params.dtype)  # dtype(η/m), as numpy rounds a Python float for an array
     for step in range(first, last):
-        lo = step * batch_size
-        hi = min(lo + batch_size, n)
+        lo, hi = _piece(step, batch_size, order.shape[0])
         _chunk_sum(weights, biases, x, labels, order[lo:hi], cost, one, xs, acts, deltas, 0, sums[0])
         scale[0] = eta / (hi - lo)
         _add_and_update(params, sums, 1, sums[0], scale[0], n_weights, decay, one)
@@ -255,16 +251,27 @@ def _run_steps(weights, biases, params, n_weights, sums, x, labels, order, first
 @numba.njit(nogil=True, cache=True)
 def _run_chunked_steps(weights, biases, params, n_weights, total, sums, x, labels, order, first, last, batch_size,
                        chunk_size, cost, one, eta, decay, xs, acts, deltas):
-    n = order.shape[0]
+    """``descend`` with a mini-batch's chunks computed at once on the workspace's slots."""
     scale = np.empty(1, params.dtype)
     for step in range(first, last):
-        lo = step * batch_size
-        hi = min(lo + batch_size, n)
-        n_chunks = (hi - lo + chunk_size - 1) // chunk_size
+        lo, hi = _piece(step, batch_size, order.shape[0])
+        n_chunks = _piece_count(hi - lo, chunk_size)
         _chunk_sums(weights, biases, x, labels, order[lo:hi], chunk_size, cost, one, xs, acts, deltas,
                     sums[:n_chunks])
         scale[0] = eta / (hi - lo)
         _add_and_update(params, sums, n_chunks, total, scale[0], n_weights, decay, one)
+
+
+def _check_network(network: Network) -> None:
+    """The kernels compute σ as the sigmoid (σ' = a(1 − a) in BP1 and BP2) and BP1 for the costs of
+    ``COST_CODES``: refuse a network they would train as something else."""
+    if network.activation != "sigmoid":
+        raise ValueError(f"the compiled training path (core.kernels) implements the sigmoid activation only, not "
+                         f"{network.activation!r}; train with activation=sigmoid, or add the activation's σ and "
+                         "σ' to the kernels")
+    if network.cost not in COST_CODES:
+        raise ValueError(f"the compiled training path (core.kernels) implements BP1 for the costs "
+                         f"{', '.join(COST_CODES)} only, not {network.cost!r}")
 
 
 def _check_buffers(network: Network, x: np.ndarray, workspace: Workspace, rows: int, sums: np.ndarray) -> None:
@@ -281,6 +288,7 @@ def _check_buffers(network: Network, x: np.ndarray, workspace: Workspace, rows: 
 def chunk_gradient_sum(network: Network, x: np.ndarray, labels: np.ndarray, rows: np.ndarray, out: np.ndarray,
                        workspace: Workspace) -> tuple[np.ndarray, int]:
     """Σ_x ∂C_x/∂params over ``x[rows]`` (flat, laid out like ``network.params``) and the count."""
+    _check_network(network)
     m = rows.shape[0]
     if m == 0:
         out.fill(0.0)
@@ -302,17 +310,17 @@ def run_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.nda
               batch_size: int, eta: float, lmbda: float, sums: np.ndarray, workspace: Workspace,
               chunk_size: int | None = None) -> None:
     """Mini-batch steps ``first`` to ``last - 1`` of the epoch whose shuffle is ``order``, in place on
-    ``network.params``: each step the gradient sum of ``x[order[step·batch_size …]]`` and
-    ``update_in_place``.
+    ``network.params``: ``core.step.descend`` over the chunk sums of ``x[order[…]]``, compiled.
 
-    A mini-batch larger than ``chunk_size`` is cut as ``chunk_bounds`` cuts it, its chunks'
-    sums computed at once on the workspace's slots (one thread each) into the rows of ``sums``
-    and added in chunk order, as every backend adds them. The workspace must fit a chunk;
+    A mini-batch larger than ``chunk_size`` is cut into chunks as ``core.step.chunk_bounds`` cuts
+    it, their sums computed at once on the workspace's slots (one thread each) into the rows of
+    ``sums`` and added in chunk order, as every backend adds them. The workspace must fit a chunk;
     ``sums`` needs one row per chunk of a mini-batch and one more, for the total.
     """
+    _check_network(network)
     rows = min(batch_size, chunk_size or batch_size, order.shape[0])
     _check_buffers(network, x, workspace, rows, sums)
-    if sums.shape[0] < len(chunk_bounds(min(batch_size, order.shape[0]), rows)) + 1:
+    if sums.shape[0] < piece_count(min(batch_size, order.shape[0]), rows) + 1:
         raise ValueError(f"sums has {sums.shape[0]} rows; mini-batches of {batch_size} in chunks of {rows} "
                          "need one per chunk and one for their total")
     args = (tuple(network.weights), tuple(network.biases), network.params, network.n_weights)
@@ -348,14 +356,12 @@ def steps_from_chunk_sums(chunk_sums: Callable[[Network, np.ndarray], tuple[np.n
                           order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
                           lmbda: float) -> None:
     """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, whose chunk sums
-    are computed elsewhere (Ray's workers): ``chunk_sums(network, batch)`` returns them as rows in
-    chunk order, with one spare row, and the count; ``add_and_update`` adds and applies them, as
-    ``run_steps`` does after computing them itself."""
-    n = order.shape[0]
+    are computed elsewhere (Ray's workers): ``core.step.descend`` ending in ``add_and_update``.
+    ``chunk_sums(network, batch)`` returns the sums as rows in chunk order, with one spare row,
+    and the count."""
     for step in range(first, last):
-        batch = order[step * batch_size : (step + 1) * batch_size]
-        sums, count = chunk_sums(network, batch)
-        add_and_update(network, sums, sums.shape[0] - 1, count, eta, lmbda, n)
+        sums, count = chunk_sums(network, mini_batch(order, batch_size, step))
+        add_and_update(network, sums, sums.shape[0] - 1, count, eta, lmbda, order.shape[0])
 
 
 def cached() -> bool:

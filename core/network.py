@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +39,28 @@ def split_params(params: np.ndarray, sizes: list[int]) -> tuple[list[np.ndarray]
         biases.append(params[offset : offset + n_out])  # (n_out,)
         offset += n_out
     return weights, biases
+
+
+def join_params(weights: list[np.ndarray], biases: list[np.ndarray]) -> np.ndarray:
+    """The flat vector ``split_params`` splits: every weight matrix, then every bias vector."""
+    return np.concatenate([w.ravel() for w in weights] + list(biases))
+
+
+def write_npz(path, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez`` to ``path``, atomically: written to a temporary file beside it and flushed to
+    disk, then renamed, so that a file under the final name is always whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
 
 
 @dataclass
@@ -78,7 +101,7 @@ class Network:
         if init == "scaled":
             weights = [w / np.sqrt(w.shape[1]) for w in weights]
         weights = [w * weight_scale for w in weights]
-        params = np.concatenate([w.ravel() for w in weights] + biases).astype(dtype_named(dtype))
+        params = join_params(weights, biases).astype(dtype_named(dtype))
         return cls(sizes, params, cost, activation)
 
     @property
@@ -128,20 +151,12 @@ class Network:
         return total_cost / n, correct / n
 
     def save(self, path) -> None:
-        """Write ``.npz`` readable with ``allow_pickle=False``; atomically (temp file, rename)."""
+        """Write ``.npz`` readable with ``allow_pickle=False``, atomically (``write_npz``)."""
         arrays = {f"weights_{i}": w for i, w in enumerate(self.weights)}
         arrays.update({f"biases_{i}": b for i, b in enumerate(self.biases)})
         arrays.update(sizes=np.array(self.sizes, dtype=np.int64), cost=np.array(self.cost),
                       activation=np.array(self.activation))
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_npz(path, arrays)
 
     @classmethod
     def load(cls, path) -> "Network":
@@ -159,7 +174,7 @@ class Network:
             raise ValueError(f"{path}: not a gradavg weights file, missing array {e}") from None
         weights = [arrays[f"weights_{i}"] for i in range(n_layers)]
         biases = [arrays[f"biases_{i}"] for i in range(n_layers)]
-        params = np.concatenate([w.ravel() for w in weights] + biases)
+        params = join_params(weights, biases)
         if not np.all(np.isfinite(params)):
             raise ValueError(f"{path}: the weights contain NaN or Inf (saved from a diverged run?)")
         return cls(sizes, params, cost, activation)

@@ -1,12 +1,14 @@
 """Where chunk sums are computed: one interface, two implementations.
 
-A backend is given the training set once, then, each step, the network and the indices
-of a mini-batch; it returns the mini-batch's chunk sums Σ_x ∂C_x/∂params, one per chunk of
-``chunk_size`` (``core.chunk_bounds``) in chunk order, and the count. Each chunk's sum is
-computed with one BLAS thread, and one compiled function (``core.kernels.add_and_update``)
-adds them in chunk order and applies the update on every backend, so every backend and
-every worker count gives the same bits. The backends differ only in where the chunk sums
-are computed: on this process's threads, or on Ray workers.
+A backend is given the training set once; then the training loop hands it stretches of
+mini-batch steps (``train_steps``: the epoch's shuffle, the first and last step), and the
+diagnostics a set of rows (``gradient_stats``). Every step is ``core.step.descend``: the
+mini-batch cut into chunks of ``chunk_size`` (``core.step.chunk_bounds``), each chunk's sum
+Σ_x ∂C_x/∂params computed with one BLAS thread, the sums added in chunk order and the update
+applied by one compiled function (``core.kernels``), so every backend and every worker count
+gives the same bits. The backends differ only in where the chunk sums are computed: on this
+process's threads (the whole stretch compiled), or on Ray workers (a step at a time, through
+``chunk_sums``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 from typing import Protocol
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from core import Network, chunk_bounds
 from core.chunks import ChunkEngine, sum_rows
@@ -35,8 +36,10 @@ class Backend(Protocol):
         ...
 
     def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
-        """Σ_x ∂C_x/∂params of each chunk of ``x[batch]``, one row each in chunk order, then one
-        spare row (for their total), and the count. The array is valid until the next call."""
+        """One step's chunk sums: Σ_x ∂C_x/∂params of each chunk of ``x[batch]``, one row each in
+        chunk order, then one spare row (for their total), and the count. The array is valid until
+        the next call. Ray's ``train_steps`` is built on it; the local one is the single-process
+        result the Ray backend's is tested against."""
         ...
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
@@ -63,12 +66,9 @@ class LocalBackend:
         self.chunk_size = chunk_size
         self.workers = threads or os.cpu_count() or 1
         self._engine: ChunkEngine | None = None
-        self._blas_limit = None
 
     def start(self, network: Network, x: np.ndarray, labels: np.ndarray) -> None:
-        # One BLAS thread for every chunk, as in every Ray worker: OpenBLAS gives other bits with more.
-        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
-        self._engine = ChunkEngine(x, labels, self.workers)
+        self._engine = ChunkEngine(x, labels, self.workers)  # one BLAS thread a chunk, as in every Ray worker
         self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
 
     @property
@@ -97,9 +97,6 @@ class LocalBackend:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-        if self._blas_limit is not None:
-            self._blas_limit.restore_original_limits()
-            self._blas_limit = None
 
 
 def make_backend(cfg, on_failure=None) -> Backend:

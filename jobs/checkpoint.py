@@ -7,13 +7,12 @@ read without pickle.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from core import Network
+from core.network import write_npz
 from jobs.config import JobConfig, build_config, parse_yaml
 from jobs.train import TrainingState
 
@@ -32,18 +31,7 @@ def snapshot(state: TrainingState, cfg: JobConfig) -> dict[str, np.ndarray]:
 
 
 def write(arrays: dict[str, np.ndarray], path) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_npz(path, arrays)
 
 
 def load(path) -> tuple[TrainingState, JobConfig]:

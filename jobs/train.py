@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core import Network
+from core import Network, batch_count, mini_batch
 from core.diagnostics import layer_metrics
 from jobs.backends import Backend
 from jobs.config import JobConfig
@@ -134,7 +134,7 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
     network = state.network
     n_train = x_train.shape[0]
     rows = diagnostic_rows(n_train)
-    n_batches = math.ceil(n_train / cfg.batch_size)
+    n_batches = batch_count(n_train, cfg.batch_size)
     while state.epoch < cfg.epochs:
         hooks.on_epoch_start(state.epoch + 1, n_batches)
         started = time.perf_counter()
@@ -147,7 +147,7 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
             state.step += stop - done
             done = stop
             if state.step % cfg.log_every == 0:
-                batch = order[(done - 1) * cfg.batch_size : done * cfg.batch_size]
+                batch = mini_batch(order, cfg.batch_size, done - 1)
                 cost, _ = network.evaluate(x_train[batch], data.y_train[batch])
                 _check_finite(cost, state, cfg, "mini-batch")
                 hooks.on_batch_cost(state.step, cost)

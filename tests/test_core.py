@@ -1,13 +1,17 @@
 """Core's math against oracles: finite differences, the per-example path, hand-worked numbers."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import core
-from core import Network, add_in_order, average, chunk_bounds, gradient_sum, kernels, split_params, update_in_place
+from core import Network, add_in_order, blas, chunk_bounds, gradient_sum, kernels, split_params, step, update_in_place
+from core.functions import ACTIVATIONS, Activation
+from core.network import write_npz
 
 
 def random_problem(sizes, cost, init, seed, m=7, dtype="float64"):
@@ -16,10 +20,28 @@ def random_problem(sizes, cost, init, seed, m=7, dtype="float64"):
     return net, rng.random((m, sizes[0])), rng.integers(0, sizes[-1], m)
 
 
+INFRASTRUCTURE = {"ray", "mlflow", "yaml", "jobs", "cluster"}
+
+
 def test_core_imports_no_infrastructure():
-    code = "import sys, core; bad = {'ray', 'mlflow', 'yaml', 'jobs', 'cluster'} & set(sys.modules); print(sorted(bad))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    """Every module of core, the compiled ones included, imported in a fresh process after the
+    libraries core is built on: none of them brings in Ray, MLflow, YAML, the cluster or the jobs
+    (numba itself imports yaml to read its own config, so that is counted from core's imports on)."""
+    code = ("import importlib, pkgutil, sys, numpy, numba, scipy.linalg.cython_blas, threadpoolctl\n"
+            "before = set(sys.modules)\n"
+            "import core\n"
+            "names = [m.name for m in pkgutil.iter_modules(core.__path__, 'core.')]\n"
+            "for name in names: importlib.import_module(name)\n"
+            "print(' '.join(names)); print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
+    names, imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout.splitlines()
+    assert {"core.backprop", "core.blas", "core.chunks", "core.kernels", "core.step"} <= set(names.split())
+    assert not INFRASTRUCTURE & set(imported.split())
+    for path in Path(core.__file__).parent.glob("*.py"):  # nor does core's own code name them
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not INFRASTRUCTURE & {m.split(".")[0] for m in modules}, path.name
 
 
 def test_shapes_follow_the_book():
@@ -76,7 +98,7 @@ def test_gradient_check_of_the_compiled_training_path(cost, dtype):
 
 
 def test_gradient_check_catches_a_wrong_gradient(monkeypatch):
-    """The check is an oracle only if it fails on a wrong backprop: drop σ' from BP2."""
+    """The check is an oracle only if it fails on a wrong backprop: ∂C/∂w^2 scaled by 1.01."""
     net, x, y = random_problem([5, 4, 3], "quadratic", "standard", 2)
     import core.gradcheck as gc
 
@@ -99,19 +121,13 @@ def test_batched_sum_equals_per_example_sum(cost, sizes):
     assert np.max(np.abs(batched - looped)) <= 1e-12 * np.max(np.abs(looped))
 
 
-def test_workspace_reuse_gives_the_same_bits():
-    net, x, y = random_problem([10, 8, 4], "quadratic", "standard", 4, m=12)
-    ws = core.Workspace(net.sizes, 12, net.dtype)
-    first = gradient_sum(net, x, y, workspace=ws)[0].copy()
-    gradient_sum(net, x[:5], y[:5], workspace=ws)  # a smaller batch in between
-    assert np.array_equal(gradient_sum(net, x, y, workspace=ws)[0], first)
-
-
 def test_unequal_parts_average_to_the_whole_batch():
     net, x, y = random_problem([7, 5, 3], "cross_entropy", "scaled", 8, m=17)
     whole, n = gradient_sum(net, x, y)
     parts = [gradient_sum(net, x[:3], y[:3]), gradient_sum(net, x[3:], y[3:])]
-    np.testing.assert_allclose(average(parts), whole / n, rtol=1e-13, atol=1e-16)
+    total, count = add_in_order(parts)
+    assert count == n == 17
+    np.testing.assert_allclose(total / count, whole / n, rtol=1e-13, atol=1e-16)
     mean_of_means = (parts[0][0] / 3 + parts[1][0] / 14) / 2
     assert not np.allclose(mean_of_means, whole / n, rtol=1e-6)
 
@@ -126,8 +142,25 @@ def test_add_in_order_is_left_to_right():
 def test_chunk_bounds_do_not_depend_on_anything_but_n_and_size():
     assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert chunk_bounds(3, 5) == [(0, 3)]
+    assert chunk_bounds(0, 5) == []
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_bounds(3, 0)
+
+
+def test_an_epoch_is_cut_into_mini_batches_as_chunks_are_cut():
+    order = np.array([7, 3, 9, 0, 5, 1, 8, 2, 6, 4, 10])  # 11 examples, mini-batches of 4: 4, 4, 3
+    assert core.batch_count(11, 4) == 3 and core.batch_count(12, 4) == 3 and core.batch_count(13, 4) == 4
+    assert [core.mini_batch(order, 4, s).tolist() for s in range(3)] == [[7, 3, 9, 0], [5, 1, 8, 2], [6, 4, 10]]
+    assert [(lo, hi) for lo, hi in chunk_bounds(11, 4)] == [step.piece(s, 4, 11) for s in range(3)]
+
+
+def test_the_compiled_cuts_are_the_reference_cuts():
+    """``core.kernels``' copies of ``core.step.piece`` and ``piece_count``, on every case up to 40."""
+    for n in range(41):
+        for size in range(1, 13):
+            assert kernels._piece_count(n, size) == step.piece_count(n, size)
+            for index in range(step.piece_count(n, size) + 1):
+                assert kernels._piece(index, size, n) == step.piece(index, size, n)
 
 
 def test_hand_worked_2_2_1_network():
@@ -180,6 +213,19 @@ def test_evaluate_counts_argmax_hits():
     assert accuracy == 0.75
 
 
+def test_write_npz_leaves_nothing_behind_when_writing_fails(tmp_path):
+    class Unwritable:
+        def __array__(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    write_npz(tmp_path / "a.npz", {"x": np.arange(3)})
+    with pytest.raises(OSError, match="disk full"):
+        write_npz(tmp_path / "a.npz", {"x": Unwritable()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]  # the old file whole, no temporary left
+    with np.load(tmp_path / "a.npz") as data:
+        assert data["x"].tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_save_and_load_round_trip(tmp_path, dtype):
     net = Network.create([6, 5, 3], init="scaled", seed=9, cost="cross_entropy", dtype=dtype)
@@ -227,7 +273,7 @@ def test_compiled_chunk_sum_equals_per_example_sum(sizes, cost, dtype):
     net, x, y = random_problem(sizes, cost, "standard", seed=13, m=90, dtype=dtype)
     x = x.astype(dtype)
     rows = np.random.default_rng(2).permutation(90)[:71]
-    ws = core.Workspace(sizes, 75, dtype)
+    ws = kernels.Workspace(sizes, 75, dtype)
     out = np.full_like(net.params, np.nan)
     nabla, n = kernels.chunk_gradient_sum(net, x, y, rows, out, ws)
     looped, _ = core.per_example_gradient_sum(net.astype("float64"), x[rows].astype("float64"), y[rows])
@@ -238,7 +284,7 @@ def test_compiled_chunk_sum_equals_per_example_sum(sizes, cost, dtype):
 
 def test_compiled_workspace_reuse_and_an_empty_chunk():
     net, x, y = random_problem([10, 8, 4], "quadratic", "standard", 4, m=12)
-    ws = core.Workspace(net.sizes, 12, net.dtype)
+    ws = kernels.Workspace(net.sizes, 12, net.dtype)
     first = kernels.chunk_gradient_sum(net, x, y, np.arange(12), np.empty_like(net.params), ws)[0].copy()
     kernels.chunk_gradient_sum(net, x, y, np.arange(3, 8), np.empty_like(net.params), ws)  # smaller, in between
     again = kernels.chunk_gradient_sum(net, x, y, np.arange(12), np.empty_like(net.params), ws)[0]
@@ -251,32 +297,32 @@ def test_compiled_workspace_reuse_and_an_empty_chunk():
 @pytest.mark.parametrize("lmbda", [0.0, 2.5])
 @pytest.mark.parametrize("batch_size, chunk_size, slots", [(10, None, 1), (23, 10, 2), (23, 5, 3), (23, 10, 1)])
 def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_size, chunk_size, slots):
-    """``run_steps`` (the single-process path) against each step's chunk sums added in order, then
-    numpy's ``update_in_place`` (the Ray driver's path): the same bits, with a short last mini-batch.
-    Mini-batches of 23 in chunks of 10 or 5 are computed on 1 to 3 workspace slots at once."""
+    """``run_steps`` (the single-process path) and ``steps_from_chunk_sums`` (the Ray driver's) against
+    the reference step, ``core.step.descend``: each step's chunk sums added in order, then numpy's
+    ``update_in_place``. The same bits, with a short last mini-batch. Mini-batches of 23 in chunks
+    of 10 or 5 are computed on 1 to 3 workspace slots at once."""
     net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=53, dtype=dtype)
     x = x.astype(dtype)
     order = np.random.default_rng(9).permutation(53)  # 10s: five, then 3; 23s: two, then 7
     fused, stepped = net.copy(), net.copy()
     rows = min(batch_size, chunk_size or batch_size)
-    ws = core.Workspace(net.sizes, rows, dtype, slots)
+    ws = kernels.Workspace(net.sizes, rows, dtype, slots)
     n_chunks = -(-batch_size // rows)
     sums = np.empty((n_chunks + 1, net.params.shape[0]), dtype)
     steps = -(-53 // batch_size)
     kernels.run_steps(fused, x, y, order, 0, 2, batch_size, 0.7, lmbda, sums, ws, chunk_size)
     kernels.run_steps(fused, x, y, order, 2, steps, batch_size, 0.7, lmbda, sums, ws, chunk_size)
 
-    def summed(network, batch):
-        bounds = core.chunk_bounds(batch.shape[0], rows)
-        return core.add_in_order(kernels.chunk_gradient_sum(network, x, y, batch[lo:hi],
-                                                            np.empty_like(network.params), ws) for lo, hi in bounds)
+    def chunk_sums(network, batch):
+        return [kernels.chunk_gradient_sum(network, x, y, batch[lo:hi], np.empty_like(network.params), ws)
+                for lo, hi in chunk_bounds(batch.shape[0], rows)]
 
-    core.descend(summed, stepped, order, 0, steps, batch_size, 0.7, lmbda)
+    core.descend(chunk_sums, stepped, order, 0, steps, batch_size, 0.7, lmbda)
     assert not np.array_equal(fused.params, net.params)
     assert np.array_equal(fused.params, stepped.params)
 
     def chunk_rows(network, batch):  # as a Ray driver receives them: a row per chunk, one spare
-        bounds = core.chunk_bounds(batch.shape[0], rows)
+        bounds = chunk_bounds(batch.shape[0], rows)
         out = np.empty((len(bounds) + 1, network.params.shape[0]), dtype)
         counts = [kernels.chunk_gradient_sum(network, x, y, batch[lo:hi], out[c], ws)[1]
                   for c, (lo, hi) in enumerate(bounds)]
@@ -285,6 +331,24 @@ def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_s
     driven = net.copy()
     kernels.steps_from_chunk_sums(chunk_rows, driven, order, 0, steps, batch_size, 0.7, lmbda)
     assert np.array_equal(driven.params, stepped.params)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("lmbda", [0.0, 2.5])
+@pytest.mark.parametrize("n_chunks", [1, 2, 5])
+def test_compiled_add_and_update_is_add_in_order_then_update_in_place(dtype, lmbda, n_chunks):
+    """The end of every training step against its reference, bit for bit: chunk sums of very
+    different sizes, so that the order of the additions shows in the last bits."""
+    net = Network.create([12, 7, 5], seed=3, dtype=dtype)
+    rng = np.random.default_rng(n_chunks)
+    sums = (rng.standard_normal((n_chunks + 1, net.params.size)) * 10.0 ** rng.integers(-6, 6, (n_chunks + 1, 1)))
+    sums = sums.astype(dtype)
+    reference, compiled = net.copy(), net.copy()
+    total, count = add_in_order((row, 4) for row in sums[:n_chunks])
+    update_in_place(reference, total, count, 0.7, lmbda, n_train=50)
+    kernels.add_and_update(compiled, sums.copy(), n_chunks, 4 * n_chunks, 0.7, lmbda, 50)
+    assert not np.array_equal(compiled.params, net.params)
+    assert np.array_equal(compiled.params, reference.params)
 
 
 def test_add_and_update_refuses_what_it_cannot_add():
@@ -302,12 +366,12 @@ def test_compiled_path_refuses_buffers_it_would_overrun():
     """The compiled code checks no bounds, so its entry points check the buffers they are given."""
     net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=53)
     order = np.arange(53)
-    small = core.Workspace(net.sizes, 8, net.dtype)
+    small = kernels.Workspace(net.sizes, 8, net.dtype)
     with pytest.raises(ValueError, match="does not fit chunks of 10 rows"):
         kernels.chunk_gradient_sum(net, x, y, order[:10], np.empty_like(net.params), small)
     with pytest.raises(ValueError, match="does not fit chunks of 10 rows"):
         kernels.run_steps(net, x, y, order, 0, 1, 23, 0.5, 0.0, np.empty((4, net.params.size)), small, 10)
-    ws = core.Workspace(net.sizes, 10, net.dtype, 2)
+    ws = kernels.Workspace(net.sizes, 10, net.dtype, 2)
     with pytest.raises(ValueError, match="sums has 3 rows; mini-batches of 23 in chunks of 10 need"):
         kernels.run_steps(net, x, y, order, 0, 1, 23, 0.5, 0.0, np.empty((3, net.params.size)), ws, 10)
     with pytest.raises(ValueError, match="typed like network.params"):
@@ -317,3 +381,64 @@ def test_compiled_path_refuses_buffers_it_would_overrun():
     before = net.params.copy()
     kernels.run_steps(net, x, y, order, 0, 1, 23, 0.5, 0.0, np.empty((4, net.params.size)), ws, 10)
     assert not np.array_equal(net.params, before)  # the same call with buffers that fit
+
+
+def test_compiled_path_refuses_an_activation_other_than_sigmoid(monkeypatch):
+    """The kernels compute σ and σ' as the sigmoid's: a network with another activation is refused,
+    not trained as a sigmoid network. Only sigmoid is in the table, so a second one is added here."""
+    monkeypatch.setitem(ACTIVATIONS, "tanh", Activation("tanh", np.tanh, lambda a: 1.0 - a * a))
+    net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=20)
+    net = Network(net.sizes, net.params, net.cost, activation="tanh")
+    assert gradient_sum(net, x, y)[1] == 20  # the numpy reference takes any activation of the table
+    ws = kernels.Workspace(net.sizes, 10, net.dtype)
+    message = "implements the sigmoid activation only, not 'tanh'"
+    with pytest.raises(ValueError, match=message):
+        kernels.chunk_gradient_sum(net, x, y, np.arange(10), np.empty_like(net.params), ws)
+    with pytest.raises(ValueError, match=message):
+        kernels.run_steps(net, x, y, np.arange(20), 0, 2, 10, 0.5, 0.0, np.empty((2, net.params.size)), ws)
+    with pytest.raises(ValueError, match=message):
+        kernels.compiled_gradient_sum(net, x, y)
+
+
+# ------------------------------------------------------------------ the BLAS binding (core.blas)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("trans_a, trans_b", [("N", "N"), ("T", "N"), ("N", "T"), ("T", "T")])
+@pytest.mark.parametrize("m, n, k, pad", [(1, 1, 1, 0), (7, 3, 5, 2), (32, 30, 784, 0), (30, 784, 10, 3),
+                                          (784, 30, 7, 25)])
+def test_the_bound_gemm_multiplies_as_numpy_does(dtype, trans_a, trans_b, m, n, k, pad):
+    """SciPy's ?gemm through the binding the kernels use (called by symbol, integers as 32 bits),
+    against numpy's product on random operands: the shapes of the kernels' products among them,
+    leading dimensions longer than the columns, both transposes, both dtypes."""
+    rng = np.random.default_rng(m * n + k)
+    op_a, op_b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    a = op_a.T.copy() if trans_a == "T" else op_a
+    b = op_b.T.copy() if trans_b == "T" else op_b
+    got = blas.product(a, b, trans_a, trans_b, pad)  # two calls, beta 0 then 1: 2 op(a) op(b)
+    want = 2 * np.dot(op_a.astype(np.float64), op_b.astype(np.float64))
+    assert got.dtype == dtype and got.shape == (m, n)
+    tolerance = (1e-12 if dtype == np.float64 else 1e-5) * np.sqrt(k)
+    assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want))
+
+
+def test_the_binding_refuses_a_blas_it_cannot_call(monkeypatch):
+    """The load-time checks refuse, in one line, a ?gemm declared with 64-bit integers (ILP64) and
+    one whose products are wrong, instead of letting the kernels compute with them."""
+    import ctypes
+
+    import scipy.linalg.cython_blas
+
+    make_capsule = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+        ("PyCapsule_New", ctypes.pythonapi))
+    ilp64 = b"void (char *, char *, long *, long *, long *, double *, double *, long *, double *, long *, " \
+            b"double *, double *, long *)"
+    monkeypatch.setitem(scipy.linalg.cython_blas.__pyx_capi__, "dgemm", make_capsule(1, ilp64, None))
+    with pytest.raises(blas.BlasBindingError, match=r"^core.blas: scipy.linalg.cython_blas.dgemm is declared as "
+                                                    r".*long \*.*not the LP64 signature[^\n]*$"):
+        blas._check_signatures()
+    monkeypatch.undo()
+    blas._check_signatures()  # SciPy's own declaration passes
+    monkeypatch.setattr(blas, "product", lambda a, b, *args, **kwargs: np.zeros((a.shape[0], b.shape[1])))
+    with pytest.raises(blas.BlasBindingError, match=r"^core.blas: SciPy's dgemm called by symbol multiplied wrongly"):
+        blas._check_products()

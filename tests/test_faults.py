@@ -46,7 +46,8 @@ class KillingRayBackend(RayBackend):
 
 
 def digits_cfg(*overrides):
-    return load_config(CONFIGS / "digits.yaml", ["epochs=3", "batch_size=100", "chunk_size=30", *overrides])
+    values = dict(text.split("=", 1) for text in ["epochs=3", "batch_size=100", "chunk_size=30", *overrides])
+    return load_config(CONFIGS / "digits.yaml", [f"{k}={v}" for k, v in values.items()])  # later ones win
 
 
 @pytest.mark.parametrize("transport", ["compiled", "tasks"])
