@@ -271,23 +271,27 @@ def test_resuming_a_finished_run_says_it_is_complete(tracking_uri, capsys):
     assert len(models) == 1 and client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
-def test_resume_finishes_what_a_killed_close_left_undone(tracking_uri, monkeypatch, capsys):
+def run_killed_logging_the_model(monkeypatch, tracking_uri, args, kill):
+    """``gradavg ARGS`` whose driver ``kill(tracker)`` stops as it logs the model: (client, the run)."""
     from jobs.tracking import RunTracker
 
-    def killed(self, weights_path, data):  # the driver is stopped while it logs the model
+    with monkeypatch.context() as patched:
+        patched.setattr(RunTracker, "log_model", lambda tracker, weights_path, data: kill(tracker))
+        assert main(args) == 130
+    return only_run(tracking_uri)
+
+
+def test_resume_finishes_what_a_killed_close_left_undone(tracking_uri, monkeypatch, capsys):
+    def killed(tracker):  # the driver is stopped while it logs the model
         raise KeyboardInterrupt
 
-    log_model = RunTracker.log_model
-    monkeypatch.setattr(RunTracker, "log_model", killed)
     args = ["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]
-    assert main(args) == 130
-    client, run = only_run(tracking_uri)
+    client, run = run_killed_logging_the_model(monkeypatch, tracking_uri, args, killed)
     run_id = run.info.run_id
     assert run.info.status == "KILLED"
     experiment = [run.info.experiment_id]
     assert mlflow.search_logged_models(experiment_ids=experiment, output_format="list") == []
     weights = Network.load(client.download_artifacts(run_id, "weights.npz")).params
-    monkeypatch.setattr(RunTracker, "log_model", log_model)
     capsys.readouterr()
     assert main([*args, "--resume", run_id]) == 0
     assert "after 2 epochs" in capsys.readouterr().out
@@ -376,22 +380,17 @@ def test_resume_replaces_a_model_left_unfinished(tracking_uri, monkeypatch, caps
     """A driver killed after MLflow created the model's entry, before its files: the entry stays PENDING."""
     from mlflow.entities import LoggedModelStatus
 
-    from jobs.tracking import RunTracker
-
-    def killed_while_logging(self, weights_path, data):
+    def killed_while_logging(tracker):
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.initialize_logged_model(name="model", source_run_id=self.run_id, experiment_id=self.experiment_id)
+        mlflow.initialize_logged_model(name="model", source_run_id=tracker.run_id,
+                                       experiment_id=tracker.experiment_id)
         raise KeyboardInterrupt
 
-    log_model = RunTracker.log_model
-    monkeypatch.setattr(RunTracker, "log_model", killed_while_logging)
     args = ["run", str(CONFIGS / "digits.yaml"), "epochs=1", "--quiet"]
-    assert main(args) == 130
-    client, run = only_run(tracking_uri)
+    client, run = run_killed_logging_the_model(monkeypatch, tracking_uri, args, killed_while_logging)
     experiment = [run.info.experiment_id]
     (pending,) = mlflow.search_logged_models(experiment_ids=experiment, output_format="list")
     assert pending.status == LoggedModelStatus.PENDING
-    monkeypatch.setattr(RunTracker, "log_model", log_model)
     assert main([*args, "--resume", run.info.run_id]) == 0
     (model,) = mlflow.search_logged_models(experiment_ids=experiment, output_format="list")
     assert model.status == LoggedModelStatus.READY and model.model_id != pending.model_id
