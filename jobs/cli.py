@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tracking-uri", help="MLflow tracking URI the cluster can reach (default: "
                                                "$MLFLOW_TRACKING_URI)")
     submit.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    submit.add_argument("--force", action="store_true", help="with --resume: accept a config that changes the result")
     submit.add_argument("--follow", action="store_true", help="stream the job's log until it ends; exit 0 only "
                                                               "if it SUCCEEDED")
     submit.set_defaults(handler=cmd_submit)
@@ -280,7 +281,17 @@ def cmd_submit(args) -> int:
     if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise UsageError("a job on a cluster needs a tracking server it can reach: pass --tracking-uri "
                          "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
-    job_id = submit.submit(cfg, args.address, resolve_uri(args.tracking_uri), resume=args.resume)
+    uri = resolve_uri(args.tracking_uri)
+    if args.force and not args.resume:
+        raise UsageError("--force goes with --resume RUN_ID; drop it, or add --resume")
+    if args.resume:  # what can be checked here is, before the job is sent
+        from jobs.run import check_resume_config
+        from jobs.store import fetch_checkpoint
+
+        submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+        _, state, saved = fetch_checkpoint(uri, args.resume)
+        check_resume_config(args.resume, state, saved, cfg, args.force)
+    job_id = submit.submit(cfg, args.address, uri, resume=args.resume, force=args.force)
     print(job_id)
     if not args.follow:
         print(f"follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
@@ -326,7 +337,7 @@ def cmd_cluster(args) -> int:
             raise UsageError(f"{option} {port}: a port is a number from 1 to 65535")
     if args.num_cpus is not None and args.num_cpus < 1:
         raise UsageError(f"--num-cpus {args.num_cpus}: the head offers at least 1 CPU (leave it out for all)")
-    print("starting a Ray head and an MLflow server on 127.0.0.1 (about a minute)...", file=sys.stderr)
+    print("starting a Ray head and an MLflow server on 127.0.0.1 ...", file=sys.stderr)
     servers = local_cluster.up(args.state_dir, args.num_cpus, args.dashboard_port, args.mlflow_port)
     print(f"Ray dashboard   {servers.dashboard}")
     print(f"MLflow server   {servers.tracking_uri}")

@@ -98,6 +98,8 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
             if state.epoch >= cfg.epochs and previous.info.status == "FINISHED":
                 return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True)
+            progress.stage(f"resuming run {resume} ({previous.info.status}) from its checkpoint of epoch "
+                           f"{state.epoch}, step {state.step}")
         tracker = RunTracker(cfg, tracking_uri, stream)
     _note_idle_workers(cfg, progress)
     first_epoch = state.epoch
@@ -162,10 +164,22 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
 def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,
                      force: bool) -> None:
     """A resume continues the run it names: the same computation (or --force), to at least its own end."""
-    changes = result_changes(saved, cfg)
     digest = run.data.tags.get("dataset_digest")
-    if digest and digest != data.digest:
-        changes.append(f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)")
+    changed_data = [f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)"] \
+        if digest and digest != data.digest else []
+    changes = check_resume_config(run_id, state, saved, cfg, force, changed_data)
+    n_batches = math.ceil(data.y_train.size / saved.batch_size)
+    if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
+        raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
+                            f"an epoch of {data.y_train.size} examples in mini-batches of {saved.batch_size} is "
+                            f"{n_batches} steps; the checkpoint is damaged: start a new run instead")
+
+
+def check_resume_config(run_id: str, state: TrainingState, saved: JobConfig, cfg: JobConfig, force: bool,
+                        more_changes: list[str] = ()) -> list[str]:
+    """The checks of a resume that need only the configs (``gradavg submit`` makes them before sending):
+    what the new config changes in the computation, and whether it reaches the run's own end."""
+    changes = result_changes(saved, cfg) + list(more_changes)
     if changes and not force:
         raise ConfigError(f"--resume {run_id}: this config changes what the run computes ({'; '.join(changes)}); "
                           "use the run's own values, or pass --force to continue anyway")
@@ -173,8 +187,4 @@ def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, c
         raise ConfigError(f"--resume {run_id}: the run is at epoch {state.epoch} of its epochs={saved.epochs}, but "
                           f"this config says epochs={cfg.epochs}; pass epochs={saved.epochs} (or more) to finish it"
                           + (", or --force to end it sooner" if cfg.epochs >= state.epoch else ""))
-    n_batches = math.ceil(data.y_train.size / saved.batch_size)
-    if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
-        raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
-                            f"an epoch of {data.y_train.size} examples in mini-batches of {saved.batch_size} is "
-                            f"{n_batches} steps; the checkpoint is damaged: start a new run instead")
+    return changes

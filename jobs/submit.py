@@ -91,18 +91,19 @@ def check_tracking_uri(uri: str, address: str) -> None:
                       "./mlartifacts`, and pass --tracking-uri http://THAT_HOST:5000")
 
 
-def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None) -> str:
+def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None, force: bool = False) -> str:
     """The job's command: the resolved config, every key spelled out, on the cluster's Ray."""
     values = {**cfg.to_dict(), "backend": "ray"}
     args = ["exec", "python", "-m", "jobs.cli", "run", "-"]
     args += [f"{key}={show(value, limit=None)}" for key, value in values.items()]
     args += ["--tracking-uri", tracking_uri]  # not --quiet: a job's log shows a line per epoch
     if resume:
-        args += ["--resume", resume]
+        args += ["--resume", resume] + (["--force"] if force else [])
     return " ".join(shlex.quote(a) if a != "exec" else a for a in args)
 
 
-def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None) -> str:
+def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None,
+           force: bool = False) -> str:
     cfg = replace(cfg, backend="ray")
     address = resolve_address(address)
     check_tracking_uri(tracking_uri, address)
@@ -112,7 +113,7 @@ def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str |
         env_vars["GRADAVG_GIT_COMMIT"] = commit  # the job's copy of the project has no .git
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
     try:
-        return jobs.submit_job(entrypoint=entrypoint(cfg, tracking_uri, resume), runtime_env=runtime_env,
+        return jobs.submit_job(entrypoint=entrypoint(cfg, tracking_uri, resume, force), runtime_env=runtime_env,
                                metadata={"gradavg_config": cfg.data, "experiment": cfg.experiment})
     except Exception as e:
         raise SubmitError(f"the cluster at {address} refused the job: {str(e).strip().splitlines()[0][:300]}") from None

@@ -218,3 +218,21 @@ def test_config_mistakes_are_refused_before_sending(capsys):
 def test_an_unreachable_cluster_is_one_line(capsys):
     assert main(["jobs", "list", "--address", "http://127.0.0.1:9"]) == 2
     assert "cannot reach the Ray cluster at http://127.0.0.1:9" in error_line(capsys.readouterr().err)
+
+
+def test_a_resume_that_cannot_work_is_refused_before_sending(tracking_uri, capsys):
+    from mlflow.tracking import MlflowClient
+
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=3", "--quiet"]) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    capsys.readouterr()
+    # the cluster's address does not answer: a refusal that reached it would say so instead
+    args = ["submit", str(CONFIGS / "digits.yaml"), "--resume", run.info.run_id, "--address", "http://127.0.0.1:9",
+            "--tracking-uri", tracking_uri]
+    assert main([*args, "epochs=2"]) == 2
+    assert "the run is at epoch 3 of its epochs=3, but this config says epochs=2" in error_line(capsys.readouterr().err)
+    assert main([*args, "epochs=3", "eta=1.0"]) == 2
+    assert "this config changes what the run computes (eta: 3.0 -> 1.0)" in error_line(capsys.readouterr().err)
+    assert main([*args, "epochs=3", "eta=1.0", "--force"]) == 2  # accepted here; then the cluster is unreachable
+    assert "cannot reach the Ray cluster at http://127.0.0.1:9" in error_line(capsys.readouterr().err)
