@@ -174,7 +174,7 @@ class RunTracker(Hooks):
 
     def finish(self, state: TrainingState, data: Dataset, backend_tags: dict[str, str], trained: bool = True) -> None:
         """After training: the backend's final tags, plots, weights and model. A job that trained
-        nothing (it resumed a run whose driver died while finishing) logs only what is missing.
+        nothing (it resumed a run whose driver died while finishing) logs the model only if it is missing.
         Raises TrackingLostError, after keeping the results on local disk, if the store was lost."""
         from mlflow.entities import RunTag
 
@@ -183,25 +183,21 @@ class RunTracker(Hooks):
         if changed:  # a transport that fell back during the run
             self._call("tagging the run", self.client.log_batch, self.run_id,
                        tags=[RunTag(k, v) for k, v in changed.items()])
-        present = set() if trained else self._present()
-        if "plots" not in present:
-            self._call("logging the plots", self.log_plots, state.network, data)
+        # plots and weights are files by name: logged again, they replace what an earlier attempt left
+        self._call("logging the plots", self.log_plots, state.network, data)
         weights = self._staging / "weights.npz"
         self._call("saving the weights", state.network.save, weights)
-        if "weights.npz" not in present:
-            self._call("logging the weights", self.client.log_artifact, self.run_id, str(weights))
-        if "model" not in present:
+        self._call("logging the weights", self.client.log_artifact, self.run_id, str(weights))
+        if trained or not self._has_model():  # a model is a new entity each time: log it once
             self._call("logging the model", self.log_model, weights, data)
         if self.lost:
             self.keep(state)
 
-    def _present(self) -> set[str]:
-        """What an earlier attempt to finish this run already logged (a resumed run's). A model the
+    def _has_model(self) -> bool:
+        """Whether an earlier attempt to finish this run (a resumed run's) logged its model. A model the
         attempt began but did not finish (still PENDING, without its files) is removed, to log it again."""
         from mlflow.entities import LoggedModelStatus
 
-        found = self._call("listing the run's artifacts", self.client.list_artifacts, self.run_id) or []
-        present = {a.path for a in found}
         with process_uri(self.uri):
             models = self._call("listing the run's models", self._mlflow.search_logged_models,
                                 experiment_ids=[self.experiment_id],
@@ -209,7 +205,7 @@ class RunTracker(Hooks):
         for model in models:
             if model.status != LoggedModelStatus.READY:
                 self._call("removing an unfinished model", self.client.delete_logged_model, model.model_id)
-        return present | ({"model"} if any(m.status == LoggedModelStatus.READY for m in models) else set())
+        return any(model.status == LoggedModelStatus.READY for model in models)
 
     def keep(self, state: TrainingState) -> None:
         """The store is lost: keep the final weights and checkpoint on local disk, and say so."""
