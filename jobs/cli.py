@@ -159,9 +159,7 @@ def cmd_run(args) -> int:
     from jobs.run import run_job, summary
     from jobs.store import ui_command
 
-    if args.force and not args.resume:
-        raise UsageError("--force goes with --resume RUN_ID (it accepts a config that changes a resumed run); "
-                         "drop it, or add --resume")
+    _check_force(args)
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
@@ -174,6 +172,12 @@ def cmd_run(args) -> int:
         print(f"MLflow run {result.run_id} in {result.tracking_uri}")
         print(f"look at it: {ui_command(result.tracking_uri)}")
     return 0
+
+
+def _check_force(args) -> None:
+    if args.force and not args.resume:
+        raise UsageError("--force goes with --resume RUN_ID (it accepts a config that changes a resumed run); "
+                         "drop it, or add --resume")
 
 
 def cmd_gradcheck(args) -> int:
@@ -282,8 +286,7 @@ def cmd_submit(args) -> int:
         raise UsageError("a job on a cluster needs a tracking server it can reach: pass --tracking-uri "
                          "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
     uri = resolve_uri(args.tracking_uri)
-    if args.force and not args.resume:
-        raise UsageError("--force goes with --resume RUN_ID; drop it, or add --resume")
+    _check_force(args)
     if args.resume:  # what can be checked here is, before the job is sent
         from jobs.run import check_resume_config
         from jobs.store import fetch_checkpoint

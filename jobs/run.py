@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 from cluster.errors import WorkerFailuresError
 from core.kernels import cached as kernels_cached
 from core.network import parameter_count
+from core.step import batch_count, piece_count
 from jobs.backends import make_backend
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
@@ -47,7 +47,7 @@ def memory_needed(cfg: JobConfig) -> int:
     params = parameter_count(cfg.sizes)
     itemsize = np.dtype(cfg.dtype).itemsize
     threads = max(cfg.threads or os.cpu_count() or 1, cfg.workers)
-    chunks = math.ceil(cfg.batch_size / cfg.chunk_size)
+    chunks = piece_count(cfg.batch_size, cfg.chunk_size)
     rows = min(cfg.chunk_size, cfg.batch_size)
     return 3 * params * 8 + (chunks + threads + 2) * params * itemsize + 3 * threads * rows * sum(cfg.sizes) * itemsize
 
@@ -139,9 +139,9 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
 
 def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
     """Ray workers share a step by its chunks: fewer chunks than workers leaves some idle."""
-    chunks = math.ceil(cfg.batch_size / cfg.chunk_size)
+    chunks = piece_count(cfg.batch_size, cfg.chunk_size)
     if cfg.backend == "ray" and chunks < cfg.workers:
-        share = math.ceil(cfg.batch_size / cfg.workers)
+        share = piece_count(cfg.batch_size, cfg.workers)  # the chunk size that makes one chunk a worker
         progress.note(f"a mini-batch of {cfg.batch_size} is {chunks} chunk{'s' if chunks > 1 else ''} of up to "
                       f"chunk_size={cfg.chunk_size} examples, so only {chunks} of the {cfg.workers} workers compute "
                       f"in each step; chunk_size={share} shares it among all {cfg.workers} (the results then differ "
@@ -168,7 +168,7 @@ def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, c
     changed_data = [f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)"] \
         if digest and digest != data.digest else []
     changes = check_resume_config(run_id, state, saved, cfg, force, changed_data)
-    n_batches = math.ceil(data.y_train.size / saved.batch_size)
+    n_batches = batch_count(data.y_train.size, saved.batch_size)
     if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
         raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
                             f"an epoch of {data.y_train.size} examples in mini-batches of {saved.batch_size} is "

@@ -277,7 +277,9 @@ class RunTracker(Hooks):
         checkpoint never gets ahead of its metrics, so a run resumed from it has every metric up to it."""
         from jobs import checkpoint
 
-        epochs = self._unsent_epochs or [0]
+        if not self._unsent_epochs:  # nothing since the last send (a checkpoint comes with its epoch)
+            return
+        epochs = self._unsent_epochs
         what = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}–{epochs[-1]}"
         metrics, self._unsent, self._unsent_epochs = self._unsent, [], []
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
