@@ -27,7 +27,8 @@ def snapshot(state: TrainingState, cfg: JobConfig) -> dict[str, np.ndarray]:
     return dict(params=net.params.copy(), sizes=np.array(net.sizes, dtype=np.int64), cost=np.array(net.cost),
                 activation=np.array(net.activation), epoch=np.array(state.epoch), step=np.array(state.step),
                 shuffle_state=np.array(json.dumps(state.shuffle.bit_generator.state)),
-                config=np.array(cfg.to_yaml()))
+                config=np.array(cfg.to_yaml()), best_epoch=np.array(state.best_epoch),
+                best_accuracy=np.array(state.best_accuracy), stopped=np.array(state.stopped or ""))
 
 
 def write(arrays: dict[str, np.ndarray], path) -> Path:
@@ -42,6 +43,9 @@ def load(path) -> tuple[TrainingState, JobConfig]:
         shuffle.bit_generator.state = json.loads(str(data["shuffle_state"]))  # the saved state, not this seed
         cfg = build_config(parse_yaml(str(data["config"])))
         state = TrainingState(net, epoch=int(data["epoch"]), step=int(data["step"]), shuffle=shuffle)
+        if "best_epoch" in data:  # early stopping's record (checkpoints from before it have none)
+            state.best_epoch, state.best_accuracy = int(data["best_epoch"]), float(data["best_accuracy"])
+            state.stopped = str(data["stopped"]) or None
     check(state, cfg)
     return state, cfg
 

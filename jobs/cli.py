@@ -19,11 +19,19 @@ EPILOG = """examples:
   gradavg run configs/digits.yaml backend=ray workers=2
   gradavg gradcheck configs/digits.yaml
   gradavg evaluate runs:/RUN_ID --data digits
+  gradavg sweep configs/digits.yaml validation_size=300 eta=0.5,3.0
   gradavg cluster up
   gradavg submit configs/digits.yaml workers=2 --address http://127.0.0.1:8265 \
       --tracking-uri http://127.0.0.1:5000 --follow
 
 Any config key can be overridden with key=value; `gradavg keys` lists them."""
+
+SWEEP_EPILOG = """examples:
+  gradavg sweep configs/sweep-eta.yaml
+  gradavg sweep configs/digits.yaml validation_size=300 eta=0.5,3.0 lmbda=0,1
+  gradavg sweep configs/digits.yaml validation_size=300 eta='log(0.1,10)' --samples 8 --scheduler asha
+  gradavg sweep configs/sweep-eta.yaml --address http://127.0.0.1:8265 --tracking-uri http://127.0.0.1:5000
+  gradavg sweep --resume PARENT_RUN_ID"""
 
 
 class UsageError(Exception):
@@ -121,6 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "if it SUCCEEDED")
     submit.set_defaults(handler=cmd_submit)
 
+    sweep = sub.add_parser(
+        "sweep", help="train a config with several values of some keys, as one MLflow parent run",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SWEEP_EPILOG)
+    sweep.add_argument("config", nargs="?", help="a YAML job config, its sweep: section too ('-' for none)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=values",
+                       help="key=A,B,C sweeps a key over values; key=log(A,B) or key=[A,B] draws it from a range "
+                            "(with --samples); key=value sets it for every trial")
+    sweep.add_argument("--samples", type=int, help="how many values to draw from the ranges")
+    sweep.add_argument("--at-once", type=int, help="trials run at the same time (default: as many as there are "
+                                                   "cores, or the cluster's CPUs, for threads per trial)")
+    sweep.add_argument("--scheduler", choices=("none", "asha"), default="none",
+                       help="asha: stop trials whose validation accuracy is not in the top 1/REDUCTION of those that "
+                            "reached the same epoch (at epochs GRACE, GRACE·REDUCTION, ...)")
+    sweep.add_argument("--grace", type=int, default=1, help="with asha: the first epoch a trial can be stopped at "
+                                                            "(default 1)")
+    sweep.add_argument("--reduction", type=int, default=3, help="with asha: keep the top 1/REDUCTION at each rung "
+                                                                "(default 3)")
+    sweep.add_argument("--register", metavar="NAME", help="register the best trial's model as models:/NAME/VERSION")
+    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                              "sqlite:///mlflow.db here)")
+    sweep.add_argument("--address", help="run the sweep as one Ray job on this cluster, http://HOST:8265")
+    sweep.add_argument("--follow", action="store_true", help="with --address: stream the job's log until it ends")
+    sweep.add_argument("--resume", metavar="PARENT_RUN_ID", help="continue a sweep: finished trials are kept, the "
+                                                                 "others resume from their checkpoints")
+    sweep.add_argument("--trials-on-ray", action="store_true", help=argparse.SUPPRESS)  # a submitted sweep's driver
+    sweep.set_defaults(handler=cmd_sweep)
+
     jobs = sub.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
     jobs.add_argument("action", choices=("list", "status", "logs", "stop"))
     jobs.add_argument("job_id", nargs="?", help="the id `gradavg submit` printed")
@@ -164,8 +199,12 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
     if result.already_complete:
-        print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs, and "
-              f"nothing is left to do; to train it longer, pass epochs=N (more than {result.state.epoch})")
+        if result.state.stopped:
+            print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs "
+                  f"(stopped: {result.state.stopped}); nothing is left to do")
+        else:
+            print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs, and "
+                  f"nothing is left to do; to train it longer, pass epochs=N (more than {result.state.epoch})")
         return 0
     print(summary(result, cfg))
     if result.run_id:
@@ -298,6 +337,89 @@ def cmd_submit(args) -> int:
     print(job_id)
     if not args.follow:
         print(f"follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    state = submit.follow(args.address, job_id)
+    print(f"job {job_id} {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_sweep(args) -> int:
+    from jobs import sweep_run
+    from jobs.store import resolve_uri
+
+    _check_sweep_options(args)
+    uri = resolve_uri(args.tracking_uri)
+    if args.address and not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise UsageError("a sweep on a cluster needs a tracking server it can reach: pass --tracking-uri "
+                         "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
+    if args.resume:
+        plan, parent_id = sweep_run.load_plan(uri, args.resume), args.resume
+        if args.address:
+            from jobs import submit
+
+            submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+    else:
+        from jobs.sweep import plan_from
+
+        scheduler = {"name": "asha", "grace": args.grace, "reduction": args.reduction} \
+            if args.scheduler == "asha" else {}
+        plan = plan_from(args.config, args.overrides, args.samples, scheduler)
+        if args.address:  # checked where it can be, before the parent run is opened
+            from jobs import submit
+
+            submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+        else:
+            sweep_run.check_data(plan)
+        parent_id = sweep_run.start(plan, uri)
+    if args.address:
+        return _submit_sweep(args, uri, parent_id)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped sweep ends its runs KILLED, as Ctrl-C does
+    result = sweep_run.run_sweep(plan, uri, parent_id, args.at_once, on_ray=args.trials_on_ray,
+                                 register=args.register)
+    print(sweep_run.table_text(plan, result.rows))
+    print(sweep_run.best_line(result))
+    print(f"MLflow sweep run {parent_id} in {uri}")
+    failed = [r for r in result.rows if r.status != "FINISHED"]
+    if failed:
+        print(f"gradavg: {len(failed)} of {len(result.rows)} trials did not finish (the table's status column); "
+              f"`gradavg sweep --resume {parent_id}` runs them again from their checkpoints", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _check_sweep_options(args) -> None:
+    if args.resume and (args.config or args.overrides or args.samples is not None or args.scheduler != "none"):
+        raise UsageError(f"--resume {args.resume} continues a sweep as it was planned: drop the config, the keys, "
+                         "--samples and --scheduler")
+    if not args.resume and not args.config:
+        raise UsageError("gradavg sweep needs a config and the keys to sweep, e.g. gradavg sweep "
+                         "configs/digits.yaml validation_size=300 eta=0.5,3.0 (or --resume PARENT_RUN_ID)")
+    if args.at_once is not None and args.at_once < 1:
+        raise UsageError(f"--at-once {args.at_once}: run at least 1 trial at a time")
+    if args.grace < 1 or args.reduction < 2:
+        raise UsageError(f"--grace {args.grace} --reduction {args.reduction}: the grace is at least 1 epoch and the "
+                         "reduction at least 2")
+    if args.register is not None and not args.register.strip():
+        raise UsageError("--register needs a model name, e.g. --register digits-best")
+    if args.follow and not args.address:
+        raise UsageError("--follow goes with --address (it streams a submitted sweep's log); drop it")
+    if args.samples is not None and args.samples < 1:
+        raise UsageError(f"--samples {args.samples}: draw at least 1")
+
+
+def _submit_sweep(args, uri: str, parent_id: str) -> int:
+    from jobs import submit
+    from jobs.store import open_store
+
+    try:
+        job_id = submit.send(submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register), args.address,
+                             uri, {"gradavg_sweep": parent_id})
+    except Exception:
+        if not args.resume:  # the parent run of a sweep that never started
+            open_store(uri).set_terminated(parent_id, "FAILED")
+        raise
+    print(job_id)
+    print(f"sweep run {parent_id}; follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
+    if not args.follow:
         return 0
     state = submit.follow(args.address, job_id)
     print(f"job {job_id} {state}", file=sys.stderr)

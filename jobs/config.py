@@ -78,6 +78,9 @@ class JobConfig:
     batch_size: int = key(10, "mini-batch size, >= 1", at_least(1),
                           "the mini-batch size must be >= 1, e.g. batch_size=10", result=True)
     epochs: int = key(30, "passes over the training data, >= 1", at_least(1), "must be >= 1")
+    early_stopping: int = key(0, "stop once validation accuracy has not improved in this many epochs (the book's "
+                              "network2 rule; needs validation_size > 0), 0 for never", at_least(0),
+                              "must be >= 0 (0: never)", result=True)
     seed: int = key(0, "seed of the initial weights and the shuffles, >= 0", at_least(0), "must be >= 0",
                     result=True)
     # where gradients are computed
@@ -203,7 +206,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {text!r}: write key=value, e.g. eta=0.5")
-    _known(key)
+    known(key)
     if TYPES[key] in (str, str | None) and raw not in ("null", "~", ""):
         return key, raw  # text stays text: data=2024 is a path, not a number
     try:
@@ -212,7 +215,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML; e.g. sizes=[784,30,10]") from None
 
 
-def _known(key: Any) -> None:
+def known(key: Any) -> None:
     names = list(KEYS)
     if not isinstance(key, str):
         raise ConfigError(f"key {show(key)}: a key is a name, e.g. eta: 3.0; valid keys: {', '.join(names)}")
@@ -224,14 +227,32 @@ def _known(key: Any) -> None:
         raise ConfigError(f"unknown key {key!r}: {hint}valid keys: {', '.join(names)}")
 
 
+def check_value(key: str, value: Any) -> Any:
+    """One key's value, typed and checked on its own (not against other keys); a ConfigError if invalid."""
+    value = _coerce(key, value)
+    valid = KEYS[key].metadata["valid"]
+    if valid is not None:
+        _check(key, value, valid(value), KEYS[key].metadata["invalid"])
+    return value
+
+
 def build_config(values: dict[str, Any]) -> JobConfig:
     coerced = {}
     for key, value in values.items():
-        _known(key)
+        known(key)
         coerced[key] = _coerce(key, value)
     cfg = JobConfig(**coerced)
     _validate(cfg)
+    _check_together(cfg)
     return cfg
+
+
+def _check_together(cfg: JobConfig) -> None:
+    """Keys that are valid alone but not with each other."""
+    if cfg.early_stopping and not cfg.validation_size:
+        raise ConfigError(f"early_stopping={cfg.early_stopping} watches validation accuracy, but validation_size=0 "
+                          "holds out no examples to watch; set validation_size (e.g. validation_size=500), or "
+                          "early_stopping=0")
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -258,10 +279,27 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
+def split_sweep(values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A config's job keys, and its ``sweep:`` section (None where it has none)."""
+    values = dict(values)
+    return values, values.pop(SWEEP_SECTION, None)
+
+
+SWEEP_SECTION = "sweep"  # a config's section of swept keys, which only `gradavg sweep` reads
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> JobConfig:
     """The YAML file's values, then the overrides in order, typed and validated."""
     values = read_yaml(path) if path is not None else {}
-    given: dict[str, str] = {}
+    if SWEEP_SECTION in values:
+        raise ConfigError(f"config {str(path)!r} has a sweep: section, which runs several jobs: run it with "
+                          f"`gradavg sweep {path}` (or remove the section to run one job)")
+    return with_overrides(values, overrides)
+
+
+def with_overrides(values: dict[str, Any], overrides: list[str]) -> JobConfig:
+    """A config's values, then the command line's ``key=value`` overrides in order, typed and validated."""
+    values, given = dict(values), {}
     for text in overrides:
         key, value = parse_override(text)
         if key in given:

@@ -121,3 +121,35 @@ def first_layer_weights(weights: np.ndarray, shape: tuple[int, int], path, limit
         ax.set_title(str(j), fontsize=7)
     fig.suptitle("first layer's weights, one image per hidden neuron (red +, blue −)")
     _save(fig, path)
+
+
+def against_key(key: str, points: list[tuple], path) -> None:
+    """A sweep's best validation accuracy of each trial against one swept key's value: on a log axis
+    where the values are positive numbers spanning a factor of 20 or more, by category for text and lists."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x, _ in points)
+    if numeric:
+        xs = [x for x, _ in points]
+        ax.scatter(xs, [100 * y for _, y in points])
+        if xs and min(xs) > 0 and max(xs) >= 20 * min(xs):
+            ax.set_xscale("log")
+    else:
+        names = sorted({str(x) for x, _ in points})
+        ax.scatter([names.index(str(x)) for x, _ in points], [100 * y for _, y in points])
+        ax.set_xticks(range(len(names)), names)
+    ax.set(xlabel=key, ylabel="best validation accuracy (%)", title=f"validation accuracy against {key}")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def overlaid(series: dict[str, list[tuple[int, float]]], ylabel: str, path) -> None:
+    """One curve per trial of a sweep against epoch."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        ax.plot([e for e, _ in points], [v for _, v in points], marker=".", label=label)
+    ax.set(ylabel=ylabel, title=f"{ylabel} of each trial")
+    _epoch_axis(ax)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize="small")
+    _save(fig, path)

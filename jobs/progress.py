@@ -54,6 +54,8 @@ class Progress(Hooks):
                 f"test {100 * result.test_accuracy:.2f}% ({result.epoch_seconds:.2f} s, "
                 f"{result.examples_per_second:,.0f} examples/s)")
         self._line(line)
+        if state.stopped:
+            self._line(f"gradavg: stopping after epoch {result.epoch}: {state.stopped}")
 
     def on_worker_failure(self, failures: int, text: str) -> None:
         self._line(f"gradavg: {text}")
@@ -88,3 +90,6 @@ class HookChain(Hooks):
     def on_worker_failure(self, failures, text):
         for h in self.hooks:
             h.on_worker_failure(failures, text)
+
+    def should_stop(self, result, state):
+        return next((why for h in self.hooks if (why := h.should_stop(result, state))), None)

@@ -19,7 +19,7 @@ from jobs.config import ConfigError, JobConfig, check_against_data, result_chang
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
 from jobs.store import TrackingError
-from jobs.train import TrainingState, initial_state, train, training_inputs
+from jobs.train import Hooks, TrainingState, initial_state, train, training_inputs
 
 
 @dataclass
@@ -78,9 +78,11 @@ def _gib(n: int) -> str:
 
 
 def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | None = None, quiet: bool = False,
-            resume: str | None = None, force: bool = False) -> JobResult:
+            resume: str | None = None, force: bool = False, tags: dict[str, str] | None = None,
+            hooks: tuple[Hooks, ...] = ()) -> JobResult:
     """Train and track one job. Every check that can fail runs before the MLflow run is opened
-    (or reopened): the config, the data, the tracking store, the checkpoint, the cluster."""
+    (or reopened): the config, the data, the tracking store, the checkpoint, the cluster. A sweep's
+    trial adds ``tags`` to its new run and ``hooks`` to the loop (its scheduler's)."""
     stream = stream or sys.stderr
     progress = Progress(cfg.epochs, stream, quiet)
     started = time.perf_counter()
@@ -96,14 +98,14 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         if resume:
             previous, state, saved_cfg = fetch_checkpoint(tracking_uri, resume)
             _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
-            if state.epoch >= cfg.epochs and previous.info.status == "FINISHED":
+            if previous.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):
                 return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True)
             progress.stage(f"resuming run {resume} ({previous.info.status}) from its checkpoint of epoch "
                            f"{state.epoch}, step {state.step}")
-        tracker = RunTracker(cfg, tracking_uri, stream)
+        tracker = RunTracker(cfg, tracking_uri, stream, tags)
     _note_idle_workers(cfg, progress)
     first_epoch = state.epoch
-    hooks = HookChain(progress)
+    hooks = HookChain(progress, *hooks)
     status = "FAILED"
     try:
         backend = make_backend(cfg, on_failure=lambda text: hooks.on_worker_failure(backend.failures, text))
@@ -157,6 +159,8 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
         accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1]
         validation = f", validation {100 * accuracy:.2f}%"
     epochs = f"{result.state.epoch} epoch{'' if result.state.epoch == 1 else 's'}"
+    if result.state.stopped:
+        epochs += f" ({result.state.stopped})"
     return (f"test accuracy {100 * test:.2f}%{validation} after {epochs} ({data.name}, {cfg.backend} backend) "
             f"in {result.seconds:.1f} s")
 

@@ -9,6 +9,7 @@ has a bounded time (``bound_requests``).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import subprocess
@@ -75,6 +76,8 @@ def open_store(uri: str, create: bool = True):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    for name in ("mlflow", "urllib3"):  # our own lines say enough, and say it once
+        logging.getLogger(name).setLevel(logging.ERROR)
     bound_requests()
     check_reachable(uri)
     db = _sqlite_path(uri)
@@ -179,6 +182,29 @@ def ui_command(uri: str) -> str:
     beside = Path(sys.executable).with_name("mlflow")  # this environment's, activated or not
     mlflow = str(beside) if beside.exists() else "mlflow"
     return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def run_tags(source: str) -> dict[str, str]:
+    """The tags every run gradavg opens starts with: what opened it, the code's version and commit, the driver."""
+    from jobs import __version__
+
+    tags = {"gradavg_version": __version__, **driver_tags(), "mlflow.source.name": source}
+    if commit := git_commit():
+        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
+    return tags
+
+
+def experiment_id_of(client, name: str) -> str:
+    """The id of the experiment called ``name``, created if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another job created it a moment ago
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def driver_tags() -> dict[str, str]:

@@ -105,18 +105,33 @@ def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None, for
 def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None,
            force: bool = False) -> str:
     cfg = replace(cfg, backend="ray")
+    return send(entrypoint(cfg, tracking_uri, resume, force), address, tracking_uri,
+                {"gradavg_config": cfg.data, "experiment": cfg.experiment})
+
+
+def send(command: str, address: str | None, tracking_uri: str, metadata: dict[str, str]) -> str:
+    """Submit ``command`` as a Ray job running in a copy of the project; return the job's id."""
     address = resolve_address(address)
     check_tracking_uri(tracking_uri, address)
     jobs = client(address)
-    env_vars = {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri}
+    # a stopped job gets 30 s (Ray's default: 3) to end its runs KILLED before it is killed outright
+    env_vars = {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri, "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     if commit := git_commit():
         env_vars["GRADAVG_GIT_COMMIT"] = commit  # the job's copy of the project has no .git
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
     try:
-        return jobs.submit_job(entrypoint=entrypoint(cfg, tracking_uri, resume, force), runtime_env=runtime_env,
-                               metadata={"gradavg_config": cfg.data, "experiment": cfg.experiment})
+        return jobs.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata)
     except Exception as e:
         raise SubmitError(f"the cluster at {address} refused the job: {str(e).strip().splitlines()[0][:300]}") from None
+
+
+def sweep_entrypoint(parent_id: str, tracking_uri: str, at_once: int | None, register: str | None) -> str:
+    """A submitted sweep's command: the sweep its parent run holds, its trials as Ray tasks."""
+    args = ["exec", "python", "-m", "jobs.cli", "sweep", "--resume", parent_id, "--tracking-uri", tracking_uri,
+            "--trials-on-ray"]
+    args += ["--at-once", str(at_once)] if at_once else []
+    args += ["--register", register] if register else []
+    return " ".join(shlex.quote(a) if a != "exec" else a for a in args)
 
 
 def status(address: str | None, job_id: str) -> str:

@@ -9,7 +9,6 @@ store, and the runs in it, are ``jobs.store``'s.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -22,10 +21,18 @@ from typing import TextIO
 
 import numpy as np
 
-from jobs import __version__
 from jobs.config import JobConfig
 from jobs.data import Dataset
-from jobs.store import PROJECT_ROOT, TrackingError, driver_tags, git_commit, open_store, process_uri, reason
+from jobs.store import (
+    PROJECT_ROOT,
+    TrackingError,
+    driver_tags,
+    experiment_id_of,
+    open_store,
+    process_uri,
+    reason,
+    run_tags,
+)
 from jobs.train import EpochResult, Hooks, TrainingState
 
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
@@ -47,13 +54,12 @@ class RunTracker(Hooks):
     unless the store was lost, when the results are kept (``keep``).
     """
 
-    def __init__(self, cfg: JobConfig, uri: str, stream: TextIO | None = None):
+    def __init__(self, cfg: JobConfig, uri: str, stream: TextIO | None = None, tags: dict[str, str] | None = None):
         import mlflow
 
         self.cfg, self.uri = cfg, uri
+        self._tags = dict(tags or {})  # a sweep's trial: its parent run and its number
         self._mlflow = mlflow
-        for name in ("mlflow", "urllib3"):  # our own lines say enough, and say it once
-            logging.getLogger(name).setLevel(logging.ERROR)
         self.client = open_store(uri)
         self.stream = stream or sys.stderr
         self._backend_tags: dict[str, str] = {}  # backend, workers or threads and, on Ray, the transport
@@ -104,22 +110,11 @@ class RunTracker(Hooks):
 
     def _create(self, data: Dataset) -> None:
         from mlflow.entities import DatasetInput, InputTag, Param, RunTag
-        from mlflow.exceptions import MlflowException
         from mlflow.tracking.context.registry import resolve_tags
 
-        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            try:
-                experiment_id = self.client.create_experiment(self.cfg.experiment)
-            except MlflowException:  # another job created it a moment ago
-                experiment_id = self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = experiment_id_of(self.client, self.cfg.experiment)
         tags = {**self._backend_tags, "dataset": data.name, "dataset_digest": data.digest,
-                "gradavg_version": __version__, **driver_tags(),
-                "mlflow.source.name": os.environ.get("GRADAVG_SOURCE") or "gradavg run"}
-        if commit := git_commit():
-            tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
+                **run_tags(os.environ.get("GRADAVG_SOURCE") or "gradavg run"), **self._tags}
         run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=resolve_tags(tags))
         self.run_id, self.experiment_id = run.info.run_id, experiment_id
         params = [Param(k, str(v)) for k, v in self.cfg.to_dict().items()]
@@ -180,7 +175,9 @@ class RunTracker(Hooks):
 
         self.flush()
         changed = {k: v for k, v in backend_tags.items() if self._backend_tags.get(k) != v}
-        if changed:  # a transport that fell back during the run
+        if state.stopped:  # early stopping, or a sweep's scheduler
+            changed.update({"stopped_epoch": str(state.epoch), "stopped_reason": state.stopped[:4000]})
+        if changed:  # a transport that fell back during the run; where training stopped early
             self._call("tagging the run", self.client.log_batch, self.run_id,
                        tags=[RunTag(k, v) for k, v in changed.items()])
         # plots and weights are files by name: logged again, they replace what an earlier attempt left

@@ -64,6 +64,9 @@ class TrainingState:
     epoch: int = 0
     step: int = 0
     history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0  # the epoch of the best validation accuracy so far (early stopping's)
+    best_accuracy: float = -1.0  # below any accuracy: the first epoch is an improvement
+    stopped: str | None = None  # why training ended before cfg.epochs, when it did
 
 
 class Hooks:
@@ -82,6 +85,10 @@ class Hooks:
 
     def on_worker_failure(self, failures: int, text: str) -> None:
         """A worker died and its chunks were computed again; ``failures`` so far in this job."""
+
+    def should_stop(self, result: EpochResult, state: TrainingState) -> str | None:
+        """Asked after each epoch: why training should stop here (a sweep's scheduler), or None."""
+        return None
 
 
 def initial_state(cfg: JobConfig) -> TrainingState:
@@ -135,7 +142,7 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
     n_train = x_train.shape[0]
     rows = diagnostic_rows(n_train)
     n_batches = batch_count(n_train, cfg.batch_size)
-    while state.epoch < cfg.epochs:
+    while state.epoch < cfg.epochs and not state.stopped:
         hooks.on_epoch_start(state.epoch + 1, n_batches)
         started = time.perf_counter()
         order = state.shuffle.permutation(n_train)
@@ -162,7 +169,22 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
         if cfg.diagnostics:
             result.diagnostics = _diagnostics(backend, network, rows)
         state.history.append(result)
+        # decided before the epoch's hooks, so that its checkpoint holds the decision and a resumed run agrees
+        state.stopped = early_stop(cfg, state, result) or hooks.should_stop(result, state)
         hooks.on_epoch_end(result, state)
+
+
+def early_stop(cfg: JobConfig, state: TrainingState, result: EpochResult) -> str | None:
+    """The book's network2 rule: stop once validation accuracy has not improved (strictly) in
+    ``early_stopping`` epochs. Keeps the best epoch in ``state`` (so in checkpoints) either way."""
+    if result.validation_accuracy is None:
+        return None
+    if result.validation_accuracy > state.best_accuracy:
+        state.best_epoch, state.best_accuracy = result.epoch, result.validation_accuracy
+    if cfg.early_stopping and result.epoch - state.best_epoch >= cfg.early_stopping:
+        return (f"early stopping: validation accuracy has not improved in {cfg.early_stopping} epochs (best "
+                f"{100 * state.best_accuracy:.2f}% at epoch {state.best_epoch})")
+    return None
 
 
 def _step_diagnostics(cfg: JobConfig) -> bool:
