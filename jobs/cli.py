@@ -382,7 +382,7 @@ def cmd_sweep(args) -> int:
     failed = [r for r in result.rows if r.status != "FINISHED"]
     if failed:
         print(f"gradavg: {len(failed)} of {len(result.rows)} trials did not finish (the table's status column); "
-              f"`gradavg sweep --resume {parent_id}` runs them again from their checkpoints", file=sys.stderr)
+              f"`gradavg sweep --resume {parent_id}` runs them again (from their checkpoints, where they have one)", file=sys.stderr)
     return 1 if failed else 0
 
 
