@@ -27,7 +27,7 @@ def main() -> int:
         client = open_store(uri, create=False)
         parent = client.search_runs([client.get_experiment_by_name("sweep-eta").experiment_id],
                                     filter_string="tags.sweep_keys = 'eta'")[0]
-        for number, child in sorted(latest_children(client, parent.info.run_id).items()):
+        for _, child in sorted(latest_children(client, parent.info.run_id).items()):
             costs = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "cost/train"),
                                              key=lambda m: m.step)]
             rises = sum(b > 1.1 * a for a, b in zip(costs, costs[1:]))

@@ -60,13 +60,13 @@ def connect(cpus_needed: float) -> bool:
 
     if ray.is_initialized():
         return False
-    with _keeping_sigterm_handler():
+    with keeping_sigterm_handler():
         _init(cpus_needed)
     return True
 
 
 @contextlib.contextmanager
-def _keeping_sigterm_handler():
+def keeping_sigterm_handler():
     """``ray.init`` replaces the SIGTERM handler with ``sys.exit``; keep the caller's own."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None

@@ -368,6 +368,7 @@ def cmd_sweep(args) -> int:
             from jobs import submit
 
             submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+            submit.client(args.address)  # the cluster answers
         else:
             sweep_run.check_data(plan)
         parent_id = sweep_run.start(plan, uri)
@@ -382,7 +383,8 @@ def cmd_sweep(args) -> int:
     failed = [r for r in result.rows if r.status != "FINISHED"]
     if failed:
         print(f"gradavg: {len(failed)} of {len(result.rows)} trials did not finish (the table's status column); "
-              f"`gradavg sweep --resume {parent_id}` runs them again (from their checkpoints, where they have one)", file=sys.stderr)
+              f"`gradavg sweep --resume {parent_id}` runs them again (from their checkpoints, where they have one)",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

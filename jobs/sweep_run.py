@@ -198,11 +198,12 @@ class RayTrials:
     def __init__(self, uri: str, parent_id: str, scheduler: SuccessiveHalving | None):
         import ray
 
-        import cluster  # noqa: F401  (Ray's loopback and auth settings)
+        from cluster.driver import keeping_sigterm_handler  # and Ray's loopback and auth settings
 
         self._ray = ray
         if not ray.is_initialized():
-            ray.init(logging_level="ERROR")
+            with keeping_sigterm_handler():  # a stopped sweep still ends its runs KILLED
+                ray.init(logging_level="ERROR", log_to_driver=False)
         self.uri, self.parent_id = uri, parent_id
         self._task = ray.remote(max_retries=0, max_calls=1)(_ray_trial)
         # the scheduler goes to an actor with the records it has (a resumed sweep's, rebuilt from its runs)

@@ -201,3 +201,56 @@ def test_stopping_a_job_ends_its_run_killed(servers, capsys):
 def test_an_unknown_job_is_one_line(servers, capsys):
     assert main(["jobs", "status", "raysubmit_nope", "--address", servers.dashboard]) == 2
     assert "no job 'raysubmit_nope'" in capsys.readouterr().err
+
+
+def sweep(servers, capsys, *args) -> tuple[int, str]:
+    code = main(["sweep", *args, "--address", servers.dashboard, "--tracking-uri", servers.tracking_uri])
+    captured = capsys.readouterr()
+    job_ids = [line for line in captured.out.splitlines() if line.startswith("raysubmit_")]
+    assert job_ids, captured.err
+    return code, job_ids[0]
+
+
+def test_a_submitted_sweep_runs_its_trials_side_by_side_on_the_cluster(servers, capsys):
+    from jobs.config import replace
+    from jobs.run import run_job
+    from jobs.sweep import plan_from
+    from jobs.sweep_run import latest_children
+
+    keys = [str(CONFIGS / "digits.yaml"), "epochs=4", "eta=0.5,3.0,1.0", "experiment=e2e-sweep"]
+    code, job_id = sweep(servers, capsys, *keys, "--follow")
+    assert code == 0
+    client, runs = runs_of(servers, "e2e-sweep")
+    (parent,) = [r for r in runs if "sweep_keys" in r.data.tags]
+    assert parent.info.status == "FINISHED" and len(runs) == 4
+    children = latest_children(client, parent.info.run_id)
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children.values())
+    assert spans[1][0] < spans[0][1]  # the second trial started before the first had ended: side by side
+    for trial in plan_from(keys[0], keys[1:], None).trials:
+        child = children[trial.number]
+        assert child.info.status == "FINISHED" and child.data.tags["threads"] == "1"
+        alone = run_job(replace(trial.config, track=False, threads=0, run_name=None), quiet=True).state.network
+        weights = Network.load(client.download_artifacts(child.info.run_id, "weights.npz"))
+        assert np.array_equal(weights.params, alone.params)  # the same bits as the trial run alone, here
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children.values()}
+    assert main(["jobs", "logs", job_id, "--address", servers.dashboard]) == 0
+    logs = capsys.readouterr().out
+    assert "3 at a time on the Ray cluster" in logs and "best: trial" in logs
+
+
+def test_stopping_a_submitted_sweep_leaves_no_run_running(servers, capsys):
+    code, job_id = sweep(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "validation_size=500", "epochs=500",
+                         "eta=0.5,3.0", "experiment=e2e-sweep-stop")
+    assert code == 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # both trials under way
+        runs = runs_of(servers, "e2e-sweep-stop")[1]
+        if len(runs) == 3 and all(r.info.status == "RUNNING" for r in runs):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the sweep's trials never started")
+    assert main(["jobs", "stop", job_id, "--address", servers.dashboard]) == 0
+    assert capsys.readouterr().out.strip() == f"job {job_id} STOPPED"
+    runs = runs_of(servers, "e2e-sweep-stop")[1]
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}
