@@ -27,7 +27,8 @@ GRADAVG_EPOCHS = 7  # timed epochs of gradavg per dtype and mini-batch
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("single", "ray", "nodes", "model", "memory", "tracking", "diagnostics"),
+    parser.add_argument("--only", choices=("single", "ray", "nodes", "model", "memory", "tracking", "diagnostics",
+                                           "sweep"),
                         action="append",
                         help="run only these parts (repeatable; default: all)")
     parser.add_argument("--slow-examples", type=int, default=5_000,
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
                              "their seconds per epoch are scaled up from these (default 5,000)")
     parser.add_argument("--no-ddp", action="store_true", help="leave out the PyTorch DDP column of the Ray figures")
     args = parser.parse_args(argv)
-    parts = args.only or ["single", "ray", "nodes", "model", "memory", "tracking", "diagnostics"]
+    parts = args.only or ["single", "ray", "nodes", "model", "memory", "tracking", "diagnostics", "sweep"]
     print(f"gradavg benchmark: {os.cpu_count()} cores, numpy {np.__version__}, python {sys.version.split()[0]}")
     if "single" in parts:
         single_process(args.slow_examples)
@@ -57,6 +58,10 @@ def main(argv=None) -> int:
         tracking_cost()
     if "diagnostics" in parts:
         diagnostics_cost()
+    if "sweep" in parts:
+        from bench.sweep_bench import sweep_figures
+
+        sweep_figures()
     return 0
 
 

@@ -268,9 +268,9 @@ def _trial_config(base: JobConfig, values: dict[str, Any], number: int) -> JobCo
 
 
 class SuccessiveHalving:
-    """Asynchronous successive halving (ASHA; Li et al. 2018, as Ray Tune's ASHAScheduler): at each rung
-    (epochs ``grace``, ``grace·r``, ``grace·r²``, … below ``max_epochs``) a trial goes on only if its
-    validation accuracy is in the top 1/r of those recorded at that rung so far, itself included.
+    """Asynchronous successive halving (ASHA; Li et al. 2018), the rule of Ray Tune's ASHAScheduler: at
+    each rung (epochs ``grace``, ``grace·r``, ``grace·r²``, … below ``max_epochs``) a trial goes on only
+    if its validation accuracy is not below the top 1/r of those recorded at that rung before it.
 
     Decisions depend on the order trials reach a rung (one at a time, the order is the trials' own)."""
 
@@ -284,14 +284,18 @@ class SuccessiveHalving:
 
     def report(self, trial: int, epoch: int, accuracy: float) -> str | None:
         """Record a trial's validation accuracy after ``epoch``; say why it stops, or None."""
-        if epoch not in self.rungs:
+        recorded = self.rungs.get(epoch)
+        if recorded is None or trial in recorded:  # no rung, or decided before (a resumed trial)
             return None
-        recorded = self.rungs[epoch]
+        before = list(recorded.values())
         recorded[trial] = accuracy
-        cutoff = float(np.percentile(list(recorded.values()), 100 * (1 - 1 / self.reduction)))
+        if not before:
+            return None
+        cutoff = float(np.percentile(before, 100 * (1 - 1 / self.reduction)))
         if accuracy < cutoff:
             return (f"successive halving: validation accuracy {100 * accuracy:.2f}% at epoch {epoch} is below "
-                    f"{100 * cutoff:.2f}%, the top 1/{self.reduction} of the {len(recorded)} trials that reached it")
+                    f"{100 * cutoff:.2f}%, the top 1/{self.reduction} of the {len(before)} trial"
+                    f"{'s' if len(before) > 1 else ''} that reached it before")
         return None
 
 

@@ -348,7 +348,16 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
                  + f", {at_once} at a time on {runner.where}\n")
     stream.flush()
     outcomes = _run_trials(runner, pending, at_once, client, parent_id, len(plan.trials), stream)
-    return _finish(client, uri, plan, parent_id, outcomes, register, stream)
+    try:
+        return _finish(client, uri, plan, parent_id, outcomes, register, stream)
+    except TrackingError:
+        raise
+    except Exception as e:
+        from jobs.tracking import TrackingLostError
+
+        raise TrackingLostError(f"the tracking store {uri} failed while the sweep's results were logged "
+                                f"({reason(e)}); each trial's run holds its own; when the store answers again, "
+                                f"`gradavg sweep --resume {parent_id}` logs the sweep's table and plots") from None
 
 
 def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> dict[int, Outcome]:
@@ -366,7 +375,10 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> d
                 except Exception as e:  # the runner itself failed: the trial did not run to its end
                     outcome = Outcome("FAILED", reason(e))
                 outcomes[trial.number] = outcome
-                row = _settle_trial(client, parent_id, trial, outcome)
+                try:
+                    row = _settle_trial(client, parent_id, trial, outcome)
+                except Exception:  # the store stopped answering: the sweep's end says so; the trials go on
+                    row = Row(trial, outcome.status, cause=outcome.cause)
                 stream.write(f"trial {trial.number}/{total} ({trial.label}): {_describe(row)} "
                              f"({outcome.seconds:.1f} s)\n")
                 stream.flush()

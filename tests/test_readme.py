@@ -28,9 +28,16 @@ def test_the_keys_the_readme_lists_are_every_key():
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_bundled_config_runs_an_epoch(config):
-    cfg = load_config(CONFIGS / config, ["epochs=1", "track=false"])
-    state = run_job(cfg, quiet=True).state
-    assert state.epoch == 1 and np.all(np.isfinite(state.network.params))
+    from jobs.config import replace
+    from jobs.sweep import plan_from
+
+    if config.startswith("sweep-"):  # a sweep: each of its trials
+        configs = [replace(t.config, epochs=1, track=False) for t in plan_from(str(CONFIGS / config), [], None).trials]
+    else:
+        configs = [load_config(CONFIGS / config, ["epochs=1", "track=false"])]
+    for cfg in configs:
+        state = run_job(cfg, quiet=True).state
+        assert state.epoch == 1 and np.all(np.isfinite(state.network.params))
 
 
 def test_the_readme_python_snippet_runs(tracking_uri, capsys):

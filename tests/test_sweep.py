@@ -94,13 +94,15 @@ def test_the_plan_survives_its_round_trip():
 def test_successive_halving_on_crafted_values():
     asha = SuccessiveHalving(max_epochs=30, grace=1, reduction=3)
     assert list(asha.rungs) == [1, 3, 9, 27]
-    assert asha.report(1, 1, 0.50) is None  # alone at its rung: it is its own top third
+    assert asha.report(1, 1, 0.50) is None  # first at its rung: nothing to compare with
     assert asha.report(2, 2, 0.10) is None  # epoch 2 is no rung
-    assert asha.report(2, 1, 0.80) is None  # above 1/3 of the way: 0.5 + (0.8 - 0.5) * 2/3 = 0.7
-    why = asha.report(3, 1, 0.60)  # [0.5, 0.8, 0.6]: the 2/3 quantile is 0.6 + (0.8 - 0.6) / 3 = 0.6667
-    assert why is not None and "60.00% at epoch 1 is below 66.67%" in why and "the 3 trials" in why
-    assert asha.report(4, 1, 0.79) is None  # [0.5, 0.8, 0.6, 0.79]: quantile 0.79 - not below it
-    assert asha.report(1, 3, 0.9) is None
+    assert asha.report(2, 1, 0.80) is None  # [0.5] before it: the cutoff is 0.5
+    why = asha.report(3, 1, 0.60)  # [0.5, 0.8] before it: the 2/3 quantile is 0.5 + (0.8 - 0.5) * 2/3 = 0.7
+    assert why is not None and "60.00% at epoch 1 is below 70.00%" in why and "of the 2 trials" in why
+    assert asha.report(4, 1, 0.67) is None  # [0.5, 0.8, 0.6]: 0.6 + (0.8 - 0.6) / 3 = 0.6667, not above 0.67
+    assert asha.report(5, 1, 0.66) is not None  # [0.5, 0.8, 0.6, 0.67]: 0.67 + (0.8 - 0.67) * 0 = 0.67
+    assert asha.report(3, 1, 0.0) is None  # trial 3 was decided at this rung already
+    assert asha.report(1, 3, 0.9) is None and asha.rungs[1] == {1: 0.5, 2: 0.8, 3: 0.6, 4: 0.67, 5: 0.66}
 
 
 def _epoch(epoch: int, accuracy: float | None) -> EpochResult:
@@ -336,3 +338,20 @@ def test_bad_values_are_refused_before_anything_runs():
         plan_from(DIGITS, ["validation_size=300", "eta=0.1,-1"], None)
     assert math.isclose(make_plan(load_config(DIGITS, ["validation_size=300"]), [parse_axis("eta", "[1,2]")],
                                   1).trials[0].values["eta"], 1.5, abs_tol=0.5)
+
+
+def test_the_best_model_is_registered(tracking_uri, capsys):
+    import mlflow
+
+    assert main(["sweep", DIGITS, "epochs=2", "eta=0.5,3.0", "--register", "digits-best"]) == 0
+    assert "registered trial 2's model as models:/digits-best/1" in capsys.readouterr().err
+    client, (parent,), _ = _sweep_runs(tracking_uri)
+    assert parent.data.tags["registered_model"] == "models:/digits-best/1"
+    best = _child_weights(client, parent.data.tags["best_run_id"])
+    model = mlflow.pyfunc.load_model("models:/digits-best/1")
+    from jobs.data import load_dataset
+
+    x = load_dataset("digits", validation_size=200).x_test
+    assert np.array_equal(model.predict(x), best.predict(x))
+    assert main(["evaluate", "models:/digits-best/1"]) == 0
+    assert "digits test" in capsys.readouterr().out
