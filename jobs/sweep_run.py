@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from jobs.config import build_config, show
-from jobs.store import TrackingError, experiment_id_of, open_store, process_uri, reason, run_tags
+from jobs.store import TrackingError, driver_tags, experiment_id_of, open_store, process_uri, reason, run_tags
 from jobs.sweep import Plan, SuccessiveHalving, Trial, scheduler_for
 from jobs.train import Hooks
 
@@ -324,10 +324,20 @@ def check_data(plan: Plan) -> None:
 def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, on_ray: bool = False,
               register: str | None = None, stream: TextIO | None = None) -> SweepResult:
     """Run every trial of ``plan`` not yet FINISHED under the parent run, then log the sweep's results."""
+    from mlflow.entities import RunTag
+
     stream = stream or sys.stderr
     client = open_store(uri)
-    client.update_run(parent_id, status="RUNNING")
+    parent = client.get_run(parent_id)
     children = latest_children(client, parent_id)
+    if parent.info.status == "FINISHED" and all(
+            children.get(t.number) is not None and children[t.number].info.status == "FINISHED" for t in plan.trials):
+        stream.write(f"gradavg: sweep {parent_id} is already complete: every trial FINISHED\n")
+        rows = [read_row(client, t, children[t.number]) for t in plan.trials]
+        best_id = parent.data.tags.get("best_run_id")
+        return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None))
+    client.update_run(parent_id, status="RUNNING")  # this process drives it now (`runs repair` asks whether it lives)
+    client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in driver_tags().items()])
     pending = []
     for trial in plan.trials:
         child = children.get(trial.number)
@@ -490,7 +500,10 @@ def _finish(client, uri: str, plan: Plan, parent_id: str, outcomes: dict[int, Ou
                      **{f"best.{k}": show(v) for k, v in best.trial.values.items()}})
         metrics.append(Metric("best_validation_accuracy", best.best_accuracy, int(time.time() * 1000), 0))
     client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
-    if register and best is not None:
+    registered = client.get_run(parent_id).data.tags.get("registered_model")
+    if registered:  # a resumed sweep whose first driver registered the model before it was killed
+        stream.write(f"gradavg: the best trial's model is registered as {registered}\n")
+    elif register and best is not None:
         version = register_best(client, uri, register, best.run_id)
         client.set_tag(parent_id, "registered_model", f"models:/{register}/{version}")
         stream.write(f"gradavg: registered trial {best.trial.number}'s model as models:/{register}/{version}\n")

@@ -305,6 +305,8 @@ def test_a_killed_sweep_resumes_to_the_same_bits(tracking_uri, capsys):
     for trial in plan_from("-", SLOW + ["eta=0.5,3.0"], None).trials:
         assert np.array_equal(_child_weights(client, after[trial.number].info.run_id).params,
                               _solo_weights(trial.config).params)
+    assert main(["sweep", "--resume", parent_id]) == 0
+    assert "is already complete: every trial FINISHED" in capsys.readouterr().err
 
 
 def test_a_stopped_sweep_leaves_no_run_running(tracking_uri):
