@@ -133,6 +133,7 @@ class LocalTrials:
         self._context = multiprocessing.get_context("spawn")
         self._processes: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._stopping = False
 
     def capacity(self, threads: int) -> int:
         return max(1, (os.cpu_count() or 1) // threads)
@@ -145,6 +146,8 @@ class LocalTrials:
             args=(trial.config.to_dict(), self.uri, self.parent_id, trial.number, resume_id, theirs,
                   self.scheduler is not None))
         with self._lock:
+            if self._stopping:  # the sweep is being stopped: start nothing more
+                return Outcome("KILLED", "stopped before it started")
             process.start()
             self._processes[trial.number] = process
         theirs.close()
@@ -169,6 +172,7 @@ class LocalTrials:
     def stop(self) -> None:
         """SIGTERM every trial (each ends its run KILLED), then wait for them, then kill what is left."""
         with self._lock:
+            self._stopping = True
             processes = list(self._processes.values())
         for process in processes:
             if process.is_alive():
@@ -209,15 +213,20 @@ class RayTrials:
         # the scheduler goes to an actor with the records it has (a resumed sweep's, rebuilt from its runs)
         self._rungs = ray.remote(num_cpus=0)(_Rungs).remote(scheduler) if scheduler else None
         self._refs: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
 
     def capacity(self, threads: int) -> int:
         return max(1, int(self._ray.cluster_resources().get("CPU", 1)) // threads)
 
     def run(self, trial: Trial, resume_id: str | None) -> Outcome:
         started = time.perf_counter()
-        ref = self._task.options(num_cpus=trial.config.threads, name=f"gradavg-trial-{trial.number}").remote(
-            trial.config.to_dict(), self.uri, self.parent_id, trial.number, resume_id, self._rungs)
-        self._refs[trial.number] = ref
+        with self._lock:
+            if self._stopping:  # the sweep is being stopped: start nothing more
+                return Outcome("KILLED", "stopped before it started")
+            ref = self._task.options(num_cpus=trial.config.threads, name=f"gradavg-trial-{trial.number}").remote(
+                trial.config.to_dict(), self.uri, self.parent_id, trial.number, resume_id, self._rungs)
+            self._refs[trial.number] = ref
         try:
             return self._ray.get(ref)
         except self._ray.exceptions.TaskCancelledError:
@@ -229,7 +238,9 @@ class RayTrials:
 
     def stop(self) -> None:
         """Interrupt every trial's task (each ends its run KILLED); kill those still running after."""
-        refs = list(self._refs.values())
+        with self._lock:
+            self._stopping = True
+            refs = list(self._refs.values())
         for ref in refs:
             self._ray.cancel(ref)
         _, running = self._ray.wait(refs, num_returns=len(refs), timeout=CLEANUP_SECONDS) if refs else ([], [])
