@@ -475,7 +475,9 @@ def read_row(client, trial: Trial, child, outcome: Outcome | None = None) -> Row
         if best_accuracy is None or value > best_accuracy:  # the first epoch that reached the best
             best_accuracy, best_epoch = value, epoch
     costs = curves["cost/train"]
-    cause = outcome.cause if outcome is not None and outcome.status == "FAILED" else tags.get("failure", "")
+    cause = ""  # a failure's cause, while the run stays failed (a resumed trial may finish after all)
+    if child.info.status == "FAILED":
+        cause = outcome.cause if outcome is not None and outcome.status == "FAILED" else tags.get("failure", "")
     return Row(trial, child.info.status, run_id, best_accuracy, best_epoch, costs[-1][1] if costs else None,
                costs[-1][0] if costs else 0, tags.get("stopped_reason", ""), cause, curves)
 

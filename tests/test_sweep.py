@@ -357,3 +357,29 @@ def test_the_best_model_is_registered(tracking_uri, capsys):
     assert np.array_equal(model.predict(x), best.predict(x))
     assert main(["evaluate", "models:/digits-best/1"]) == 0
     assert "digits test" in capsys.readouterr().out
+
+
+def test_a_trial_whose_process_dies_fails_and_resumes(tracking_uri, capsys):
+    import psutil
+
+    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0", "--at-once", "1")
+    client = MlflowClient(tracking_uri)
+    try:
+        parent, child = _wait_for(_trial_with_checkpoint(client, 1))
+        (trial,) = [p for p in psutil.Process(process.pid).children()
+                    if "spawn_main" in " ".join(p.cmdline())]  # trial 1's process
+        trial.kill()  # as the kernel's out-of-memory killer would
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, err
+    assert "trial 1/2 (eta=0.5): FAILED: the trial's process died (exit code -9)" in err
+    assert "trial 2/2 (eta=3.0): FINISHED after 12 epochs" in err
+    children = latest_children(client, parent.info.run_id)
+    assert children[1].info.status == "FAILED" and children[2].info.status == "FINISHED"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert main(["sweep", "--resume", parent.info.run_id]) == 0  # trial 1 from its checkpoint, in its own run
+    after = latest_children(client, parent.info.run_id)
+    assert after[1].info.run_id == child.info.run_id and after[1].info.status == "FINISHED"
+    (first,) = [t for t in plan_from("-", SLOW + ["eta=0.5,3.0"], None).trials if t.number == 1]
+    assert np.array_equal(_child_weights(client, child.info.run_id).params, _solo_weights(first.config).params)
