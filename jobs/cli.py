@@ -142,10 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--scheduler", choices=("none", "asha"), default="none",
                        help="asha: stop trials whose validation accuracy is not in the top 1/REDUCTION of those that "
                             "reached the same epoch (at epochs GRACE, GRACE·REDUCTION, ...)")
-    sweep.add_argument("--grace", type=int, default=1, help="with asha: the first epoch a trial can be stopped at "
-                                                            "(default 1)")
-    sweep.add_argument("--reduction", type=int, default=3, help="with asha: keep the top 1/REDUCTION at each rung "
-                                                                "(default 3)")
+    sweep.add_argument("--grace", type=int, help="with asha: the first epoch a trial can be stopped at (default 1)")
+    sweep.add_argument("--reduction", type=int, help="with asha: keep the top 1/REDUCTION at each rung (default 3)")
     sweep.add_argument("--register", metavar="NAME", help="register the best trial's model as models:/NAME/VERSION")
     sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                               "sqlite:///mlflow.db here)")
@@ -361,7 +359,7 @@ def cmd_sweep(args) -> int:
     else:
         from jobs.sweep import plan_from
 
-        scheduler = {"name": "asha", "grace": args.grace, "reduction": args.reduction} \
+        scheduler = {"name": "asha", "grace": args.grace or 1, "reduction": args.reduction or 3} \
             if args.scheduler == "asha" else {}
         plan = plan_from(args.config, args.overrides, args.samples, scheduler)
         if args.address:  # checked where it can be, before the parent run is opened
@@ -377,6 +375,7 @@ def cmd_sweep(args) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped sweep ends its runs KILLED, as Ctrl-C does
     result = sweep_run.run_sweep(plan, uri, parent_id, args.at_once, on_ray=args.trials_on_ray,
                                  register=args.register)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # every run has ended: a stop now has nothing to close
     print(sweep_run.table_text(plan, result.rows))
     print(sweep_run.best_line(result))
     print(f"MLflow sweep run {parent_id} in {uri}")
@@ -397,11 +396,15 @@ def _check_sweep_options(args) -> None:
                          "configs/digits.yaml validation_size=300 eta=0.5,3.0 (or --resume PARENT_RUN_ID)")
     if args.at_once is not None and args.at_once < 1:
         raise UsageError(f"--at-once {args.at_once}: run at least 1 trial at a time")
-    if args.grace < 1 or args.reduction < 2:
-        raise UsageError(f"--grace {args.grace} --reduction {args.reduction}: the grace is at least 1 epoch and the "
-                         "reduction at least 2")
-    if args.register is not None and not args.register.strip():
-        raise UsageError("--register needs a model name, e.g. --register digits-best")
+    if (args.grace is not None or args.reduction is not None) and args.scheduler != "asha":
+        raise UsageError("--grace and --reduction set the asha scheduler: add --scheduler asha, or drop them")
+    if args.grace is not None and args.grace < 1:
+        raise UsageError(f"--grace {args.grace}: the first epoch a trial can be stopped at is at least 1")
+    if args.reduction is not None and args.reduction < 2:
+        raise UsageError(f"--reduction {args.reduction}: keep at most the top half at each rung (2 or more)")
+    if args.register is not None and (not args.register.strip() or set(args.register) & set("/:")):
+        raise UsageError(f"--register {args.register!r}: a model name is some text without / or : (MLflow's rule), "
+                         "e.g. --register digits-best")
     if args.follow and not args.address:
         raise UsageError("--follow goes with --address (it streams a submitted sweep's log); drop it")
     if args.samples is not None and args.samples < 1:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -135,8 +138,26 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         raise
     finally:
         if tracker:
-            tracker.end(status)
+            with _no_interrupts():
+                tracker.end(status)
     return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _no_interrupts():
+    """While the run is closed: a second Ctrl-C or SIGTERM there would leave it RUNNING (the close is
+    bounded: each request to a store is, see ``jobs.store.bound_requests``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in saved:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:

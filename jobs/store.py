@@ -225,7 +225,8 @@ def fetch_checkpoint(uri: str, run_id: str):
     except (MlflowException, OSError):
         raise TrackingError(f"--resume {run_id}: the store holds no checkpoint of this run (it ran with "
                             "checkpoint_every=0, or stopped, or lost its store, before its first checkpoint was "
-                            "sent); start a new run") from None
+                            "sent); start a new run (`gradavg runs repair` ends this one if it is left "
+                            "RUNNING)") from None
     try:
         state, cfg = checkpoint.load(path)
     except Exception as e:  # a damaged file, or one that is not a checkpoint: never taken for a good one

@@ -87,7 +87,14 @@ def parse_axis(key: str, raw: Any) -> Axis:
     numeric = TYPES[key] in (int, float)
     if match and (numeric or match.group(1)):
         return _range(key, text, match)
+    if text.startswith("log(") or numeric and text.startswith("["):
+        raise ConfigError(f"sweep {key}={text}: a range has two ends, {key}=log(A,B) or {key}=[A,B] (with --samples "
+                          f"N); to list values write {key}=A,B,C")
     parts = _split_top(text)
+    empty = [i for i, part in enumerate(parts, start=1) if not part.strip()]
+    if len(parts) >= 2 and empty:
+        raise ConfigError(f"sweep {key}={text}: value {empty[0]} of {len(parts)} is empty; list the values as "
+                          f"{key}=A,B,C")
     if len(parts) < 2 or not all(p.strip() for p in parts):
         raise ConfigError(f"sweep {key}={text}: a swept key needs two or more values, e.g. {key}=A,B,C, "
                           + ("or a range, log(A,B) or [A,B] with --samples N" if numeric else
@@ -144,10 +151,12 @@ def is_axis(text: str) -> bool:
     key, sep, raw = text.partition("=")
     if not sep:
         return False
-    key = key.strip()
-    if key in TYPES and TYPES[key] in (int, float) and _RANGE.match(raw):
+    key, raw = key.strip(), raw.strip()
+    if key in TYPES and TYPES[key] != tuple[int, ...] and (_RANGE.match(raw) or raw.startswith("log(")):
+        return True  # a range (or one written wrong: parse_axis says how), and experiment=[a,b] is refused there
+    if key in TYPES and TYPES[key] in (int, float) and raw.startswith("["):
         return True
-    return raw.lstrip().startswith("log(") or len(_split_top(raw)) > 1
+    return len(_split_top(raw)) > 1
 
 
 @dataclass

@@ -80,7 +80,8 @@ class _Asked(Hooks):
         return self.ask(result.epoch, result.validation_accuracy)
 
 
-def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: str | None, ask=None) -> Outcome:
+def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: str | None, ask=None,
+              hooks: tuple[Hooks, ...] = ()) -> Outcome:
     """Train one trial as ``gradavg run`` would, its run a child of ``parent_id``."""
     from jobs.cli import one_line
     from jobs.run import run_job
@@ -89,7 +90,7 @@ def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: st
     tags = {PARENT_TAG: parent_id, TRIAL_TAG: str(number), "mlflow.source.name": SOURCE}
     try:
         run_job(build_config(config), uri, quiet=True, resume=resume_id, tags=tags,
-                hooks=(_Asked(ask),) if ask else ())
+                hooks=((_Asked(ask),) if ask else ()) + hooks)
     except KeyboardInterrupt:  # stopped: run_job ended the run KILLED
         return Outcome("KILLED", "stopped", time.perf_counter() - started)
     except Exception as e:  # a diverged trial, a failed worker, a lost store: the sweep goes on
@@ -98,19 +99,48 @@ def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: st
 
 
 def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -> None:
-    """A local trial's process: ends its run KILLED on SIGTERM, and dies with the sweep's driver."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    """A local trial's process: ends its run KILLED on SIGTERM or SIGINT, and dies with the sweep's driver."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _interrupt_once)
+    sys.unraisablehook = _quiet_interrupts  # an interrupt inside a finalizer is no traceback for the user
     _die_with_parent()
 
     def ask(epoch, accuracy):
         conn.send(("report", epoch, accuracy))
         return conn.recv()
 
-    conn.send(("done", run_trial(config, uri, parent_id, number, resume_id, ask if scheduled else None)))
+    outcome = run_trial(config, uri, parent_id, number, resume_id, ask if scheduled else None,
+                        hooks=(_StillInterrupted(),))
+    try:
+        conn.send(("done", outcome))
+    except OSError:  # the driver is gone (killed): the run has ended all the same
+        pass
 
 
-def _raise_interrupt(signum, frame):
+_interrupted = False
+
+
+def _interrupt_once(signum, frame):
+    """The first SIGTERM or SIGINT interrupts the trial; later ones are ignored (the run is closing)."""
+    global _interrupted
+    if _interrupted:
+        return
+    _interrupted = True
     raise KeyboardInterrupt
+
+
+def _quiet_interrupts(unraisable) -> None:
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
+class _StillInterrupted(Hooks):
+    """An interrupt that arrived while Python ran a finalizer was swallowed there: raise it at the
+    next epoch's end instead."""
+
+    def on_epoch_end(self, result, state):
+        if _interrupted:
+            raise KeyboardInterrupt
 
 
 def _die_with_parent() -> None:
@@ -280,8 +310,8 @@ def start(plan: Plan, uri: str) -> str:
         tags = {**run_tags(SOURCE), "sweep_keys": ", ".join(keys), "sweep_trials": str(len(plan.trials))}
         name = plan.base.run_name or f"sweep {' × '.join(keys)}"
         run = client.create_run(experiment_id, run_name=name[:250], tags=resolve_tags(tags))
-        params = {**{a.key: a.text for a in plan.axes}, "trials": len(plan.trials), "samples": plan.samples,
-                  "scheduler": _scheduler_text(plan)}
+        params = {**{a.key: a.text for a in plan.axes}, "trials": len(plan.trials), "scheduler": _scheduler_text(plan),
+                  **({"samples": plan.samples} if plan.samples else {})}
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
         client.log_text(run.info.run_id, json.dumps(plan.to_dict(), indent=1), PLAN_ARTIFACT)
@@ -346,6 +376,7 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         stream.write(f"gradavg: sweep {parent_id} is already complete: every trial FINISHED\n")
         rows = [read_row(client, t, children[t.number]) for t in plan.trials]
         best_id = parent.data.tags.get("best_run_id")
+        _register_once(client, uri, parent_id, register, best_id, stream)
         return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None))
     client.update_run(parent_id, status="RUNNING")  # this process drives it now (`runs repair` asks whether it lives)
     client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in driver_tags().items()])
@@ -375,6 +406,11 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         raise
     except Exception as e:
         from jobs.tracking import TrackingLostError
+
+        try:  # one bounded try: a parent left RUNNING would look driven
+            client.set_terminated(parent_id, "FAILED")
+        except Exception:
+            pass
 
         raise TrackingLostError(f"the tracking store {uri} failed while the sweep's results were logged "
                                 f"({reason(e)}); each trial's run holds its own; when the store answers again, "
@@ -513,15 +549,25 @@ def _finish(client, uri: str, plan: Plan, parent_id: str, outcomes: dict[int, Ou
                      **{f"best.{k}": show(v) for k, v in best.trial.values.items()}})
         metrics.append(Metric("best_validation_accuracy", best.best_accuracy, int(time.time() * 1000), 0))
     client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
-    registered = client.get_run(parent_id).data.tags.get("registered_model")
-    if registered:  # a resumed sweep whose first driver registered the model before it was killed
-        stream.write(f"gradavg: the best trial's model is registered as {registered}\n")
-    elif register and best is not None:
-        version = register_best(client, uri, register, best.run_id)
-        client.set_tag(parent_id, "registered_model", f"models:/{register}/{version}")
-        stream.write(f"gradavg: registered trial {best.trial.number}'s model as models:/{register}/{version}\n")
+    _register_once(client, uri, parent_id, register, best.run_id if best else None, stream)
     client.set_terminated(parent_id, "FINISHED")
     return SweepResult(parent_id, uri, rows, best)
+
+
+def _register_once(client, uri: str, parent_id: str, name: str | None, best_id: str | None, stream) -> None:
+    """``--register NAME``: the best trial's model, once a sweep (a resumed sweep's may be registered already)."""
+    parent = client.get_run(parent_id)
+    registered = parent.data.tags.get("registered_model")
+    if registered:
+        if name:
+            stream.write(f"gradavg: the best trial's model is registered already, as {registered}\n")
+        return
+    if not name or best_id is None:
+        return
+    version = register_best(client, uri, name, best_id)
+    client.set_tag(parent_id, "registered_model", f"models:/{name}/{version}")
+    number = parent.data.tags.get("best_trial") or client.get_run(best_id).data.tags.get(TRIAL_TAG)
+    stream.write(f"gradavg: registered trial {number}'s model as models:/{name}/{version}\n")
 
 
 def register_best(client, uri: str, name: str, run_id: str) -> str:

@@ -238,9 +238,9 @@ class RunTracker(Hooks):
                 if self._monitor is not None:
                     self._call("logging system metrics", self._stop_monitor)
                 self._call("closing the run", self.client.set_terminated, self.run_id, status)
-            elif self.run_id is not None:  # one bounded try: a store that lost only its artifacts still answers
-                try:
-                    self.client.set_terminated(self.run_id, "FAILED")
+            if self.run_id is not None and self.lost:  # lost before or while closing: one bounded try (a store
+                try:  # that lost only its artifacts still answers), so that the run is not left RUNNING
+                    self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status)
                 except Exception:
                     pass
         finally:

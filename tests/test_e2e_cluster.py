@@ -95,8 +95,8 @@ def servers(neighbour, tmp_path_factory):
             os.killpg(pgid, 0)
 
 
-def submit(servers, capsys, *args) -> tuple[int, str]:
-    code = main(["submit", *args, "--address", servers.dashboard, "--tracking-uri", servers.tracking_uri])
+def submit(servers, capsys, *args, command: str = "submit") -> tuple[int, str]:
+    code = main([command, *args, "--address", servers.dashboard, "--tracking-uri", servers.tracking_uri])
     captured = capsys.readouterr()
     job_ids = [line for line in captured.out.splitlines() if line.startswith("raysubmit_")]
     assert job_ids, captured.err
@@ -203,14 +203,6 @@ def test_an_unknown_job_is_one_line(servers, capsys):
     assert "no job 'raysubmit_nope'" in capsys.readouterr().err
 
 
-def sweep(servers, capsys, *args) -> tuple[int, str]:
-    code = main(["sweep", *args, "--address", servers.dashboard, "--tracking-uri", servers.tracking_uri])
-    captured = capsys.readouterr()
-    job_ids = [line for line in captured.out.splitlines() if line.startswith("raysubmit_")]
-    assert job_ids, captured.err
-    return code, job_ids[0]
-
-
 def test_a_submitted_sweep_runs_its_trials_side_by_side_on_the_cluster(servers, capsys):
     from jobs.config import replace
     from jobs.run import run_job
@@ -218,7 +210,7 @@ def test_a_submitted_sweep_runs_its_trials_side_by_side_on_the_cluster(servers, 
     from jobs.sweep_run import latest_children
 
     keys = [str(CONFIGS / "digits.yaml"), "epochs=4", "eta=0.5,3.0,1.0", "experiment=e2e-sweep"]
-    code, job_id = sweep(servers, capsys, *keys, "--follow")
+    code, job_id = submit(servers, capsys, *keys, "--follow", command="sweep")
     assert code == 0
     client, runs = runs_of(servers, "e2e-sweep")
     (parent,) = [r for r in runs if "sweep_keys" in r.data.tags]
@@ -239,8 +231,8 @@ def test_a_submitted_sweep_runs_its_trials_side_by_side_on_the_cluster(servers, 
 
 
 def test_stopping_a_submitted_sweep_leaves_no_run_running(servers, capsys):
-    code, job_id = sweep(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "validation_size=500", "epochs=500",
-                         "eta=0.5,3.0", "experiment=e2e-sweep-stop")
+    code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "validation_size=500", "epochs=500",
+                          "eta=0.5,3.0", "experiment=e2e-sweep-stop", command="sweep")
     assert code == 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both trials under way
