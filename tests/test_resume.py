@@ -135,3 +135,20 @@ def test_a_damaged_checkpoint_is_not_taken_for_a_good_one(tracking_uri, tmp_path
     assert main(["run", DIGITS, "epochs=2", "--resume", run_id]) == 2
     assert f"--resume {run_id}: its checkpoint cannot be used" in error_line(capsys.readouterr().err)
     assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 2])  # the checkpoint taken 2, 1 or 0 epochs before the stop
+def test_early_stopping_resumed_from_a_checkpoint_stops_where_it_would_have(tmp_path, stop_after):
+    cfg = load_config(DIGITS, ["early_stopping=2", "epochs=40"])
+    data = load_dataset("digits", cfg.validation_size)
+    whole = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1))
+    assert whole.stopped and whole.epoch < 40
+    part_cfg = load_config(DIGITS, ["early_stopping=2", f"epochs={whole.epoch - 2 + stop_after}"])
+    part = train(part_cfg, data, LocalBackend(cfg.chunk_size, threads=1))
+    assert (part.stopped is not None) == (stop_after == 2)
+    loaded, _ = checkpoint.load(checkpoint.save(part, part_cfg, tmp_path / "checkpoint.npz"))
+    assert (loaded.best_epoch, loaded.best_accuracy, loaded.stopped) == (part.best_epoch, part.best_accuracy,
+                                                                         part.stopped)
+    resumed = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1), state=loaded)
+    assert (resumed.epoch, resumed.stopped) == (whole.epoch, whole.stopped)
+    assert np.array_equal(resumed.network.params, whole.network.params)
