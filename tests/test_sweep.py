@@ -281,7 +281,8 @@ def _trial_with_checkpoint(client, number):
     return check
 
 
-SLOW = ["data=mnist-5k", "sizes=[784,30,10]", "validation_size=500", "epochs=12", "diagnostics=false"]
+# about 6 s of training a trial: a checkpoint reaches the store every 2 s while it trains
+SLOW = ["data=mnist-5k", "sizes=[784,100,10]", "validation_size=500", "epochs=150", "diagnostics=false"]
 
 
 def test_a_killed_sweep_resumes_to_the_same_bits(tracking_uri, capsys):
@@ -310,10 +311,14 @@ def test_a_killed_sweep_resumes_to_the_same_bits(tracking_uri, capsys):
 
 
 def test_a_stopped_sweep_leaves_no_run_running(tracking_uri):
-    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0,1.0")
+    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0,1.0", "--at-once", "2")
     client = MlflowClient(tracking_uri)
+    def both_running():
+        found = _trial_with_checkpoint(client, 1)()
+        return found and len(latest_children(client, found[0].info.run_id)) == 2
+
     try:
-        _wait_for(_trial_with_checkpoint(client, 1))
+        _wait_for(both_running)  # two trials at once on 2 cores, both under way
         process.send_signal(signal.SIGTERM)  # what `gradavg jobs stop` sends a submitted sweep's driver
         _, err = process.communicate(timeout=60)
     finally:
@@ -374,7 +379,7 @@ def test_a_trial_whose_process_dies_fails_and_resumes(tracking_uri, capsys):
         process.kill()
     assert process.returncode == 1, err
     assert "trial 1/2 (eta=0.5): FAILED: the trial's process died (exit code -9)" in err
-    assert "trial 2/2 (eta=3.0): FINISHED after 12 epochs" in err
+    assert "trial 2/2 (eta=3.0): FINISHED after 150 epochs" in err
     children = latest_children(client, parent.info.run_id)
     assert children[1].info.status == "FAILED" and children[2].info.status == "FINISHED"
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
