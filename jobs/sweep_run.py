@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import multiprocessing
 import os
 import signal
@@ -446,7 +445,10 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> d
             future.cancel()
         runner.stop()
         pool.shutdown(wait=True, cancel_futures=True)
-        _end_killed(client, parent_id)
+        try:
+            _end_killed(client, parent_id)
+        except Exception:  # the store is gone too: `gradavg runs repair` settles the runs once it answers
+            pass
         raise
     pool.shutdown()
     return outcomes
@@ -640,6 +642,3 @@ def best_line(result: SweepResult) -> str:
     return (f"best: trial {best.trial.number} ({best.trial.label}), validation accuracy "
             f"{100 * best.best_accuracy:.2f}% at epoch {best.best_epoch}, run {best.run_id}")
 
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
