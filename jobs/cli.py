@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _on_sigterm(signum, frame):
+    from jobs.run import STOPPING
+
+    STOPPING.set()
     raise KeyboardInterrupt
 
 
@@ -362,6 +365,8 @@ def cmd_sweep(args) -> int:
         scheduler = {"name": "asha", "grace": args.grace or 1, "reduction": args.reduction or 3} \
             if args.scheduler == "asha" else {}
         plan = plan_from(args.config, args.overrides, args.samples, scheduler)
+        print(f"gradavg: checking the {len(plan.trials)} trials, then opening the MLflow store {uri} ...",
+              file=sys.stderr)
         if args.address:  # checked where it can be, before the parent run is opened
             from jobs import submit
 

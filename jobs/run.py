@@ -24,6 +24,10 @@ from jobs.progress import HookChain, Progress
 from jobs.store import TrackingError
 from jobs.train import Hooks, TrainingState, initial_state, train, training_inputs
 
+# Set when this process is being stopped (SIGTERM, a cancelled Ray task): a job that then fails, because a
+# library turned the interrupt into an error of its own, ends its run KILLED as a stopped job does.
+STOPPING = threading.Event()
+
 
 @dataclass
 class JobResult:
@@ -139,7 +143,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
     finally:
         if tracker:
             with _no_interrupts():
-                tracker.end(status)
+                tracker.end("KILLED" if status == "FAILED" and STOPPING.is_set() else status)
     return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started)
 
 

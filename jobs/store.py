@@ -94,7 +94,9 @@ def open_store(uri: str, create: bool = True):
         raise TrackingError(f"--tracking-uri {uri}: {problem}; use http://HOST:PORT, sqlite:///PATH.db or "
                             "leave it unset for ./mlflow.db") from None
     except Exception as e:  # sqlalchemy's and sqlite's own errors: a damaged or unwritable file
-        raise TrackingError(f"tracking store {uri} cannot be used ({reason(e)}); pass --tracking-uri of a "
+        half = ("it was left half-created (a process stopped while MLflow made its tables): move it aside, or "
+                if "_alembic_tmp" in str(e) else "")
+        raise TrackingError(f"tracking store {uri} cannot be used ({reason(e)}); {half}pass --tracking-uri of a "
                             "working store") from None
     return client
 

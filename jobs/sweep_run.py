@@ -116,15 +116,13 @@ def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -
         pass
 
 
-_interrupted = False
-
-
 def _interrupt_once(signum, frame):
     """The first SIGTERM or SIGINT interrupts the trial; later ones are ignored (the run is closing)."""
-    global _interrupted
-    if _interrupted:
+    from jobs.run import STOPPING
+
+    if STOPPING.is_set():
         return
-    _interrupted = True
+    STOPPING.set()
     raise KeyboardInterrupt
 
 
@@ -138,7 +136,9 @@ class _StillInterrupted(Hooks):
     next epoch's end instead."""
 
     def on_epoch_end(self, result, state):
-        if _interrupted:
+        from jobs.run import STOPPING
+
+        if STOPPING.is_set():
             raise KeyboardInterrupt
 
 
@@ -218,8 +218,10 @@ def _ray_trial(config, uri, parent_id, number, resume_id, rungs) -> Outcome:
     """A trial as a Ray task: the same ``run_trial``; the scheduler is an actor every task can ask."""
     import ray
 
+    if threading.current_thread() is threading.main_thread():  # Ray cancels a task by interrupting it (SIGINT)
+        signal.signal(signal.SIGINT, _interrupt_once)
     ask = (lambda epoch, accuracy: ray.get(rungs.report.remote(number, epoch, accuracy))) if rungs else None
-    return run_trial(config, uri, parent_id, number, resume_id, ask)
+    return run_trial(config, uri, parent_id, number, resume_id, ask, hooks=(_StillInterrupted(),))
 
 
 class RayTrials:
@@ -385,8 +387,8 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         if child is not None and child.info.status == "FINISHED":
             continue
         resume_id = child.info.run_id if child is not None and _has_checkpoint(client, child.info.run_id) else None
-        if child is not None and child.info.status == "RUNNING" and resume_id is None:
-            client.set_terminated(child.info.run_id, "KILLED")  # a trial killed before its first checkpoint
+        if child is not None and resume_id is None:  # stopped before its first checkpoint: it starts over, in a
+            client.delete_run(child.info.run_id)  # new run that takes this one's place (one child per trial)
         pending.append((trial, resume_id))
     scheduler = scheduler_for(plan)
     if scheduler is not None:
@@ -396,7 +398,7 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
     done = len(plan.trials) - len(pending)
     stream.write(f"gradavg: sweep {parent_id}: {len(plan.trials)} trials of {', '.join(a.key for a in plan.axes)}"
                  + (f" ({done} finished before, {len(pending)} to run)" if done else "")
-                 + f", {at_once} at a time on {runner.where}\n")
+                 + (f", {at_once} at a time on {runner.where}\n" if pending else "; logging its results\n"))
     stream.flush()
     outcomes = _run_trials(runner, pending, at_once, client, parent_id, len(plan.trials), stream)
     try:

@@ -388,3 +388,41 @@ def test_a_trial_whose_process_dies_fails_and_resumes(tracking_uri, capsys):
     assert after[1].info.run_id == child.info.run_id and after[1].info.status == "FINISHED"
     (first,) = [t for t in plan_from("-", SLOW + ["eta=0.5,3.0"], None).trials if t.number == 1]
     assert np.array_equal(_child_weights(client, child.info.run_id).params, _solo_weights(first.config).params)
+
+
+def test_a_sweep_killed_before_its_first_checkpoints_resumes_with_one_run_per_trial(tracking_uri):
+    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0", "--at-once", "2")
+    client = MlflowClient(tracking_uri)
+
+    def both_started():
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        parents = [r for r in runs if "sweep_keys" in r.data.tags]
+        return parents and len(runs) == 3 and parents[0]
+
+    try:
+        parent = _wait_for(both_started, 120)
+    finally:
+        process.kill()
+        process.communicate()
+    _wait_for(lambda: all(c.info.status != "RUNNING" for c in latest_children(client, parent.info.run_id).values()),
+              30)
+    assert main(["sweep", "--resume", parent.info.run_id]) == 0
+    runs = client.search_runs([parent.info.experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # no run left over for a trial
+
+
+def test_a_job_that_fails_while_it_is_being_stopped_ends_killed(tracking_uri, monkeypatch):
+    from jobs import run
+    from jobs.train import Hooks
+
+    class StopThenFail(Hooks):  # a library that turns the interrupt into an error of its own
+        def on_epoch_end(self, result, state):
+            run.STOPPING.set()
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(run, "STOPPING", __import__("threading").Event())
+    with pytest.raises(RuntimeError):
+        run_job(load_config(DIGITS, ["epochs=2"]), tracking_uri, quiet=True, hooks=(StopThenFail(),))
+    client = MlflowClient(tracking_uri)
+    (only,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert only.info.status == "KILLED"
