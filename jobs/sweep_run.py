@@ -400,9 +400,9 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
                  + (f" ({done} finished before, {len(pending)} to run)" if done else "")
                  + (f", {at_once} at a time on {runner.where}\n" if pending else "; logging its results\n"))
     stream.flush()
-    outcomes = _run_trials(runner, pending, at_once, client, parent_id, len(plan.trials), stream)
+    outcomes, settled = _run_trials(runner, pending, at_once, client, parent_id, len(plan.trials), stream)
     try:
-        return _finish(client, uri, plan, parent_id, outcomes, register, stream)
+        return _finish(client, uri, plan, parent_id, outcomes, settled, register, stream)
     except TrackingError:
         raise
     except Exception as e:
@@ -418,8 +418,11 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
                                 f"`gradavg sweep --resume {parent_id}` logs the sweep's table and plots") from None
 
 
-def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> dict[int, Outcome]:
+def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> tuple[dict[int, Outcome],
+                                                                                   dict[int, Row]]:
+    """Each trial's outcome, and its row as read back from its ended run (where the store answered)."""
     outcomes: dict[int, Outcome] = {}
+    settled: dict[int, Row] = {}
     pool = ThreadPoolExecutor(at_once, thread_name_prefix="gradavg-sweep")
     futures = {pool.submit(runner.run, trial, resume_id): trial for trial, resume_id in pending}
     try:
@@ -434,7 +437,7 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> d
                     outcome = Outcome("FAILED", reason(e))
                 outcomes[trial.number] = outcome
                 try:
-                    row = _settle_trial(client, parent_id, trial, outcome)
+                    row = settled[trial.number] = _settle_trial(client, parent_id, trial, outcome)
                 except Exception:  # the store stopped answering: the sweep's end says so; the trials go on
                     row = Row(trial, outcome.status, cause=outcome.cause)
                 stream.write(f"trial {trial.number}/{total} ({trial.label}): {_describe(row)} "
@@ -453,7 +456,7 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> d
             pass
         raise
     pool.shutdown()
-    return outcomes
+    return outcomes, settled
 
 
 def _end_killed(client, parent_id: str) -> None:
@@ -531,14 +534,15 @@ def _describe(row: Row) -> str:
     return f"FINISHED after {row.epochs} epochs{best}{stopped}"
 
 
-def _finish(client, uri: str, plan: Plan, parent_id: str, outcomes: dict[int, Outcome], register: str | None,
-            stream: TextIO) -> SweepResult:
+def _finish(client, uri: str, plan: Plan, parent_id: str, outcomes: dict[int, Outcome], settled: dict[int, Row],
+            register: str | None, stream: TextIO) -> SweepResult:
     """Every trial has ended: the table, the plots and the best trial go to the parent run, which ends
     FINISHED (a failed trial is a row of the table, not the sweep's failure)."""
     from mlflow.entities import Metric, RunTag
 
     children = latest_children(client, parent_id)
-    rows = [read_row(client, t, children.get(t.number), outcomes.get(t.number)) for t in plan.trials]
+    rows = [settled.get(t.number) or read_row(client, t, children.get(t.number), outcomes.get(t.number))
+            for t in plan.trials]
     best = max((r for r in rows if r.status == "FINISHED" and r.best_accuracy is not None),
                key=lambda r: (r.best_accuracy, -r.trial.number), default=None)
     with tempfile.TemporaryDirectory(prefix="gradavg-sweep-") as folder:
