@@ -412,8 +412,6 @@ def _check_sweep_options(args) -> None:
                          "e.g. --register digits-best")
     if args.follow and not args.address:
         raise UsageError("--follow goes with --address (it streams a submitted sweep's log); drop it")
-    if args.samples is not None and args.samples < 1:
-        raise UsageError(f"--samples {args.samples}: draw at least 1")
 
 
 def _submit_sweep(args, uri: str, parent_id: str) -> int:

@@ -209,6 +209,15 @@ def experiment_id_of(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def logged_models(uri: str, experiment_id: str, run_id: str) -> list:
+    """The models a run logged (MLflow 3's logged models, READY or not)."""
+    import mlflow
+
+    with process_uri(uri):  # the fluent search takes no other store
+        return mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                           filter_string=f"source_run_id = '{run_id}'")
+
+
 def driver_tags() -> dict[str, str]:
     """Where the driver runs, so that `gradavg runs repair` can tell a dead one."""
     return {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}

@@ -94,12 +94,16 @@ def check_tracking_uri(uri: str, address: str) -> None:
 def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None, force: bool = False) -> str:
     """The job's command: the resolved config, every key spelled out, on the cluster's Ray."""
     values = {**cfg.to_dict(), "backend": "ray"}
-    args = ["exec", "python", "-m", "jobs.cli", "run", "-"]
-    args += [f"{key}={show(value, limit=None)}" for key, value in values.items()]
+    args = ["run", "-", *(f"{key}={show(value, limit=None)}" for key, value in values.items())]
     args += ["--tracking-uri", tracking_uri]  # not --quiet: a job's log shows a line per epoch
     if resume:
         args += ["--resume", resume] + (["--force"] if force else [])
-    return " ".join(shlex.quote(a) if a != "exec" else a for a in args)
+    return _command(args)
+
+
+def _command(args: list[str]) -> str:
+    """``gradavg ARGS`` as a job's shell command, each argument quoted, the shell replaced by Python."""
+    return "exec python -m jobs.cli " + " ".join(shlex.quote(a) for a in args)
 
 
 def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None,
@@ -127,11 +131,10 @@ def send(command: str, address: str | None, tracking_uri: str, metadata: dict[st
 
 def sweep_entrypoint(parent_id: str, tracking_uri: str, at_once: int | None, register: str | None) -> str:
     """A submitted sweep's command: the sweep its parent run holds, its trials as Ray tasks."""
-    args = ["exec", "python", "-m", "jobs.cli", "sweep", "--resume", parent_id, "--tracking-uri", tracking_uri,
-            "--trials-on-ray"]
+    args = ["sweep", "--resume", parent_id, "--tracking-uri", tracking_uri, "--trials-on-ray"]
     args += ["--at-once", str(at_once)] if at_once else []
     args += ["--register", register] if register else []
-    return " ".join(shlex.quote(a) if a != "exec" else a for a in args)
+    return _command(args)
 
 
 def status(address: str | None, job_id: str) -> str:

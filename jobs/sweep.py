@@ -167,7 +167,12 @@ class Trial:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k}={show(v)}" for k, v in self.values.items())
+        return _label(self.values)
+
+
+def _label(values: dict[str, Any]) -> str:
+    """A trial's values as a user writes them: ``eta=0.5 lmbda=1.0``."""
+    return " ".join(f"{k}={show(v)}" for k, v in values.items())
 
 
 @dataclass
@@ -269,7 +274,7 @@ def make_plan(base: JobConfig, axes: list[Axis], samples: int | None, scheduler:
 
 
 def _trial_config(base: JobConfig, values: dict[str, Any], number: int) -> JobConfig:
-    name = f"trial {number}: " + " ".join(f"{k}={show(v)}" for k, v in values.items())
+    name = f"trial {number}: {_label(values)}"
     if base.run_name:
         name = f"{base.run_name} {name}"
     changes = {**values, "run_name": name[:250], "backend": "local", "threads": base.threads or 1}

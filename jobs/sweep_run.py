@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from jobs.config import build_config, show
-from jobs.store import TrackingError, driver_tags, experiment_id_of, open_store, process_uri, reason, run_tags
+from jobs.store import (
+    TrackingError,
+    driver_tags,
+    experiment_id_of,
+    logged_models,
+    open_store,
+    process_uri,
+    reason,
+    run_tags,
+)
 from jobs.sweep import Plan, SuccessiveHalving, Trial, scheduler_for
 from jobs.train import Hooks
 
@@ -583,13 +592,11 @@ def register_best(client, uri: str, name: str, run_id: str) -> str:
     import mlflow
     from mlflow.entities import LoggedModelStatus
 
-    experiment_id = client.get_run(run_id).info.experiment_id
-    with process_uri(uri):
-        models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
-                                             filter_string=f"source_run_id = '{run_id}'")
-        ready = [m for m in models if m.status == LoggedModelStatus.READY]
-        if not ready:
-            raise TrackingError(f"--register {name}: the best trial's run {run_id} has no model to register")
+    ready = [m for m in logged_models(uri, client.get_run(run_id).info.experiment_id, run_id)
+             if m.status == LoggedModelStatus.READY]
+    if not ready:
+        raise TrackingError(f"--register {name}: the best trial's run {run_id} has no model to register")
+    with process_uri(uri):  # models:/ URIs are resolved in the process's store
         return str(mlflow.register_model(f"models:/{ready[0].model_id}", name).version)
 
 

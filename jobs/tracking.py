@@ -28,6 +28,7 @@ from jobs.store import (
     TrackingError,
     driver_tags,
     experiment_id_of,
+    logged_models,
     open_store,
     process_uri,
     reason,
@@ -195,10 +196,8 @@ class RunTracker(Hooks):
         attempt began but did not finish (still PENDING, without its files) is removed, to log it again."""
         from mlflow.entities import LoggedModelStatus
 
-        with process_uri(self.uri):
-            models = self._call("listing the run's models", self._mlflow.search_logged_models,
-                                experiment_ids=[self.experiment_id],
-                                filter_string=f"source_run_id = '{self.run_id}'", output_format="list") or []
+        models = self._call("listing the run's models", logged_models, self.uri, self.experiment_id,
+                            self.run_id) or []
         for model in models:
             if model.status != LoggedModelStatus.READY:
                 self._call("removing an unfinished model", self.client.delete_logged_model, model.model_id)

@@ -109,6 +109,17 @@ def runs_of(servers, experiment: str):
     return client, (client.search_runs([found.experiment_id]) if found else [])
 
 
+def wait_for_runs(servers, experiment: str, ready, timeout: float, what: str) -> list:
+    """The experiment's runs once ``ready(runs)`` holds; fails the test with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = runs_of(servers, experiment)[1]
+        if ready(runs):
+            return runs
+        time.sleep(0.5)
+    pytest.fail(what)
+
+
 def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     code, job_id = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "workers=2", "epochs=3",
@@ -182,14 +193,9 @@ def test_stopping_a_job_ends_its_run_killed(servers, capsys):
     code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
                           "experiment=e2e-stop")
     assert code == 0
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # the run exists once the job is past its set-up
-        runs = runs_of(servers, "e2e-stop")[1]
-        if runs and runs[0].info.status == "RUNNING":
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("the job never opened its MLflow run")
+    # the run exists once the job is past its set-up
+    wait_for_runs(servers, "e2e-stop", lambda runs: runs and runs[0].info.status == "RUNNING", 90,
+                  "the job never opened its MLflow run")
     assert main(["jobs", "stop", job_id, "--address", servers.dashboard]) == 0
     assert capsys.readouterr().out.strip() == f"job {job_id} STOPPED"
     deadline = time.monotonic() + 30
@@ -234,14 +240,9 @@ def test_stopping_a_submitted_sweep_leaves_no_run_running(servers, capsys):
     code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "validation_size=500", "epochs=500",
                           "eta=0.5,3.0", "experiment=e2e-sweep-stop", command="sweep")
     assert code == 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # both trials under way
-        runs = runs_of(servers, "e2e-sweep-stop")[1]
-        if len(runs) == 3 and all(r.info.status == "RUNNING" for r in runs):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("the sweep's trials never started")
+    # both trials under way
+    wait_for_runs(servers, "e2e-sweep-stop", lambda runs: len(runs) == 3 and
+                  all(r.info.status == "RUNNING" for r in runs), 120, "the sweep's trials never started")
     assert main(["jobs", "stop", job_id, "--address", servers.dashboard]) == 0
     assert capsys.readouterr().out.strip() == f"job {job_id} STOPPED"
     runs = runs_of(servers, "e2e-sweep-stop")[1]
