@@ -1,12 +1,21 @@
-"""Ray's token authentication: make sure a token exists before a cluster is started by hand."""
+"""Ray's token authentication: make sure a token exists, readable by its owner only, before a cluster
+is started.
+
+Whoever can read the token can submit jobs that run as the cluster's owner: the token file is
+written with mode 0600 in a folder of mode 0700, and a token file that others can read is named
+(``token_warning``).
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
+import secrets
+import stat
 from pathlib import Path
+
+
+class TokenError(RuntimeError):
+    """The token file cannot be written or read; the message says which file and why."""
 
 
 def token_path() -> Path:
@@ -20,19 +29,45 @@ def read_token() -> str | None:
     if token := os.environ.get("RAY_AUTH_TOKEN"):
         return token.strip()
     path = token_path()
-    return path.read_text().strip() if path.exists() else None
+    try:
+        return path.read_text().strip() if path.exists() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenError(f"Ray's token file {path} cannot be read ({getattr(e, 'strerror', None) or e}); check "
+                         "its permissions, or set RAY_AUTH_TOKEN_PATH to another file") from None
 
 
 def ensure_token() -> None:
-    """With RAY_AUTH_MODE=token, a head started outside ``ray.init`` needs a token to exist.
+    """With RAY_AUTH_MODE=token, a head needs a token to exist. ``ray.init`` and ``ray get-auth-token
+    --generate`` would write one readable by every user (and only to ``~/.ray/auth_token``); this
+    writes the same kind of token (256 random bits, hex, as Ray's generator) where RAY_AUTH_TOKEN_PATH
+    says, mode 0600, before Ray looks for one."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = token_path()
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process wrote it a moment ago
+        return
+    except OSError as e:
+        raise TokenError(f"Ray's token file {path} cannot be created ({e.strerror or e}); set "
+                         "RAY_AUTH_TOKEN_PATH to a file in a folder you can write") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
 
-    ``ray.init`` writes one itself; ``ray start`` and ``ray.cluster_utils.Cluster`` do not.
-    ``ray get-auth-token --generate`` is Ray's own way to write it.
-    """
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return
-    if os.environ.get("RAY_AUTH_TOKEN") or token_path().exists():
-        return
-    beside = Path(sys.executable).with_name("ray")  # this environment's Ray before any other on PATH
-    ray_cli = str(beside) if beside.exists() else (shutil.which("ray") or "ray")
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
+
+def token_warning() -> str | None:
+    """One line when the token file can be read by users other than its owner, else None."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = token_path()
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (f"Ray's token file {path} can be read by other users (mode {stat.S_IMODE(mode):04o}), who could then "
+                f"run jobs as you on the cluster; `chmod 600 {path}`")
+    return None

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cluster import RAY_SYSTEM_CONFIG, TRANSPORTS
+from cluster.auth import ensure_token
 from cluster.errors import ClusterError, WorkerFailuresError
 from core.chunks import sum_rows
 from core.diagnostics import add_with_stats
@@ -94,6 +95,7 @@ def _init(cpus_needed: float) -> None:
             raise ClusterError(f"the workers need {cpus_needed:g} CPUs (workers × num_cpus) but this machine has "
                                f"{cores} cores, all that a local Ray cluster offers; lower workers or num_cpus, or "
                                "submit the job to a larger cluster (gradavg submit)")
+        ensure_token()  # mode 0600: ray.init would write one every user can read
         # "local": a new embedded cluster, never one a `ray start` elsewhere on this machine left behind
         ray.init(address="local", num_cpus=max(1, math.ceil(cpus_needed)), include_dashboard=False,
                  logging_level="WARNING", log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from cluster.auth import TokenError
     from cluster.errors import ClusterError, WorkerFailuresError
     from jobs.config import ConfigError
     from jobs.data import DataError
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.tracking import TrackingLostError
     from jobs.train import DivergedError
 
-    user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError, SubmitError, ClusterUpError)
+    user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError, SubmitError, ClusterUpError,
+                   TokenError)
     try:
         return args.handler(args)
     except user_errors as e:
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None, help="dataset (default: the run's own, or digits)")
     evaluate.add_argument("--split", choices=("test", "validation", "train"), default="test")
     evaluate.add_argument("--tracking-uri")
+    evaluate.add_argument("--allow-pickle", action="store_true",
+                          help="the data may be the book's pickled mnist.pkl.gz (unpickling can run code: only for "
+                               "files you trust); never taken from the evaluated run")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     submit = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs)")
@@ -151,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--follow", action="store_true", help="with --address: stream the job's log until it ends")
     sweep.add_argument("--resume", metavar="PARENT_RUN_ID", help="continue a sweep: finished trials are kept, the "
                                                                  "others resume from their checkpoints")
+    sweep.add_argument("--allow-pickle", action="store_true",
+                       help="with --resume: the trials may read the book's pickled mnist.pkl.gz (a resumed plan's "
+                            "allow_pickle is never taken from the store)")
     sweep.add_argument("--trials-on-ray", action="store_true", help=argparse.SUPPRESS)  # a submitted sweep's driver
     sweep.set_defaults(handler=cmd_sweep)
 
@@ -256,7 +264,7 @@ def cmd_evaluate(args) -> int:
     spec = args.data or params.get("data") or "digits"
     # the run's own split of its data, so that its validation and test examples are the ones it held out
     split = _run_split(params) if spec == params.get("data") else {}
-    data = load_dataset(spec, **split)
+    data = load_dataset(spec, **split, allow_pickle=args.allow_pickle)
     x, y = getattr(data, f"x_{args.split}"), getattr(data, f"y_{args.split}")
     if x.shape[1] != network.sizes[0]:
         raise UsageError(f"--data {spec}: has {x.shape[1]} inputs per example but the model takes "
@@ -270,10 +278,11 @@ def cmd_evaluate(args) -> int:
 
 
 def _run_split(params: dict[str, str]) -> dict:
-    """How a run split its data, from its logged params (``str`` of each value)."""
+    """How a run split its data, from its logged params (``str`` of each value). Never ``allow_pickle``:
+    what a store says may not widen what a command does (only the person typing it can)."""
     import yaml
 
-    keys = ("validation_size", "test_size", "allow_pickle")
+    keys = ("validation_size", "test_size")
     return {k: None if params[k] == "None" else yaml.safe_load(params[k]) for k in keys if k in params}
 
 
@@ -354,7 +363,7 @@ def cmd_sweep(args) -> int:
         raise UsageError("a sweep on a cluster needs a tracking server it can reach: pass --tracking-uri "
                          "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
     if args.resume:
-        plan, parent_id = sweep_run.load_plan(uri, args.resume), args.resume
+        plan, parent_id = sweep_run.load_plan(uri, args.resume, args.allow_pickle), args.resume
         if args.address:
             from jobs import submit
 
@@ -376,7 +385,7 @@ def cmd_sweep(args) -> int:
             sweep_run.check_data(plan)
         parent_id = sweep_run.start(plan, uri)
     if args.address:
-        return _submit_sweep(args, uri, parent_id)
+        return _submit_sweep(args, uri, parent_id, plan.base.allow_pickle)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped sweep ends its runs KILLED, as Ctrl-C does
     result = sweep_run.run_sweep(plan, uri, parent_id, args.at_once, on_ray=args.trials_on_ray,
                                  register=args.register)
@@ -410,16 +419,18 @@ def _check_sweep_options(args) -> None:
     if args.register is not None and (not args.register.strip() or set(args.register) & set("/:")):
         raise UsageError(f"--register {args.register!r}: a model name is some text without / or : (MLflow's rule), "
                          "e.g. --register digits-best")
+    if args.allow_pickle and not args.resume:
+        raise UsageError("--allow-pickle goes with --resume (a new sweep takes allow_pickle=true as a key); drop it")
     if args.follow and not args.address:
         raise UsageError("--follow goes with --address (it streams a submitted sweep's log); drop it")
 
 
-def _submit_sweep(args, uri: str, parent_id: str) -> int:
+def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
     from jobs import submit
     from jobs.store import open_store
 
     try:
-        job_id = submit.send(submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register), args.address,
+        job_id = submit.send(submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register, allow_pickle), args.address,
                              uri, {"gradavg_sweep": parent_id})
     except Exception:
         if not args.resume:  # the parent run of a sweep that never started

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import cluster  # noqa: F401  (Ray's loopback and auth settings)
 from cluster import RAY_SYSTEM_CONFIG
-from cluster.auth import ensure_token, read_token
+from cluster.auth import ensure_token, read_token, token_warning
 
 
 class ClusterUpError(RuntimeError):
@@ -89,8 +89,10 @@ def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, d
                              "`gradavg cluster down` stops it first")
     _check_free(dashboard_port, "--dashboard-port")
     _check_free(mlflow_port, "--mlflow-port")
-    state.mkdir(parents=True, exist_ok=True)
+    _private_folder(state)
     ensure_token()
+    if warning := token_warning():
+        print(f"gradavg: warning: {warning}", file=sys.stderr)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs find this python
     env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "15")  # time for a stopped job to end its MLflow run
@@ -128,6 +130,19 @@ def up(state_dir: str | os.PathLike = ".gradavg", num_cpus: int | None = None, d
         down(state)
         raise
     return servers
+
+
+def _private_folder(folder: Path) -> None:
+    """The state folder holds the tracking store and the servers' logs: made its owner's alone (0700); a
+    folder that exists is left as its owner set it, but the store in it is made 0600 (``private_file``)."""
+    from jobs.store import private_file
+
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_file(folder / "mlflow.db")
+    except OSError as e:
+        raise ClusterUpError(f"--state-dir {folder}: cannot be made ({e.strerror or e}); pass a folder you can "
+                             "write") from None
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float, fix: str,

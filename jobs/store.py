@@ -84,6 +84,8 @@ def open_store(uri: str, create: bool = True):
     if db is not None:
         _check_sqlite(uri, db, create)
     try:
+        if db is not None and create:
+            private_file(db)
         with _folder_lock(db.parent if db is not None else None):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)  # a new store creates its tables here
@@ -99,6 +101,15 @@ def open_store(uri: str, create: bool = True):
         raise TrackingError(f"tracking store {uri} cannot be used ({reason(e)}); {half}pass --tracking-uri of a "
                             "working store") from None
     return client
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` empty, readable and writable by its owner only (0600), unless it exists: a new
+    sqlite store (SQLite takes an empty file as a new database, and gives its journals the same mode)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -14,7 +14,7 @@ import time
 from urllib.parse import urlparse
 
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
-from cluster.auth import read_token
+from cluster.auth import read_token, token_warning
 from jobs.config import JobConfig, replace, show
 from jobs.store import PROJECT_ROOT, TrackingError, check_reachable, git_commit
 
@@ -47,6 +47,8 @@ def client(address: str | None):
     for name in ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]:
         logging.getLogger(name).setLevel(logging.ERROR)  # not a line per file uploaded
     address = resolve_address(address)
+    if warning := token_warning():
+        print(f"gradavg: warning: {warning}", file=sys.stderr)
     headers = {}
     if token := read_token():
         headers["Authorization"] = f"Bearer {token}"
@@ -129,9 +131,12 @@ def send(command: str, address: str | None, tracking_uri: str, metadata: dict[st
         raise SubmitError(f"the cluster at {address} refused the job: {str(e).strip().splitlines()[0][:300]}") from None
 
 
-def sweep_entrypoint(parent_id: str, tracking_uri: str, at_once: int | None, register: str | None) -> str:
-    """A submitted sweep's command: the sweep its parent run holds, its trials as Ray tasks."""
+def sweep_entrypoint(parent_id: str, tracking_uri: str, at_once: int | None, register: str | None,
+                     allow_pickle: bool = False) -> str:
+    """A submitted sweep's command: the sweep its parent run holds, its trials as Ray tasks. The job reads
+    its plan back from the store, which never grants ``allow_pickle``: the submitting command line does."""
     args = ["sweep", "--resume", parent_id, "--tracking-uri", tracking_uri, "--trials-on-ray"]
+    args += ["--allow-pickle"] if allow_pickle else []
     args += ["--at-once", str(at_once)] if at_once else []
     args += ["--register", register] if register else []
     return _command(args)

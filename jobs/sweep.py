@@ -28,6 +28,7 @@ from jobs.config import (
     known,
     parse_override,
     read_yaml,
+    replace,
     show,
     split_sweep,
     with_overrides,
@@ -190,6 +191,11 @@ class Plan:
                 "scheduler": self.scheduler,
                 "trials": [{"number": t.number, "values": t.values, "config": t.config.to_dict()}
                            for t in self.trials]}
+
+    def with_allow_pickle(self, allow: bool) -> Plan:
+        """The same plan, every config's ``allow_pickle`` set to ``allow``."""
+        trials = [Trial(t.number, t.values, replace(t.config, allow_pickle=allow)) for t in self.trials]
+        return Plan(replace(self.base, allow_pickle=allow), self.axes, self.samples, trials, self.scheduler)
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:

@@ -337,8 +337,10 @@ def _scheduler_text(plan: Plan) -> str:
     return f"asha (grace {spec['grace']}, reduction {spec['reduction']})" if spec.get("name") == "asha" else "none"
 
 
-def load_plan(uri: str, parent_id: str) -> Plan:
-    """A sweep's plan, from its parent run (``--resume PARENT_RUN_ID``)."""
+def load_plan(uri: str, parent_id: str, allow_pickle: bool = False) -> Plan:
+    """A sweep's plan, from its parent run (``--resume PARENT_RUN_ID``). Its configs' ``allow_pickle`` is
+    the resuming command's own (``--allow-pickle``), never the stored one: a store may not widen what a
+    command does."""
     from jobs.store import _get_run
 
     client = open_store(uri, create=False)
@@ -349,9 +351,10 @@ def load_plan(uri: str, parent_id: str) -> Plan:
         raise TrackingError(f"--resume {parent_id}: that run is not a sweep's (it holds no {PLAN_ARTIFACT}); a "
                             f"single run resumes with `gradavg run CONFIG --resume {parent_id}`") from None
     try:
-        return Plan.from_dict(json.loads(Path(path).read_text()))
+        plan = Plan.from_dict(json.loads(Path(path).read_text()))
     except Exception as e:
         raise TrackingError(f"--resume {parent_id}: its {PLAN_ARTIFACT} cannot be read ({reason(e)})") from None
+    return plan.with_allow_pickle(allow_pickle)
 
 
 def check_data(plan: Plan) -> None:
