@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +174,9 @@ class Network:
                 cost, activation = _read_text(path, data, "cost"), _read_text(path, data, "activation")
         except KeyError as e:
             raise ValueError(f"{path}: not a gradavg weights file, missing array {e}") from None
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
+            # an entry flagged encrypted (RuntimeError), an unknown compression method (NotImplementedError)
+            raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
         weights = [arrays[f"weights_{i}"] for i in range(n_layers)]
         biases = [arrays[f"biases_{i}"] for i in range(n_layers)]
         params = join_params(weights, biases)

@@ -39,6 +39,32 @@ class UsageError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; what it prints shows no password of a URI (``jobs.store.masked``), wherever
+    the text came from (an error of MLflow's, a URI the user gave)."""
+    from jobs.store import masked
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Masking(sys.stdout, masked), _Masking(sys.stderr, masked)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+class _Masking:
+    """A text stream that passes each write through ``mask``; everything else is the stream's own."""
+
+    def __init__(self, stream, mask):
+        self._stream, self._mask = stream, mask
+
+    def write(self, text: str) -> int:
+        return self._stream.write(self._mask(text))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, sys.argv[1:] if argv is None else argv)
     if not getattr(args, "command", None):
@@ -430,8 +456,8 @@ def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
     from jobs.store import open_store
 
     try:
-        job_id = submit.send(submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register, allow_pickle), args.address,
-                             uri, {"gradavg_sweep": parent_id})
+        command = submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register, allow_pickle)
+        job_id = submit.send(command, args.address, uri, {"gradavg_sweep": parent_id})
     except Exception:
         if not args.resume:  # the parent run of a sweep that never started
             open_store(uri).set_terminated(parent_id, "FAILED")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -257,6 +258,8 @@ def _check_together(cfg: JobConfig) -> None:
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would be waited on forever; a folder is a mistake
+        raise ConfigError(f"config {str(path)!r}: is not a regular file; pick one of configs/*.yaml")
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -276,7 +279,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config {str(path)!r}: must be a mapping of key: value lines")
+    if any(isinstance(k, str) and not _NAME.fullmatch(k) for k in values):
+        # its text is not quoted: a file given by mistake (gradavg run /etc/shadow) may be a private one
+        raise ConfigError(f"config {str(path)!r}: is not a gradavg config (it has keys that are no names; a "
+                          "config is key: value lines such as eta: 3.0); pick one of configs/*.yaml")
     return values
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def split_sweep(values: dict[str, Any]) -> tuple[dict[str, Any], Any]:

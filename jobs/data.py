@@ -135,6 +135,7 @@ def _load_path(path: Path, allow_pickle: bool) -> "_Source":
         raise DataError(f"data={str(path)!r}: no such file or folder; use {describe_sources()}")
     if path.is_dir():
         return _load_idx_dir(path)
+    regular_file(path, "data")
     name = path.name
     if name.endswith(".npz"):
         return _load_npz(path)
@@ -145,7 +146,15 @@ def _load_path(path: Path, allow_pickle: bool) -> "_Source":
     raise DataError(f"{path}: unknown format; use {describe_sources()}")
 
 
+def regular_file(path: Path, what: str) -> None:
+    """Refuse what is not a plain file (a FIFO, a device, a socket) before it is opened: opening one can wait
+    forever for a writer."""
+    if path.exists() and not path.is_file():
+        raise DataError(f"{what}={str(path)!r}: is not a regular file (a FIFO, a device or a socket); pass a file")
+
+
 def _open_maybe_gz(path: Path) -> bytes:
+    regular_file(path, "data")
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rb") as f:
@@ -164,9 +173,9 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated: {len(raw)} bytes, too short for an IDX header")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        magic = int.from_bytes(raw[:4], "big")
-        raise DataError(f"{path}: wrong IDX magic number 0x{magic:08x}; expected 0x00000801 (labels) "
-                        "or 0x00000803 (images): is this an MNIST IDX file?")
+        # the file's own bytes are not quoted: a path given by mistake may be a private file's
+        raise DataError(f"{path}: not an MNIST IDX file (it does not start with IDX's magic number 0x00000801 "
+                        "for labels or 0x00000803 for images)")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
@@ -234,6 +243,10 @@ def _load_npz(path: Path) -> "_Source":
     x, y = _npz_pair(path, arrays["x"], arrays["y"])
     n_classes = _npz_classes(path, arrays["n_classes"]) if "n_classes" in arrays else int(y.max(initial=0)) + 1
     x_test = y_test = None
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        given, missing = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise DataError(f"{path}: has {given} but no {missing}; save both (a test set) or neither (a test set is "
+                        "then held out of x and y)")
     if "x_test" in arrays and "y_test" in arrays:
         x_test, y_test = _npz_pair(path, arrays["x_test"], arrays["y_test"])
         n_classes = max(n_classes, int(y_test.max(initial=0)) + 1) if "n_classes" not in arrays else n_classes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,12 +34,42 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says how to fix it."""
 
 
+_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]*):[^\s/@]+@")
+
+
+def masked(text: str) -> str:
+    """``text`` with the password of every URI in it replaced: ``http://user:***@host/``."""
+    return _PASSWORD.sub(r"\1:***@", text)
+
+
 def resolve_uri(cli_uri: str | None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default; checked (``check_uri``)."""
     import mlflow
 
-    if cli_uri:
-        return cli_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if cli_uri is not None:
+        return check_uri(cli_uri, "--tracking-uri")
+    if (env := os.environ.get("MLFLOW_TRACKING_URI")) is not None:
+        return check_uri(env, "MLFLOW_TRACKING_URI")
+    return mlflow.get_tracking_uri()
+
+
+def check_uri(uri: str, where: str) -> str:
+    """A tracking URI that can hold a job's run, or a TrackingError naming what is wrong with it."""
+    if not uri.strip():
+        raise TrackingError(f"{where} is blank; unset it for ./mlflow.db, or give http://HOST:PORT or "
+                            "sqlite:///PATH.db")
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 (raises for a port that is no number from 0 to 65535)
+    except ValueError as e:
+        raise TrackingError(f"{where} {masked(uri)}: not a valid URI ({e}); write http://HOST:PORT or "
+                            "sqlite:///PATH.db") from None
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise TrackingError(f"{where} {masked(uri)}: names no host; write http://HOST:PORT")
+    if parts.scheme == "sqlite" and _sqlite_path(uri) is None:
+        raise TrackingError(f"{where} {uri}: an in-memory store is gone when the process ends (and a job's other "
+                            "processes cannot see it); write sqlite:///PATH.db for a file")
+    return uri
 
 
 def bound_requests() -> None:
@@ -51,10 +82,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before training, when a tracking server does not answer: its health and its API."""
     if not uri.startswith(("http://", "https://")):
         return
-    base = uri.rstrip("/")
+    base, headers = _without_credentials(uri.rstrip("/"))
     for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
         try:
-            with urllib.request.urlopen(base + path, timeout=timeout) as reply:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=timeout) as reply:
                 if reply.status == 200:
                     continue
                 problem = f"answered HTTP {reply.status} to {path}"
@@ -64,6 +95,20 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             problem = f"cannot be reached ({getattr(e, 'reason', e)})"
         raise TrackingError(f"MLflow tracking server {uri} {problem}; start one with `gradavg cluster up` or "
                             "`mlflow server --host 127.0.0.1 --port 5000`, or pass --tracking-uri sqlite:///mlflow.db")
+
+
+def _without_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """``http://user:password@host/`` as ``http://host/`` and the Basic authorization header that MLflow's
+    client sends for it (urllib would take the credentials for part of the host name)."""
+    import base64
+    from urllib.parse import unquote
+
+    parts = urlsplit(uri)
+    if parts.username is None:
+        return uri, {}
+    netloc = parts.netloc.rpartition("@")[2]
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return parts._replace(netloc=netloc).geturl(), {"Authorization": "Basic " + base64.b64encode(pair).decode()}
 
 
 def open_store(uri: str, create: bool = True):
@@ -113,12 +158,17 @@ def private_file(path: Path) -> None:
 
 
 def _sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URI; None for any other URI and for an in-memory ``sqlite://``."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri.removeprefix("sqlite:///").split("?")[0])  # sqlite:////abs/path keeps its leading /
+    path = uri.removeprefix("sqlite:///").split("?")[0]  # sqlite:////abs/path keeps its leading /
+    return Path(path) if path and path != ":memory:" else None
 
 
 def _check_sqlite(uri: str, db: Path, create: bool) -> None:
+    if create and "mode=ro" in uri.partition("?")[2]:
+        raise TrackingError(f"tracking store {uri} is opened read-only (mode=ro), but a job writes its run there; "
+                            "drop ?mode=ro")
     if db.exists():
         try:
             with open(db, "rb") as f:

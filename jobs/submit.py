@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 import time
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
 from cluster.auth import read_token, token_warning
@@ -35,6 +35,13 @@ def resolve_address(address: str | None) -> str:
         raise SubmitError("no cluster address: pass --address http://HOST:8265 (the Ray dashboard) or set RAY_ADDRESS")
     if "://" not in address:
         address = f"http://{address}"
+    try:
+        parts = urlsplit(address)
+        parts.port  # noqa: B018 (raises for a port that is no number from 0 to 65535)
+    except ValueError as e:
+        raise SubmitError(f"--address {address}: not a valid address ({e}); write http://HOST:8265") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SubmitError(f"--address {address}: write http://HOST:8265 (the Ray dashboard's address)")
     return address
 
 

@@ -4,6 +4,7 @@ and leaves no run RUNNING in the store."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from jobs.cli import main
 from jobs.data import save_npz
 
 DIGITS = str(CONFIGS / "digits.yaml")
+SECRET = "s3cret"  # in files and URIs below: no error line may quote it
 LONG = "x" * 600
 
 BOMB = """sizes: [&a [1, 1, 1, 1, 1, 1, 1, 1, 1], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a],
@@ -51,6 +53,21 @@ def forged_header(path: Path) -> None:
             z.writestr(f"{name}.npy", raw)
 
 
+def zip_entries(path: Path, flags: int = 0, method: int | None = None) -> None:
+    """Rewrite every entry's header of a zip: general-purpose ``flags`` added (bit 0: encrypted), and its
+    compression ``method`` replaced (99: one no reader knows)."""
+    raw = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local headers, central directory
+        at = raw.find(signature)
+        while at != -1:
+            flag_at = at + offset
+            raw[flag_at : flag_at + 2] = struct.pack("<H", struct.unpack("<H", raw[flag_at : flag_at + 2])[0] | flags)
+            if method is not None:
+                raw[flag_at + 2 : flag_at + 4] = struct.pack("<H", method)
+            at = raw.find(signature, at + 4)
+    path.write_bytes(bytes(raw))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bad")
@@ -79,6 +96,18 @@ def files(tmp_path_factory) -> Path:
     weights_file(d / "nan.npz", weights_0=np.full((30, 64), np.nan))
     forged_header(d / "forged.npz")
     Network.create([64, 30, 10]).save(d / "good.npz")
+    Network.create([64, 30, 10]).save(d / "encrypted.npz")
+    zip_entries(d / "encrypted.npz", flags=1)
+    Network.create([64, 30, 10]).save(d / "compressed.npz")
+    zip_entries(d / "compressed.npz", method=99)
+    save_npz(d / "y-test-only.npz", x, y, y_test=rng.integers(0, 10, 20))
+    (d / "shadow").write_text(f"root:$6${SECRET}:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
+    (d / "private").write_bytes(SECRET.encode() * 100)
+    (d / "linked").mkdir()  # IDX files that are links to a private file
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (d / "linked" / name).symlink_to(d / "private")
+    os.mkfifo(d / "fifo.yaml")
+    os.mkfifo(d / "fifo.npz")
     return d
 
 
@@ -189,6 +218,30 @@ ROWS = [
      "cannot reach the Ray cluster at http://127.0.0.1:9"),
     (["sweep", "--resume", "deadbeefdeadbeef"], "--resume deadbeefdeadbeef: no such run"),
     (["sweep", DIGITS, "--resume", "deadbeefdeadbeef"], "continues a sweep as it was planned: drop the config"),
+    # what a third adversarial trial found
+    (["evaluate", "{d}/encrypted.npz"], "not a readable weights file (RuntimeError"),
+    (["evaluate", "{d}/compressed.npz"], "not a readable weights file (NotImplementedError"),
+    (["run", "{d}/shadow"], "is not a gradavg config (it has keys that are no names"),
+    (["run", DIGITS, "data={d}/linked"], "not an MNIST IDX file"),
+    (["run", "{d}/fifo.yaml"], "fifo.yaml': is not a regular file"),
+    (["run", DIGITS, "data={d}/fifo.npz"], "fifo.npz': is not a regular file"),
+    (["sweep", "{d}/fifo.yaml", "eta=1,2"], "fifo.yaml': is not a regular file"),
+    (["run", DIGITS, "data={d}/y-test-only.npz"], "has y_test but no x_test"),
+    (["run", DIGITS, "--tracking-uri", f"http://user:{SECRET}@127.0.0.1:9/"], "http://user:***@127.0.0.1:9/ cannot"),
+    (["run", DIGITS, "--tracking-uri", "http://[::1"], "--tracking-uri http://[::1: not a valid URI"),
+    (["run", DIGITS, "--tracking-uri", "http://127.0.0.1:abc"], "--tracking-uri http://127.0.0.1:abc: not a valid"),
+    (["run", DIGITS, "--tracking-uri", "sqlite://"], "an in-memory store is gone when the process ends"),
+    (["run", DIGITS, "--tracking-uri", "sqlite:///{d}/ro.db?mode=ro"], "is opened read-only (mode=ro)"),
+    (["run", DIGITS, "--tracking-uri", " "], "--tracking-uri is blank"),
+    (["evaluate", "runs:/abc", "--tracking-uri", "http://[::1"], "not a valid URI"),
+    (["runs", "repair", "--tracking-uri", "http://127.0.0.1:abc"], "not a valid URI"),
+    (["sweep", DIGITS, "validation_size=300", "eta=1,2", "--tracking-uri", "http://[::1"], "not a valid URI"),
+    (["sweep", "--resume", "abc", "--tracking-uri", "sqlite://"], "an in-memory store"),
+    (["submit", DIGITS, "--tracking-uri", "http://[::1", "--address", "http://127.0.0.1:9"], "not a valid URI"),
+    (["submit", DIGITS, "--tracking-uri", "http://127.0.0.1:9", "--address", "http://127.0.0.1:abc"],
+     "--address http://127.0.0.1:abc: not a valid address"),
+    (["jobs", "list", "--address", "http://[::1"], "--address http://[::1: not a valid address"),
+    (["sweep", DIGITS, "eta=1,2", "--allow-pickle"], "--allow-pickle goes with --resume"),
 ]
 
 
@@ -197,7 +250,9 @@ def test_bad_input_is_one_line_and_exit_2(files, tracking_uri, capsys, monkeypat
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False) if args[0] == "submit" else None
     assert main([a.replace("{d}", str(files)) for a in args]) == 2
-    assert message in error_line(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert message in error_line(err)
+    assert SECRET not in err
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []

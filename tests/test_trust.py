@@ -4,8 +4,6 @@ are not readable by others; a run has one driver at a time."""
 from __future__ import annotations
 
 import gzip
-import json
-import os
 import pickle
 import stat
 from pathlib import Path
