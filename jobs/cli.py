@@ -72,6 +72,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     from cluster.auth import TokenError
     from cluster.errors import ClusterError, WorkerFailuresError
+    from jobs.claims import DriverConflict
     from jobs.config import ConfigError
     from jobs.data import DataError
     from jobs.local_cluster import ClusterUpError
@@ -81,7 +82,7 @@ def _main(argv: list[str] | None) -> int:
     from jobs.train import DivergedError
 
     user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError, SubmitError, ClusterUpError,
-                   TokenError)
+                   TokenError, DriverConflict)
     try:
         return args.handler(args)
     except user_errors as e:
@@ -363,11 +364,13 @@ def cmd_submit(args) -> int:
     uri = resolve_uri(args.tracking_uri)
     _check_force(args)
     if args.resume:  # what can be checked here is, before the job is sent
+        from jobs.claims import refuse_if_driven
         from jobs.run import check_resume_config
         from jobs.store import fetch_checkpoint
 
         submit.check_tracking_uri(uri, submit.resolve_address(args.address))
-        _, state, saved = fetch_checkpoint(uri, args.resume)
+        run, state, saved = fetch_checkpoint(uri, args.resume)
+        refuse_if_driven(run, f"--resume {args.resume}")
         check_resume_config(args.resume, state, saved, cfg, args.force)
     job_id = submit.submit(cfg, args.address, uri, resume=args.resume, force=args.force)
     print(job_id)
@@ -392,8 +395,11 @@ def cmd_sweep(args) -> int:
         plan, parent_id = sweep_run.load_plan(uri, args.resume, args.allow_pickle), args.resume
         if args.address:
             from jobs import submit
+            from jobs.claims import refuse_if_driven
+            from jobs.store import open_store
 
             submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+            refuse_if_driven(open_store(uri, create=False).get_run(parent_id), f"--resume {parent_id}")
     else:
         from jobs.sweep import plan_from
 
@@ -409,7 +415,7 @@ def cmd_sweep(args) -> int:
             submit.client(args.address)  # the cluster answers
         else:
             sweep_run.check_data(plan)
-        parent_id = sweep_run.start(plan, uri)
+        parent_id = sweep_run.start(plan, uri, driven_here=not args.address)
     if args.address:
         return _submit_sweep(args, uri, parent_id, plan.base.allow_pickle)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped sweep ends its runs KILLED, as Ctrl-C does

@@ -18,6 +18,7 @@ from core.kernels import cached as kernels_cached
 from core.network import parameter_count
 from core.step import batch_count, piece_count
 from jobs.backends import make_backend
+from jobs.claims import refuse_if_driven
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
@@ -104,6 +105,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         progress.stage(f"opening the MLflow store {tracking_uri}")
         if resume:
             previous, state, saved_cfg = fetch_checkpoint(tracking_uri, resume)
+            refuse_if_driven(previous, f"--resume {resume}")  # at once; RunTracker.resume claims it for good
             _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
             if previous.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):
                 return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True)

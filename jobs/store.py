@@ -21,6 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
+from jobs import claims
+from jobs.claims import driver_tags
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Each request to a tracking server: at most 15 s, tried 3 times, 1 s and 2 s apart (MLflow's own
@@ -247,11 +250,12 @@ def ui_command(uri: str) -> str:
     return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
-def run_tags(source: str) -> dict[str, str]:
-    """The tags every run gradavg opens starts with: what opened it, the code's version and commit, the driver."""
+def run_tags(source: str, claim: bool = True) -> dict[str, str]:
+    """The tags every run gradavg opens starts with: what opened it, the code's version and commit, the driver
+    (and its claim of the run, ``jobs.claims``, unless another process will drive it)."""
     from jobs import __version__
 
-    tags = {"gradavg_version": __version__, **driver_tags(), "mlflow.source.name": source}
+    tags = {"gradavg_version": __version__, **driver_tags(claim), "mlflow.source.name": source}
     if commit := git_commit():
         tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
     return tags
@@ -277,11 +281,6 @@ def logged_models(uri: str, experiment_id: str, run_id: str) -> list:
     with process_uri(uri):  # the fluent search takes no other store
         return mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
                                            filter_string=f"source_run_id = '{run_id}'")
-
-
-def driver_tags() -> dict[str, str]:
-    """Where the driver runs, so that `gradavg runs repair` can tell a dead one."""
-    return {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
 
 
 def fetch_checkpoint(uri: str, run_id: str):
@@ -330,23 +329,16 @@ def repair(uri: str, run_ids: list[str] | None = None) -> list[tuple[str, str]]:
         if run.info.status != "RUNNING":
             done.append((run.info.run_id, f"left as {run.info.status}"))
             continue
-        host, pid = run.data.tags.get("driver_host"), run.data.tags.get("driver_pid")
-        alive = host == socket.gethostname() and pid and _pid_alive(int(pid))
-        if alive:
+        tags = run.data.tags
+        host, pid, alive = tags.get(claims.HOST), tags.get(claims.PID), claims.alive(tags)
+        if alive and host == socket.gethostname():
             done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid}) is still running"))
         elif host != socket.gethostname() and not run_ids:
             done.append((run.info.run_id, f"left RUNNING: its driver ran on {host}; name the run to end it"))
+        elif alive:  # named, on another host, heard from lately
+            done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid} on {host}) was seen within "
+                                          f"{claims.STALE_SECONDS:.0f} s"))
         else:
             client.set_terminated(run.info.run_id, "KILLED")
             done.append((run.info.run_id, "ended KILLED (its driver is gone)"))
     return done
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

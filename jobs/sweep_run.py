@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from jobs import claims
 from jobs.config import build_config, show
 from jobs.store import (
     TrackingError,
-    driver_tags,
     experiment_id_of,
     logged_models,
     open_store,
@@ -308,8 +308,9 @@ class SweepResult:
     best: Row | None
 
 
-def start(plan: Plan, uri: str) -> str:
-    """Open the sweep's parent run: the swept keys as params, the plan and base config as files."""
+def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
+    """Open the sweep's parent run: the swept keys as params, the plan and base config as files. Unless
+    ``driven_here``, the run is not claimed by this process (a submitted sweep's job drives it)."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking.context.registry import resolve_tags
 
@@ -317,7 +318,8 @@ def start(plan: Plan, uri: str) -> str:
     keys = [a.key for a in plan.axes]
     try:
         experiment_id = experiment_id_of(client, plan.base.experiment)
-        tags = {**run_tags(SOURCE), "sweep_keys": ", ".join(keys), "sweep_trials": str(len(plan.trials))}
+        tags = {**run_tags(SOURCE, claim=driven_here), "sweep_keys": ", ".join(keys),
+                "sweep_trials": str(len(plan.trials))}
         name = plan.base.run_name or f"sweep {' × '.join(keys)}"
         run = client.create_run(experiment_id, run_name=name[:250], tags=resolve_tags(tags))
         params = {**{a.key: a.text for a in plan.axes}, "trials": len(plan.trials), "scheduler": _scheduler_text(plan),
@@ -378,7 +380,6 @@ def check_data(plan: Plan) -> None:
 def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, on_ray: bool = False,
               register: str | None = None, stream: TextIO | None = None) -> SweepResult:
     """Run every trial of ``plan`` not yet FINISHED under the parent run, then log the sweep's results."""
-    from mlflow.entities import RunTag
 
     stream = stream or sys.stderr
     client = open_store(uri)
@@ -391,8 +392,7 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         best_id = parent.data.tags.get("best_run_id")
         _register_once(client, uri, parent_id, register, best_id, stream)
         return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None))
-    client.update_run(parent_id, status="RUNNING")  # this process drives it now (`runs repair` asks whether it lives)
-    client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in driver_tags().items()])
+    claims.take(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
     pending = []
     for trial in plan.trials:
         child = children.get(trial.number)
@@ -437,10 +437,17 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> t
     settled: dict[int, Row] = {}
     pool = ThreadPoolExecutor(at_once, thread_name_prefix="gradavg-sweep")
     futures = {pool.submit(runner.run, trial, resume_id): trial for trial, resume_id in pending}
+    beaten = time.monotonic()
     try:
         remaining = set(futures)
         while remaining:
             finished, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
+            if time.monotonic() - beaten >= claims.HEARTBEAT_SECONDS:  # the driver's claim of the parent run
+                beaten = time.monotonic()
+                try:
+                    client.set_tag(parent_id, claims.SEEN, claims.heartbeat()[claims.SEEN])
+                except Exception:  # the store is away: the trials go on, and the sweep's end says so
+                    pass
             for future in finished:
                 trial = futures[future]
                 try:

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +22,12 @@ from typing import TextIO
 
 import numpy as np
 
+from jobs import claims
 from jobs.config import JobConfig
 from jobs.data import Dataset
 from jobs.store import (
     PROJECT_ROOT,
     TrackingError,
-    driver_tags,
     experiment_id_of,
     logged_models,
     open_store,
@@ -79,6 +80,7 @@ class RunTracker(Hooks):
         self._warned = False
         self.stored_epoch = 0  # the last epoch whose checkpoint the store holds
         self.kept: Path | None = None
+        self._ended = threading.Event()  # stops the heartbeat
 
     # -- calls to the store
     def _call(self, what: str, fn, *args, **kwargs):
@@ -107,6 +109,7 @@ class RunTracker(Hooks):
             raise TrackingError(f"tracking store {self.uri} failed while opening the run ({reason(e)}); check "
                                 "the store, or pass track=false to train without tracking") from None
         self._start_monitor(resume=False)
+        self._start_heartbeat()
         return self.run_id
 
     def _create(self, data: Dataset) -> None:
@@ -137,21 +140,32 @@ class RunTracker(Hooks):
 
     def resume(self, run_id: str, times_resumed: int, stored_epoch: int, backend_tags: dict[str, str]) -> None:
         """Continue an existing run: the same run id, no metric logged twice at one step."""
-        from mlflow.entities import RunTag
 
         self._backend_tags = dict(backend_tags)
         try:
-            self.client.update_run(run_id, status="RUNNING")
+            claims.take(self.client, run_id, f"--resume {run_id}", {"resumed": str(times_resumed),
+                                                                    **self._backend_tags})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
-            tags = {**driver_tags(), "resumed": str(times_resumed), **self._backend_tags}
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except claims.DriverConflict:
+            raise
         except Exception as e:
             raise TrackingError(f"tracking store {self.uri} failed while reopening run {run_id} ({reason(e)})") \
                 from None
         self.run_id, self.stored_epoch = run_id, stored_epoch
         self.experiment_id = self.client.get_run(run_id).info.experiment_id
         self._start_monitor(resume=True)
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        """Renew the driver's claim of the run (``jobs.claims``) while the job lives, from a thread of its own:
+        an epoch can take longer than the claim's bound."""
+        def beat():
+            while not self._ended.wait(claims.HEARTBEAT_SECONDS):
+                self._call("renewing the driver's claim", self.client.set_tag, self.run_id, claims.SEEN,
+                           claims.heartbeat()[claims.SEEN])
+
+        threading.Thread(target=beat, daemon=True, name="gradavg-heartbeat").start()
 
     def _stop_monitor(self) -> None:
         """Stop sampling, and log one last sample: a run shorter than the interval gets one too."""
@@ -231,6 +245,7 @@ class RunTracker(Hooks):
 
     def end(self, status: str) -> None:
         """Close the run with ``status``; always stops the background thread and removes staged files."""
+        self._ended.set()
         try:
             if self.run_id is not None and not self.lost:
                 self.flush()

@@ -4,13 +4,19 @@ are not readable by others; a run has one driver at a time."""
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from conftest import error_line
+from conftest import CONFIGS, ROOT, error_line
 from core import Network
 from jobs.cli import main
 
@@ -116,3 +122,111 @@ def test_a_new_sqlite_store_is_its_owners_alone(tmp_path):
     open_store(f"sqlite:///{db}")
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert MlflowClient(f"sqlite:///{db}").search_experiments()  # a working store (its default experiment)
+
+
+# -- one driver a run
+
+def _tags(**tags) -> dict[str, str]:
+    return {k: str(v) for k, v in tags.items()}
+
+
+def _run(status: str, tags: dict[str, str]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(info=SimpleNamespace(status=status), data=SimpleNamespace(tags=tags))
+
+
+def test_a_claim_is_live_while_its_process_is():
+
+    from jobs import claims
+
+    here = socket.gethostname()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        started = claims._process_started(sleeper.pid)
+        live = _tags(driver_host=here, driver_pid=sleeper.pid, driver_started=started, driver_claim="a")
+        assert "pid" in claims.live_driver(_run("RUNNING", live)) and str(sleeper.pid) in claims.live_driver(
+            _run("RUNNING", live))
+        assert claims.live_driver(_run("KILLED", live)) is None  # an ended run has no driver
+        reused = {**live, "driver_started": str(started - 1000)}  # the pid now belongs to another process
+        assert claims.live_driver(_run("RUNNING", reused)) is None
+        unclaimed = {k: v for k, v in live.items() if k != "driver_claim"}  # a submitted sweep's parent, not driven
+        assert claims.live_driver(_run("RUNNING", unclaimed)) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert claims.live_driver(_run("RUNNING", live)) is None  # its process is gone
+    now = int(time.time())
+    elsewhere = _tags(driver_host="another-host", driver_pid=1, driver_claim="b", driver_seen=now - 30)
+    assert "another-host, seen 30 s ago" in claims.live_driver(_run("RUNNING", elsewhere))
+    stale = {**elsewhere, "driver_seen": str(now - int(claims.STALE_SECONDS) - 1)}
+    assert claims.live_driver(_run("RUNNING", stale)) is None
+
+
+def _wait_for_checkpoint(client, deadline_s: float = 60):
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+            return runs[0].info.run_id
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint reached the store")
+
+
+def _gradavg(*args, cwd):
+
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_run_has_one_driver_at_a_time(tracking_uri, tmp_path, capsys):
+    """A resume while the first driver lives is refused naming it; of two resumes started together, one
+    drives and the other is refused; the run then holds every metric once and one model."""
+
+    from jobs.store import logged_models
+
+    args = [str(CONFIGS / "digits.yaml"), "data=mnist-5k", "sizes=[784,30,10]", "epochs=120", "log_every=10"]
+    first = _gradavg("run", *args, cwd=tmp_path)
+    client = MlflowClient(tracking_uri)
+    run_id = _wait_for_checkpoint(client)
+    try:
+        assert main(["run", *args, "--resume", run_id, "--quiet"]) == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"--resume {run_id}: its driver (pid {first.pid} on " in line and "is still running" in line
+    finally:
+        first.send_signal(signal.SIGKILL)  # no handler runs: the run is left RUNNING, its claim dead
+        first.communicate(timeout=30)
+
+    both = [_gradavg("run", *args, "--resume", run_id, "--quiet", cwd=tmp_path) for _ in range(2)]
+    outcomes = sorted((p.wait(timeout=300), p.communicate()[1]) for p in both)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    assert f"--resume {run_id}: " in outcomes[1][1] and "driver" in outcomes[1][1]
+    assert "Traceback" not in outcomes[1][1]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("cost/train", "accuracy/test"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 121)), key
+    assert len(logged_models(tracking_uri, run.info.experiment_id, run_id)) == 1
+
+
+def test_a_sweep_has_one_driver_at_a_time(tracking_uri, tmp_path):
+    from jobs import sweep_run
+    from jobs.sweep import plan_from
+
+    plan = plan_from(None, ["validation_size=300", "epochs=3", "eta=0.5,3.0"], None)
+    parent = sweep_run.start(plan, tracking_uri, driven_here=False)
+    client = MlflowClient(tracking_uri)
+    client.set_terminated(parent, "KILLED")  # a sweep stopped before its trials began
+
+    both = [_gradavg("sweep", "--resume", parent, cwd=tmp_path) for _ in range(2)]
+    outcomes = sorted((p.wait(timeout=300), p.communicate()[1]) for p in both)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    assert f"sweep --resume {parent}: " in outcomes[1][1] and "driver" in outcomes[1][1]
+    children = sweep_run.latest_children(client, parent)
+    assert sorted(children) == [1, 2]
+    assert len(sweep_run._children(client, parent)) == 2  # one run a trial
+    for child in children.values():
+        assert child.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "cost/train")) == [1, 2, 3]
+    assert client.get_run(parent).info.status == "FINISHED"
