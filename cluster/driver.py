@@ -68,14 +68,16 @@ def connect(cpus_needed: float) -> bool:
 
 @contextlib.contextmanager
 def keeping_sigterm_handler():
-    """``ray.init`` replaces the SIGTERM handler with ``sys.exit``; keep the caller's own."""
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit`` (Ray 2.60); keep the caller's own, and its
+    SIGHUP handler too."""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)} if main else {}
     try:
         yield
     finally:
-        if main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 def _init(cpus_needed: float) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -92,8 +91,16 @@ def _main(argv: list[str] | None) -> int:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("gradavg: interrupted (a run in progress ends KILLED)", file=sys.stderr)
+        _say("gradavg: interrupted (a run in progress ends KILLED)")
         return 130
+
+
+def _say(line: str) -> None:
+    """One last line on stderr, if it can still be written (a closed terminal's cannot)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def one_line(error: Exception, limit: int = 2000) -> str:
@@ -121,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a network from a YAML config", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("config", help="a YAML job config, e.g. configs/digits.yaml ('-' for none: defaults and "
-                                    "overrides only)")
+    run.add_argument("config", nargs="?", help="a YAML job config, e.g. configs/digits.yaml ('-' for none: "
+                                                "defaults and overrides only)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                             "sqlite:///mlflow.db here)")
@@ -218,21 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _on_sigterm(signum, frame):
-    from jobs.run import STOPPING
-
-    STOPPING.set()
-    raise KeyboardInterrupt
-
-
 def cmd_run(args) -> int:
     from jobs.config import load_config
-    from jobs.run import run_job, summary
+    from jobs.run import run_job, stop_on_signals, summary
     from jobs.store import ui_command
 
     _check_force(args)
+    if args.config is None:
+        raise UsageError("gradavg run needs a config, e.g. gradavg run configs/digits.yaml ('-' for the defaults "
+                         "and key=value overrides alone)")
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
-    signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped job ends its run KILLED, as Ctrl-C does
+    stop_on_signals()  # a stopped job, or one whose terminal closed, ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
     if result.already_complete:
         if result.state.stopped:
@@ -384,6 +387,7 @@ def cmd_submit(args) -> int:
 
 def cmd_sweep(args) -> int:
     from jobs import sweep_run
+    from jobs.run import default_stop_signals, stop_on_signals
     from jobs.store import resolve_uri
 
     _check_sweep_options(args)
@@ -418,10 +422,10 @@ def cmd_sweep(args) -> int:
         parent_id = sweep_run.start(plan, uri, driven_here=not args.address)
     if args.address:
         return _submit_sweep(args, uri, parent_id, plan.base.allow_pickle)
-    signal.signal(signal.SIGTERM, _on_sigterm)  # a stopped sweep ends its runs KILLED, as Ctrl-C does
+    stop_on_signals()  # a stopped sweep, or one whose terminal closed, ends its runs KILLED, as Ctrl-C does
     result = sweep_run.run_sweep(plan, uri, parent_id, args.at_once, on_ray=args.trials_on_ray,
                                  register=args.register)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # every run has ended: a stop now has nothing to close
+    default_stop_signals()
     print(sweep_run.table_text(plan, result.rows))
     print(sweep_run.best_line(result))
     print(f"MLflow sweep run {parent_id} in {uri}")
@@ -546,10 +550,18 @@ def entry() -> None:
     """The ``gradavg`` command. A Ray job ends as Ray's compiled graphs need (``cluster.driver.end_process``),
     also when an error escapes."""
     try:
-        code = main()
+        try:
+            code = main()
+        except SystemExit as e:  # argparse's --help and usage errors
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+        sys.stdout.flush()  # here, where a failed write can still be told (not in the interpreter's exit)
     except BrokenPipeError:  # `gradavg keys | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except OSError as e:  # `gradavg keys > /dev/full`: the output could not be written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _say(f"gradavg: error: the output cannot be written ({e.strerror or e}); write it where there is room")
+        code = 1
     except Exception:
         if "cluster.driver" not in sys.modules:
             raise

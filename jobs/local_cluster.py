@@ -181,12 +181,41 @@ def down(state_dir: str | os.PathLike = ".gradavg", grace: float = 40.0) -> list
         return []
     servers = Servers(**json.loads(record.read_text()))
     stopped = []
-    for name, pgid in (("MLflow server", servers.mlflow_pgid), ("Ray head", servers.ray_pgid)):
+    if jobs := _stop_jobs(servers):
+        stopped.append(f"{jobs} running job{'s' if jobs > 1 else ''} (each ends its run KILLED)")
+    # Ray before MLflow: a job still closing its run needs the tracking server
+    for name, pgid in (("Ray head", servers.ray_pgid), ("MLflow server", servers.mlflow_pgid)):
         if _stop_group(pgid, grace):
             stopped.append(name)
     shutil.rmtree(Path(tempfile.gettempdir()) / f"gradavg-ray-{servers.ray_port}", ignore_errors=True)
     record.unlink()
     return stopped
+
+
+def _stop_jobs(servers: Servers, grace: float = 45.0) -> int:
+    """Stop the head's running jobs and wait until each has ended (a gradavg job ends its run KILLED; it
+    has 30 s for that, see ``jobs.submit.send``); return how many were stopped. A head that does not
+    answer has no jobs to stop."""
+    try:
+        os.killpg(servers.ray_pgid, 0)
+    except ProcessLookupError:
+        return 0
+    from ray.job_submission import JobSubmissionClient
+
+    token = read_token()
+    try:
+        client = JobSubmissionClient(servers.dashboard, headers={"Authorization": f"Bearer {token}"} if token else None)
+        running = [job.submission_id for job in client.list_jobs() if not job.status.is_terminal()]
+        for job_id in running:
+            client.stop_job(job_id)
+        deadline = time.monotonic() + grace
+        waiting = list(running)
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.5)
+            waiting = [job_id for job_id in waiting if not client.get_job_status(job_id).is_terminal()]
+    except Exception:  # a head that does not answer: stopping its process group is all that is left to do
+        return 0
+    return len(running)
 
 
 def _stop_group(pgid: int, grace: float) -> bool:

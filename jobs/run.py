@@ -25,9 +25,30 @@ from jobs.progress import HookChain, Progress
 from jobs.store import TrackingError
 from jobs.train import Hooks, TrainingState, initial_state, train, training_inputs
 
-# Set when this process is being stopped (SIGTERM, a cancelled Ray task): a job that then fails, because a
-# library turned the interrupt into an error of its own, ends its run KILLED as a stopped job does.
+# Set when this process is being stopped (SIGTERM, SIGHUP, a cancelled Ray task): a job that then fails, because
+# a library turned the interrupt into an error of its own, ends its run KILLED as a stopped job does.
 STOPPING = threading.Event()
+
+# Signals that stop a job as Ctrl-C does, its run ending KILLED: a stopped job (SIGTERM), a closed terminal or
+# a dropped ssh session (SIGHUP).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_signals() -> None:
+    """From now on, a stop signal interrupts this process as Ctrl-C does (``STOP_SIGNALS``)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
+
+
+def default_stop_signals() -> None:
+    """Every run has ended: a stop signal has nothing left to close."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+
+
+def _on_stop_signal(signum, frame):
+    STOPPING.set()
+    raise KeyboardInterrupt
 
 
 @dataclass
@@ -151,12 +172,12 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
 
 @contextlib.contextmanager
 def _no_interrupts():
-    """While the run is closed: a second Ctrl-C or SIGTERM there would leave it RUNNING (the close is
+    """While the run is closed: a second Ctrl-C or stop signal there would leave it RUNNING (the close is
     bounded: each request to a store is, see ``jobs.store.bound_requests``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
     for s in saved:
         signal.signal(s, signal.SIG_IGN)
     try:

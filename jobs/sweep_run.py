@@ -107,8 +107,11 @@ def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: st
 
 
 def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -> None:
-    """A local trial's process: ends its run KILLED on SIGTERM or SIGINT, and dies with the sweep's driver."""
-    for s in (signal.SIGTERM, signal.SIGINT):
+    """A local trial's process: ends its run KILLED on SIGINT or a stop signal (a closed terminal's SIGHUP
+    reaches it as well as the driver), and dies with the sweep's driver."""
+    from jobs.run import STOP_SIGNALS
+
+    for s in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(s, _interrupt_once)
     sys.unraisablehook = _quiet_interrupts  # an interrupt inside a finalizer is no traceback for the user
     _die_with_parent()
@@ -126,7 +129,7 @@ def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -
 
 
 def _interrupt_once(signum, frame):
-    """The first SIGTERM or SIGINT interrupts the trial; later ones are ignored (the run is closing)."""
+    """The first SIGINT or stop signal interrupts the trial; later ones are ignored (the run is closing)."""
     from jobs.run import STOPPING
 
     if STOPPING.is_set():
@@ -393,15 +396,15 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         _register_once(client, uri, parent_id, register, best_id, stream)
         return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None))
     claims.take(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
-    pending = []
-    for trial in plan.trials:
-        child = children.get(trial.number)
-        if child is not None and child.info.status == "FINISHED":
-            continue
-        resume_id = child.info.run_id if child is not None and _has_checkpoint(client, child.info.run_id) else None
-        if child is not None and resume_id is None:  # stopped before its first checkpoint: it starts over, in a
-            client.delete_run(child.info.run_id)  # new run that takes this one's place (one child per trial)
-        pending.append((trial, resume_id))
+    try:
+        pending = _pending(client, plan, children)
+    except Exception as e:  # nothing was deleted: the sweep is as it was, for a resume once the store answers
+        try:
+            client.set_terminated(parent_id, parent.info.status if parent.info.status != "RUNNING" else "KILLED")
+        except Exception:
+            pass
+        raise TrackingError(f"tracking store {uri} failed while the sweep's trials were read ({reason(e)}); nothing "
+                            f"was changed: run `gradavg sweep --resume {parent_id}` again when it answers") from None
     scheduler = scheduler_for(plan)
     if scheduler is not None:
         _restore(scheduler, client, children)
@@ -498,11 +501,25 @@ def latest_children(client, parent_id: str) -> dict[int, Any]:
             if run.data.tags.get(TRIAL_TAG, "").isdigit()}
 
 
+def _pending(client, plan: Plan, children: dict[int, Any]) -> list[tuple[Trial, str | None]]:
+    """The trials to run, each with the child run it resumes (None: it starts over). A child stopped before
+    its first checkpoint is deleted, for a new run to take its place (one child a trial); that is decided only
+    on a listing of its artifacts that succeeded: a store that fails raises, and nothing is deleted."""
+    pending = []
+    for trial in plan.trials:
+        child = children.get(trial.number)
+        if child is not None and child.info.status == "FINISHED":
+            continue
+        resume_id = child.info.run_id if child is not None and _has_checkpoint(client, child.info.run_id) else None
+        if child is not None and resume_id is None:
+            client.delete_run(child.info.run_id)
+        pending.append((trial, resume_id))
+    return pending
+
+
 def _has_checkpoint(client, run_id: str) -> bool:
-    try:
-        return any(f.path.endswith("checkpoint.npz") for f in client.list_artifacts(run_id, "checkpoints"))
-    except Exception:
-        return False
+    """Whether the store holds the run's checkpoint; an error of the store's is raised, never taken for no."""
+    return any(f.path.endswith("checkpoint.npz") for f in client.list_artifacts(run_id, "checkpoints"))
 
 
 def _restore(scheduler: SuccessiveHalving, client, children: dict[int, Any]) -> None:

@@ -85,7 +85,7 @@ def test_down_signals_each_leader_first_and_waits_for_its_group(tmp_path):
     (ray, ray_log), (mlflow, mlflow_log) = start_group(tmp_path, "ray"), start_group(tmp_path, "mlflow", "--abandon")
     record(tmp_path / "state", ray.pid, mlflow.pid)
 
-    assert local_cluster.down(tmp_path / "state") == ["MLflow server", "Ray head"]
+    assert local_cluster.down(tmp_path / "state") == ["Ray head", "MLflow server"]
     # a signal to the whole group would reach Ray's child before its leader could stop it in order
     assert ray_log.read_text().splitlines() == ["leader: ready", "child: ready", "leader: SIGTERM", "child: SIGUSR1"]
     # what a leader leaves behind is signalled next

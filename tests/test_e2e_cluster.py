@@ -88,8 +88,9 @@ def servers(neighbour, tmp_path_factory):
     up = local_cluster.up(state, num_cpus=3, dashboard_port=local_cluster.free_port(),
                           mlflow_port=local_cluster.free_port())
     yield up
-    stopped = local_cluster.down(state)
-    assert stopped == ["MLflow server", "Ray head"]
+    if (state / "cluster.json").exists():  # the last test stops them itself, with a job running
+        stopped = local_cluster.down(state)
+        assert stopped == ["Ray head", "MLflow server"]
     for pgid in (up.ray_pgid, up.mlflow_pgid):
         with pytest.raises(ProcessLookupError):
             os.killpg(pgid, 0)
@@ -247,3 +248,18 @@ def test_stopping_a_submitted_sweep_leaves_no_run_running(servers, capsys):
     assert capsys.readouterr().out.strip() == f"job {job_id} STOPPED"
     runs = runs_of(servers, "e2e-sweep-stop")[1]
     assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_cluster_down_stops_the_jobs_first_and_their_runs_end_killed(servers, capsys):
+    """Last in this module: it stops the module's servers."""
+    code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
+                          "experiment=e2e-down")
+    assert code == 0
+    wait_for_runs(servers, "e2e-down", lambda runs: runs and runs[0].info.status == "RUNNING", 90,
+                  "the job never opened its MLflow run")
+    assert main(["cluster", "down", "--state-dir", servers.state_dir]) == 0
+    assert capsys.readouterr().out.strip() == ("stopped: 1 running job (each ends its run KILLED), Ray head, "
+                                               "MLflow server")
+    store = MlflowClient(f"sqlite:///{Path(servers.state_dir) / 'mlflow.db'}")  # the server is gone: its file
+    (run,) = store.search_runs([store.get_experiment_by_name("e2e-down").experiment_id])
+    assert run.info.status == "KILLED"

@@ -256,7 +256,8 @@ def test_the_books_eta_experiment(tracking_uri):
 def _start_sweep(uri: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a group of its own, as a terminal's job is
 
 
 def _wait_for(condition, timeout=120.0):
@@ -310,7 +311,10 @@ def test_a_killed_sweep_resumes_to_the_same_bits(tracking_uri, capsys):
     assert "is already complete: every trial FINISHED" in capsys.readouterr().err
 
 
-def test_a_stopped_sweep_leaves_no_run_running(tracking_uri):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_stopped_sweep_leaves_no_run_running(tracking_uri, stop):
+    """SIGTERM to the driver is what `gradavg jobs stop` sends a submitted sweep's; SIGHUP to its process group
+    is what a closed terminal or a dropped ssh session sends a sweep and its trials."""
     process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0,1.0", "--at-once", "2")
     client = MlflowClient(tracking_uri)
     def both_running():
@@ -319,7 +323,10 @@ def test_a_stopped_sweep_leaves_no_run_running(tracking_uri):
 
     try:
         _wait_for(both_running)  # two trials at once on 2 cores, both under way
-        process.send_signal(signal.SIGTERM)  # what `gradavg jobs stop` sends a submitted sweep's driver
+        if stop == "SIGTERM":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGHUP)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()

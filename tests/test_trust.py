@@ -230,3 +230,52 @@ def test_a_sweep_has_one_driver_at_a_time(tracking_uri, tmp_path):
         assert child.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "cost/train")) == [1, 2, 3]
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_a_closed_terminal_ends_the_run_killed(tracking_uri, tmp_path):
+    """SIGHUP (a closed terminal, a dropped ssh session) stops a job as SIGTERM does."""
+    args = [str(CONFIGS / "digits.yaml"), "data=mnist-5k", "sizes=[784,30,10]", "epochs=120"]
+    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           start_new_session=True)
+    client = MlflowClient(tracking_uri)
+    run_id = _wait_for_checkpoint(client)
+    os.killpg(job.pid, signal.SIGHUP)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err
+    assert "interrupted (a run in progress ends KILLED)" in err and "Traceback" not in err
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_store_failing_once_during_a_sweep_resume_deletes_nothing(tracking_uri, tmp_path, monkeypatch):
+    import pytest
+
+    from jobs import sweep_run
+    from jobs.store import TrackingError
+    from jobs.sweep import plan_from
+
+    plan = plan_from(None, ["validation_size=300", "epochs=2", "eta=0.5,3.0"], None)
+    parent = sweep_run.start(plan, tracking_uri)
+    client = MlflowClient(tracking_uri)
+    child = client.create_run(client.get_run(parent).info.experiment_id,
+                              tags={sweep_run.PARENT_TAG: parent, sweep_run.TRIAL_TAG: "1"})
+    (tmp_path / "checkpoint.npz").write_bytes(b"a checkpoint")
+    client.log_artifact(child.info.run_id, str(tmp_path / "checkpoint.npz"), "checkpoints")
+    client.set_terminated(child.info.run_id, "KILLED")
+    client.set_terminated(parent, "KILLED")
+
+    calls = []
+    listing = MlflowClient.list_artifacts
+
+    def fails_once(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionError("the store did not answer")
+        return listing(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "list_artifacts", fails_once)
+    with pytest.raises(TrackingError, match="nothing was changed: run `gradavg sweep --resume"):
+        sweep_run.run_sweep(plan, tracking_uri, parent)
+    assert client.get_run(child.info.run_id).info.lifecycle_stage == "active"  # not deleted
+    assert client.get_run(parent).info.status == "KILLED"  # as it was
+    assert sweep_run._has_checkpoint(client, child.info.run_id)  # the store answers again: it was there all along
