@@ -38,6 +38,10 @@ from numba.core import types
 from numba.extending import get_cython_function_address, overload
 from threadpoolctl import threadpool_limits
 
+from core.kernel_cache import tolerate_damage
+
+tolerate_damage()  # before the first kernel compiles (this module's own check, below)
+
 N, T = ord("N"), ord("T")  # the transposes ?gemm takes: op(X) = X or X^T
 
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 EPILOG = """examples:
@@ -42,12 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     the text came from (an error of MLflow's, a URI the user gave)."""
     from jobs.store import masked
 
-    saved = sys.stdout, sys.stderr
+    saved = sys.stdout, sys.stderr, warnings.showwarning
     sys.stdout, sys.stderr = _Masking(sys.stdout, masked), _Masking(sys.stderr, masked)
+    warnings.showwarning = _show_warning
     try:
         return _main(argv)
     finally:
-        sys.stdout, sys.stderr = saved
+        sys.stdout, sys.stderr, warnings.showwarning = saved
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The compiled kernels' cache's warnings as one line of gradavg's; others as Python shows them."""
+    cache = sys.modules.get("core.kernel_cache")
+    if cache is not None and issubclass(category, cache.KernelCacheWarning):
+        _say(f"gradavg: warning: {message}")
+    else:
+        warnings._showwarnmsg_impl(warnings.WarningMessage(message, category, filename, lineno, file, line))
 
 
 class _Masking:

@@ -1,6 +1,7 @@
 """Core's math against oracles: finite differences, the per-example path, hand-worked numbers."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -442,3 +443,60 @@ def test_the_binding_refuses_a_blas_it_cannot_call(monkeypatch):
     monkeypatch.setattr(blas, "product", lambda a, b, *args, **kwargs: np.zeros((a.shape[0], b.shape[1])))
     with pytest.raises(blas.BlasBindingError, match=r"^core.blas: SciPy's dgemm called by symbol multiplied wrongly"):
         blas._check_products()
+
+
+KERNEL = "import numba\n\n\n@numba.njit(cache=True)\ndef twice(x):\n    return 2 * x\n"
+
+
+def _load_kernel(path, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.twice
+
+
+@pytest.mark.parametrize("damage", ["index", "data", "full disk"])
+def test_a_damaged_or_full_kernel_cache_is_compiled_around(tmp_path, monkeypatch, damage):
+    """numba raises on a truncated .nbi (UnpicklingError), a damaged .nbc, or a full disk; the kernels then
+    compile again with one warning, and a damaged index is replaced by a good one."""
+    import errno
+    import warnings
+
+    from numba.core import caching
+
+    from core import kernel_cache
+
+    monkeypatch.setattr(kernel_cache, "_said", set())
+    kernel_cache.tolerate_damage()
+    (tmp_path / "kern.py").write_text(KERNEL)
+    assert _load_kernel(tmp_path / "kern.py", f"kern_a_{damage[0]}")(21) == 42  # compiled and cached
+    cache = tmp_path / "__pycache__"
+    (index,) = cache.glob("*.nbi")
+    (data,) = cache.glob("*.nbc")
+    if damage == "index":
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    elif damage == "data":
+        data.write_bytes(b"\x80\x04not a pickle at all")
+        index.touch()
+    else:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        for f in cache.iterdir():
+            f.unlink()
+        monkeypatch.setattr(caching.IndexDataCacheFile, "save", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _load_kernel(tmp_path / "kern.py", f"kern_b_{damage[0]}")(21) == 42
+    (warning,) = [w for w in caught if issubclass(w.category, kernel_cache.KernelCacheWarning)]
+    expected = "cannot be cached in" if damage == "full disk" else "is damaged"
+    assert expected in str(warning.message) and "\n" not in str(warning.message)
+    assert damage != "full disk" or "(No space left on device)" in str(warning.message)
+    if damage != "full disk":  # compiled again and cached in its place: the next process loads it, no warning
+        monkeypatch.setattr(kernel_cache, "_said", set())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _load_kernel(tmp_path / "kern.py", f"kern_c_{damage[0]}")(21) == 42
+        assert not [w for w in caught if issubclass(w.category, kernel_cache.KernelCacheWarning)]
