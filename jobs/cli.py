@@ -80,6 +80,12 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.command in NEEDS_ADDRESS_SPACE:  # before anything large is imported
+        try:
+            _check_address_space()
+        except UsageError as e:
+            _say(f"gradavg: error: {e}")
+            return 2
     from cluster.auth import TokenError
     from cluster.errors import ClusterError, WorkerFailuresError
     from jobs.claims import DriverConflict
@@ -104,6 +110,28 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         _say("gradavg: interrupted (a run in progress ends KILLED)")
         return 130
+    except MemoryError:  # a run in progress has ended FAILED
+        _say("gradavg: error: this process ran out of memory (MemoryError); free some, raise its limit (ulimit -v), "
+             "or use a smaller network or dataset")
+        return 1
+
+
+# Commands that load the compiled kernels, SciPy's BLAS and MLflow: they reserve about 1.2 GiB of address
+# space up front (measured: a tracked run of configs/nielsen-ch1.yaml needs between 1.15 and 1.24 GiB). Under
+# a lower `ulimit -v`, imports fail one allocation after another and the process spins for minutes.
+NEEDS_ADDRESS_SPACE = ("run", "sweep", "gradcheck", "evaluate")
+ADDRESS_SPACE = 3 * 2**29  # 1.5 GiB
+
+
+def _check_address_space() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and soft < ADDRESS_SPACE:
+        raise UsageError(f"this process may use at most {soft / 2**20:,.0f} MiB of address space (ulimit -v "
+                         f"{soft // 1024}), but gradavg needs about {ADDRESS_SPACE / 2**30:.1f} GiB (the compiled "
+                         "kernels, SciPy's BLAS and MLflow reserve much of it when loaded); raise the limit, e.g. "
+                         f"`ulimit -v {ADDRESS_SPACE // 1024}` or `ulimit -v unlimited`")
 
 
 def _say(line: str) -> None:

@@ -89,6 +89,8 @@ class RunTracker(Hooks):
             return None
         try:
             return fn(*args, **kwargs)
+        except MemoryError:  # this process's trouble, not the store's: named as such (jobs.cli)
+            raise
         except Exception as e:
             self.lost = f"{what} failed ({reason(e)})"
             return None

@@ -279,3 +279,36 @@ def test_a_store_failing_once_during_a_sweep_resume_deletes_nothing(tracking_uri
     assert client.get_run(child.info.run_id).info.lifecycle_stage == "active"  # not deleted
     assert client.get_run(parent).info.status == "KILLED"  # as it was
     assert sweep_run._has_checkpoint(client, child.info.run_id)  # the store answers again: it was there all along
+
+
+# -- faults that are named, not tracebacks
+
+def test_a_process_without_the_memory_it_needs_says_so_at_once(tmp_path):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (400_000 * 1024, resource.RLIM_INFINITY))  # `ulimit -v 400000`
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(CONFIGS / "digits.yaml"), "track=false"],
+                          cwd=tmp_path, capture_output=True, text=True, preexec_fn=limit, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < 60
+    line = error_line(done.stderr)
+    assert "may use at most 391 MiB of address space (ulimit -v 400000)" in line and "ulimit -v unlimited" in line
+
+
+def test_running_out_of_memory_is_named_as_such(tracking_uri, monkeypatch, capsys):
+    from jobs.tracking import RunTracker
+
+    def no_memory(self, network, data):
+        raise MemoryError
+
+    monkeypatch.setattr(RunTracker, "log_plots", no_memory)
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=1", "--quiet"]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "ran out of memory (MemoryError)" in line and "tracking store" not in line
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
