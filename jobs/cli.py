@@ -121,11 +121,17 @@ def _main(argv: list[str] | None) -> int:
 # a lower `ulimit -v`, imports fail one allocation after another and the process spins for minutes.
 NEEDS_ADDRESS_SPACE = ("run", "sweep", "gradcheck", "evaluate")
 ADDRESS_SPACE = 3 * 2**29  # 1.5 GiB
+OPEN_FILES = 64  # a tracked run of configs/digits.yaml needed 20 (measured with ulimit -n); with room to spare
 
 
 def _check_address_space() -> None:
     import resource
 
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if files != resource.RLIM_INFINITY and files < OPEN_FILES:
+        raise UsageError(f"this process may open at most {files} files at once (ulimit -n {files}), but gradavg needs "
+                         f"about {OPEN_FILES} (the tracking store, its plots and model files); raise the limit, e.g. "
+                         f"`ulimit -n 1024`")
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY and soft < ADDRESS_SPACE:
         raise UsageError(f"this process may use at most {soft / 2**20:,.0f} MiB of address space (ulimit -v "

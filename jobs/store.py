@@ -100,6 +100,35 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             "`mlflow server --host 127.0.0.1 --port 5000`, or pass --tracking-uri sqlite:///mlflow.db")
 
 
+# A sqlite store held locked by another process (a long write, a backup) is waited for this long, a call
+# tried again every second, before it counts as failed.
+LOCK_WAIT_SECONDS = 60.0
+
+
+def is_locked(error: BaseException) -> bool:
+    return "database is locked" in str(error)
+
+
+def retry_locked(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, tried again while a sqlite store is locked, for up to ``LOCK_WAIT_SECONDS``."""
+    import time
+
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_locked(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _answering_client(client_class, uri: str):
+    client = client_class(uri)  # a sqlite store checks its tables here, and a new one creates them
+    client.search_experiments(max_results=1)
+    return client
+
+
 def _without_credentials(uri: str) -> tuple[str, dict[str, str]]:
     """``http://user:password@host/`` as ``http://host/`` and the Basic authorization header that MLflow's
     client sends for it (urllib would take the credentials for part of the host name)."""
@@ -124,8 +153,8 @@ def open_store(uri: str, create: bool = True):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    for name in ("mlflow", "urllib3"):  # our own lines say enough, and say it once
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("mlflow", "urllib3", "alembic", "sqlalchemy"):  # our own line says what failed, and says it once:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)  # their tracebacks (hundreds of lines) say no more
     bound_requests()
     check_reachable(uri)
     db = _sqlite_path(uri)
@@ -135,8 +164,7 @@ def open_store(uri: str, create: bool = True):
         if db is not None and create:
             private_file(db)
         with _folder_lock(db.parent if db is not None else None):
-            client = MlflowClient(uri)
-            client.search_experiments(max_results=1)  # a new store creates its tables here
+            client = retry_locked(_answering_client, MlflowClient, uri)
     except MlflowException as e:
         scheme = urlparse(uri).scheme
         problem = (f"MLflow has no tracking store for the scheme {scheme!r}" if "scheme" in str(e).lower()

@@ -33,6 +33,7 @@ from jobs.store import (
     open_store,
     process_uri,
     reason,
+    retry_locked,
     run_tags,
 )
 from jobs.train import EpochResult, Hooks, TrainingState
@@ -88,7 +89,7 @@ class RunTracker(Hooks):
         if self.lost:
             return None
         try:
-            return fn(*args, **kwargs)
+            return retry_locked(fn, *args, **kwargs)  # a sqlite store locked a while is waited for
         except MemoryError:  # this process's trouble, not the store's: named as such (jobs.cli)
             raise
         except Exception as e:
@@ -223,6 +224,7 @@ class RunTracker(Hooks):
         """The store is lost: keep the final weights and checkpoint on local disk, and say so."""
         from jobs import checkpoint
 
+        why = ""
         for folder in (Path.cwd() / "gradavg-unsaved", Path(tempfile.gettempdir()) / "gradavg-unsaved"):
             try:
                 kept = folder / (self.run_id or "run")
@@ -231,11 +233,13 @@ class RunTracker(Hooks):
                 checkpoint.save(state, self.cfg, kept / "checkpoint.npz")
                 self.kept = kept
                 break
-            except OSError:
+            except OSError as e:
+                why = e.strerror or type(e).__name__
                 continue
         where = (f"the final weights and checkpoint are kept in {self.kept} (`gradavg evaluate "
                  f"{self.kept / 'weights.npz'}` reads them)" if self.kept else
-                 "no local folder could be written to keep the final weights in")
+                 f"no local folder could be written to keep the final weights in ({why}), so the weights of epoch "
+                 f"{state.epoch} are lost")
         if self.stored_epoch:
             complete = (f"when the store answers again, `gradavg run CONFIG --resume {self.run_id}` completes the run "
                         f"from its last stored checkpoint (epoch {self.stored_epoch}), to the same bits")

@@ -312,3 +312,40 @@ def test_running_out_of_memory_is_named_as_such(tracking_uri, monkeypatch, capsy
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
+
+
+def test_a_store_locked_for_a_while_is_waited_for_in_silence(tracking_uri, capsys):
+    """Another process holds the sqlite store locked for 8 s (longer than sqlite's and MLflow's own waits):
+    the job's calls are tried again until it is free, and MLflow's tracebacks never reach the terminal."""
+    import sqlite3
+    import threading
+
+    from jobs.store import retry_locked
+
+    db = tracking_uri.removeprefix("sqlite:///")
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(8.0, lambda: holder.execute("COMMIT")).start()
+    started = time.monotonic()
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=1", "--quiet"]) == 0
+    assert time.monotonic() - started > 7  # it waited for the lock
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ERROR mlflow" not in err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    calls = []
+    assert retry_locked(lambda: calls.append(1) or len(calls)) == 1  # a store that answers: one call
+
+
+def test_a_process_that_may_open_too_few_files_says_so_at_once(tmp_path):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))  # `ulimit -n 12`
+
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(CONFIGS / "digits.yaml")], cwd=tmp_path,
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert "may open at most 12 files at once (ulimit -n 12)" in error_line(done.stderr)
