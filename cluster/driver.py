@@ -134,7 +134,7 @@ class RayBackend:
 
     def __init__(self, workers: int, chunk_size: int, num_cpus: float = 1.0, max_failures: int = 3,
                  on_failure: Callable[[str], None] | None = None, replace_timeout: float = 20.0,
-                 transport: str = "auto"):
+                 transport: str = "auto", step_floor: float = 60.0):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport}: one of {', '.join(TRANSPORTS)}")
         self.workers, self.chunk_size, self.num_cpus = workers, chunk_size, num_cpus
@@ -145,7 +145,8 @@ class RayBackend:
         self.actors: list = []
         self.pids: list[int] = []  # the workers' process ids, in the order of self.actors
         self._graph = None  # the compiled graph over self.actors, while the compiled transport runs
-        self._slowest = 0.0  # the slowest compiled step so far: its results are awaited many times longer
+        self._slowest = 0.0  # the slowest step so far: a step's results are awaited many times longer
+        self.step_floor = step_floor  # ... but never less than this, in seconds
         self._per_example = 0.0  # a worker's seconds per example in the last compiled step
         self._started_ray = False
 
@@ -206,21 +207,40 @@ class RayBackend:
 
     # ------------------------------------------------------------------ the tasks transport
 
+    def _step_timeout(self) -> float:
+        """How long a step's results are awaited: the first step compiles the workers' kernels (10 minutes);
+        later ones 100 times the slowest step so far, at least ``step_floor``. A worker that has not answered
+        by then is hung (stopped, swapping, its node unreachable) and is treated as dead."""
+        return max(self.step_floor, 100 * self._slowest) if self._slowest else 600.0
+
     def _run_tasks(self, work: tuple) -> list:
         import ray
         from ray.exceptions import RayActorError
 
+        started, failures = time.perf_counter(), self.failures
+        timeout = self._step_timeout()
+        deadline = time.monotonic() + timeout
         shares = len(self.actors)
         pending = {actor.chunk_sums.remote(work, k, shares): (k, actor) for k, actor in enumerate(self.actors)}
         results: list = [None] * shares
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # every worker still computing has hung: it is given up, and its shares computed again
+                for ref, (k, actor) in list(pending.items()):
+                    del pending[ref]
+                    ray.kill(actor)  # (a SIGKILL reaches a stopped process too)
+                    actor = self._recover(actor, k, f"it did not answer within {timeout:.0f} s, and was given up")
+                    pending[actor.chunk_sums.remote(work, k, shares)] = (k, actor)
+                deadline = time.monotonic() + timeout
+                continue
             k, actor = pending.pop(ready[0])
             try:
                 results[k] = ray.get(ready[0])
             except RayActorError as error:
                 actor = self._recover(actor, k, _cause(error))
                 pending[actor.chunk_sums.remote(work, k, shares)] = (k, actor)
+        if self.failures == failures:  # a step that recovered a worker says nothing of the workers' speed
+            self._slowest = max(self._slowest, time.perf_counter() - started)
         return results
 
     # ------------------------------------------------------------------ the compiled transport
@@ -237,8 +257,7 @@ class RayBackend:
         import ray
 
         started = time.perf_counter()
-        # the first step compiles the workers' kernels; later ones are awaited 100 times the slowest so far
-        timeout = max(60.0, 100 * self._slowest) if self._slowest else 600.0
+        timeout = self._step_timeout()
         try:
             ref = self._graph.execute(work)
             # Reading a compiled graph's result spins on a core: sleep through most of the workers'
@@ -306,7 +325,7 @@ class RayBackend:
             thread = threading.Thread(target=_quietly, args=(graph.teardown,), daemon=True,
                                       name="gradavg-graph-teardown")
             thread.start()
-            thread.join(TEARDOWN_SECONDS)
+            thread.join(min(TEARDOWN_SECONDS, max(self.step_floor, 1.0)))
 
     # ------------------------------------------------------------------ failures
 

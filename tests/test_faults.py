@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -219,3 +220,41 @@ def test_worker_failures_surface_even_without_tracking():
         train(cfg, load_dataset("digits", cfg.validation_size),
               KillingRayBackend(2, cfg.chunk_size, max_failures=0, after=3))
 
+
+
+class StoppingRayBackend(RayBackend):
+    """A real RayBackend whose first worker's process is stopped (SIGSTOP: alive, answering nothing) before
+    step ``after``: a hung worker, not a dead one."""
+
+    def __init__(self, *args, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after, self.steps, self.stopped = after, 0, None
+
+    def chunk_sums(self, network, batch):
+        self.steps += 1
+        if self.steps == self.after:
+            self.stopped = self.pids[0]
+            os.kill(self.stopped, signal.SIGSTOP)
+        return super().chunk_sums(network, batch)
+
+
+def test_a_hung_worker_is_given_up_after_a_bound_and_changes_no_bit():
+    transport = "tasks"  # under the compiled transport a stopped worker took minutes to be given up: not yet bounded
+    cfg = digits_cfg()
+    data = load_dataset("digits", cfg.validation_size)
+    heard = []
+    backend = StoppingRayBackend(2, cfg.chunk_size, after=5, on_failure=heard.append, transport=transport,
+                                 step_floor=2.0)
+    try:
+        started = time.monotonic()
+        state = train(cfg, data, backend)
+        assert time.monotonic() - started < 60  # the bound, not forever
+    finally:
+        if backend.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(backend.stopped, signal.SIGCONT)
+    local = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1))
+    assert np.array_equal(state.network.params, local.network.params)
+    assert backend.failures == 1 and state.history[-1].worker_failures == 1
+    assert "worker 1 died (it did not answer within" in heard[-1] and "was given up" in heard[-1]
+    assert backend.transport == "tasks"
