@@ -108,7 +108,11 @@ def _alive_nodes(nodes: Nodes) -> dict[str, str] | None:
     code = ("import json, ray; ray.init(logging_level='ERROR'); "
             "print(json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']}))")
     proc = nodes.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return None
+    # Ray may print warnings of its own after the line (a raylet's lagging heartbeats on a busy machine)
+    found = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(found[-1]) if found else None
 
 
 def _wait_for_new_worker(nodes: Nodes, before: set[str], timeout: float) -> None:
