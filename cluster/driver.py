@@ -146,6 +146,7 @@ class RayBackend:
         self.pids: list[int] = []  # the workers' process ids, in the order of self.actors
         self._graph = None  # the compiled graph over self.actors, while the compiled transport runs
         self._slowest = 0.0  # the slowest step so far: a step's results are awaited many times longer
+        self._stepped = False  # a first step has ended (it loads the workers' kernels: not counted as slowest)
         self.step_floor = step_floor  # ... but never less than this, in seconds
         self._per_example = 0.0  # a worker's seconds per example in the last compiled step
         self._started_ray = False
@@ -213,6 +214,13 @@ class RayBackend:
         by then is hung (stopped, swapping, its node unreachable) and is treated as dead."""
         return max(self.step_floor, 100 * self._slowest) if self._slowest else 600.0
 
+    def _record(self, seconds: float) -> None:
+        """A step's time, from the second step on: the first loads the workers' kernels, seconds that would
+        make the bound 100 times too long."""
+        if self._stepped:
+            self._slowest = max(self._slowest, seconds)
+        self._stepped = True
+
     def _run_tasks(self, work: tuple) -> list:
         import ray
         from ray.exceptions import RayActorError
@@ -240,7 +248,7 @@ class RayBackend:
                 actor = self._recover(actor, k, _cause(error))
                 pending[actor.chunk_sums.remote(work, k, shares)] = (k, actor)
         if self.failures == failures:  # a step that recovered a worker says nothing of the workers' speed
-            self._slowest = max(self._slowest, time.perf_counter() - started)
+            self._record(time.perf_counter() - started)
         return results
 
     # ------------------------------------------------------------------ the compiled transport
@@ -281,7 +289,7 @@ class RayBackend:
             self._tell(f"the compiled graph stopped: {cause}; the job goes on with transport=tasks, "
                        "with the same results")
             return self._run_tasks(work)
-        self._slowest = max(self._slowest, time.perf_counter() - started)
+        self._record(time.perf_counter() - started)
         if not work[3]:  # a training step (diagnostics take the slower numpy path)
             rates = [seconds / sum(counts) for _, counts, _, seconds in results if sum(counts)]
             self._per_example = min(rates, default=self._per_example)

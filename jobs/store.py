@@ -319,6 +319,9 @@ def fetch_checkpoint(uri: str, run_id: str):
 
     client = open_store(uri, create=False)
     run = _get_run(client, run_id, uri, "--resume")
+    if "sweep_keys" in run.data.tags:
+        raise TrackingError(f"--resume {run_id}: that run is a sweep's; continue it with `gradavg sweep --resume "
+                            f"{run_id}`")
     try:
         path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
     except (MlflowException, OSError):

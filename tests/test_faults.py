@@ -238,8 +238,8 @@ class StoppingRayBackend(RayBackend):
         return super().chunk_sums(network, batch)
 
 
-def test_a_hung_worker_is_given_up_after_a_bound_and_changes_no_bit():
-    transport = "tasks"  # under the compiled transport a stopped worker took minutes to be given up: not yet bounded
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
+def test_a_hung_worker_is_given_up_after_a_bound_and_changes_no_bit(transport):
     cfg = digits_cfg()
     data = load_dataset("digits", cfg.validation_size)
     heard = []

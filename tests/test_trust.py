@@ -349,3 +349,13 @@ def test_a_process_that_may_open_too_few_files_says_so_at_once(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2, done.stderr
     assert "may open at most 12 files at once (ulimit -n 12)" in error_line(done.stderr)
+
+
+def test_resuming_a_sweep_as_a_run_names_sweep_resume(tracking_uri, capsys):
+    from jobs import sweep_run
+    from jobs.sweep import plan_from
+
+    parent = sweep_run.start(plan_from(None, ["validation_size=300", "eta=0.5,3.0"], None), tracking_uri)
+    assert main(["run", str(CONFIGS / "digits.yaml"), "--resume", parent]) == 2
+    assert f"that run is a sweep's; continue it with `gradavg sweep --resume {parent}`" in error_line(
+        capsys.readouterr().err)
