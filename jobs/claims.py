@@ -50,8 +50,9 @@ def driver_tags(claim: bool = True) -> dict[str, str]:
     return tags
 
 
-def heartbeat() -> dict[str, str]:
-    return {SEEN: str(int(time.time()))}
+def heartbeat(client, run_id: str) -> None:
+    """Renew this process's claim of ``run_id``: it was seen now."""
+    client.set_tag(run_id, SEEN, str(int(time.time())))
 
 
 def alive(tags: dict[str, str]) -> bool | None:

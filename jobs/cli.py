@@ -80,12 +80,9 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    if args.command in NEEDS_ADDRESS_SPACE:  # before anything large is imported
-        try:
-            _check_address_space()
-        except UsageError as e:
-            _say(f"gradavg: error: {e}")
-            return 2
+    if args.command in HEAVY_COMMANDS and (problem := _limits_problem()):  # before anything large is imported
+        _say(f"gradavg: error: {problem}")
+        return 2
     from cluster.auth import TokenError
     from cluster.errors import ClusterError, WorkerFailuresError
     from jobs.claims import DriverConflict
@@ -119,25 +116,27 @@ def _main(argv: list[str] | None) -> int:
 # Commands that load the compiled kernels, SciPy's BLAS and MLflow: they reserve about 1.2 GiB of address
 # space up front (measured: a tracked run of configs/nielsen-ch1.yaml needs between 1.15 and 1.24 GiB). Under
 # a lower `ulimit -v`, imports fail one allocation after another and the process spins for minutes.
-NEEDS_ADDRESS_SPACE = ("run", "sweep", "gradcheck", "evaluate")
+HEAVY_COMMANDS = ("run", "sweep", "gradcheck", "evaluate")
 ADDRESS_SPACE = 3 * 2**29  # 1.5 GiB
 OPEN_FILES = 64  # a tracked run of configs/digits.yaml needed 20 (measured with ulimit -n); with room to spare
 
 
-def _check_address_space() -> None:
+def _limits_problem() -> str | None:
+    """What this process's limits (``ulimit -n``, ``ulimit -v``) leave too small for a heavy command, or None."""
     import resource
 
     files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if files != resource.RLIM_INFINITY and files < OPEN_FILES:
-        raise UsageError(f"this process may open at most {files} files at once (ulimit -n {files}), but gradavg needs "
-                         f"about {OPEN_FILES} (the tracking store, its plots and model files); raise the limit, e.g. "
-                         f"`ulimit -n 1024`")
+        return (f"this process may open at most {files} files at once (ulimit -n {files}), but gradavg needs "
+                f"about {OPEN_FILES} (the tracking store, its plots and model files); raise the limit, e.g. "
+                "`ulimit -n 1024`")
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY and soft < ADDRESS_SPACE:
-        raise UsageError(f"this process may use at most {soft / 2**20:,.0f} MiB of address space (ulimit -v "
-                         f"{soft // 1024}), but gradavg needs about {ADDRESS_SPACE / 2**30:.1f} GiB (the compiled "
-                         "kernels, SciPy's BLAS and MLflow reserve much of it when loaded); raise the limit, e.g. "
-                         f"`ulimit -v {ADDRESS_SPACE // 1024}` or `ulimit -v unlimited`")
+        return (f"this process may use at most {soft / 2**20:,.0f} MiB of address space (ulimit -v "
+                f"{soft // 1024}), but gradavg needs about {ADDRESS_SPACE / 2**30:.1f} GiB (the compiled "
+                "kernels, SciPy's BLAS and MLflow reserve much of it when loaded); raise the limit, e.g. "
+                f"`ulimit -v {ADDRESS_SPACE // 1024}` or `ulimit -v unlimited`")
+    return None
 
 
 def _say(line: str) -> None:

@@ -200,11 +200,10 @@ def _stop_jobs(servers: Servers, grace: float = 45.0) -> int:
         os.killpg(servers.ray_pgid, 0)
     except ProcessLookupError:
         return 0
-    from ray.job_submission import JobSubmissionClient
+    from jobs.submit import client as jobs_client  # authenticated with the cluster's token
 
-    token = read_token()
     try:
-        client = JobSubmissionClient(servers.dashboard, headers={"Authorization": f"Bearer {token}"} if token else None)
+        client = jobs_client(servers.dashboard)
         running = [job.submission_id for job in client.list_jobs() if not job.status.is_terminal()]
         for job_id in running:
             client.stop_job(job_id)

@@ -448,7 +448,7 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> t
             if time.monotonic() - beaten >= claims.HEARTBEAT_SECONDS:  # the driver's claim of the parent run
                 beaten = time.monotonic()
                 try:
-                    client.set_tag(parent_id, claims.SEEN, claims.heartbeat()[claims.SEEN])
+                    claims.heartbeat(client, parent_id)
                 except Exception:  # the store is away: the trials go on, and the sweep's end says so
                     pass
             for future in finished:

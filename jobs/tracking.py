@@ -165,8 +165,7 @@ class RunTracker(Hooks):
         an epoch can take longer than the claim's bound."""
         def beat():
             while not self._ended.wait(claims.HEARTBEAT_SECONDS):
-                self._call("renewing the driver's claim", self.client.set_tag, self.run_id, claims.SEEN,
-                           claims.heartbeat()[claims.SEEN])
+                self._call("renewing the driver's claim", claims.heartbeat, self.client, self.run_id)
 
         threading.Thread(target=beat, daemon=True, name="gradavg-heartbeat").start()
 
