@@ -28,11 +28,14 @@ import numpy as np
 
 from cluster import RAY_SYSTEM_CONFIG, TRANSPORTS
 from cluster.auth import ensure_token
+from cluster.blocks import SPLITS, BlockError, Blocks, add_evaluation_rows
 from cluster.errors import ClusterError, WorkerFailuresError
+from cluster.worker import owners_in_order
 from core.chunks import sum_rows
 from core.diagnostics import add_with_stats
 from core.kernels import steps_from_chunk_sums
 from core.network import Network
+from core.plan import cut
 
 # Below this expected wait (seconds), the driver reads a compiled graph's result at once
 SPIN_FREE_WAIT = 5e-4
@@ -155,7 +158,11 @@ class RayBackend:
     def tags(self) -> dict[str, str]:
         return {"backend": self.name, "workers": str(self.workers), "transport": str(self.transport)}
 
-    def start(self, network: Network, x: np.ndarray, labels: np.ndarray) -> None:
+    def start(self, network: Network, x: np.ndarray | None, labels: np.ndarray | None,
+              blocks: Blocks | None = None) -> None:
+        """Start the workers on the training set ``x``, ``labels`` (put in the object store once: the workers
+        on a node share one copy), or on a sharded dataset's ``blocks``, which the workers read from their
+        nodes' files (the driver reads none)."""
         import ray
 
         self._started_ray = connect(self.workers * self.num_cpus)
@@ -165,10 +172,14 @@ class RayBackend:
             raise ClusterError(f"workers={self.workers} with num_cpus={self.num_cpus:g} need "
                                f"{self.workers * self.num_cpus:g} CPUs but the Ray cluster has {available:g}; "
                                "lower workers or num_cpus, or add nodes")
-        self._x_ref, self._labels_ref = ray.put(x), ray.put(labels)  # once: workers on a node share one copy
+        self.blocks = blocks
+        self._x_ref, self._labels_ref = (ray.put(x), ray.put(labels)) if blocks is None else (None, None)
         self._network_spec = (network.sizes, network.cost, network.activation)
+        self._dtype = str(network.dtype)
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self.pids = ray.get([actor.pid.remote() for actor in self.actors])  # a busy compiled graph answers no call
+        if blocks is not None:
+            self._place_blocks()
         self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
         self.transport = self._choose_transport(network)
 
@@ -179,29 +190,100 @@ class RayBackend:
 
         threads = max(1, int(self.num_cpus))
         return ray.remote(ShardWorker).options(num_cpus=self.num_cpus).remote(
-            self._x_ref, self._labels_ref, *self._network_spec, threads)
+            self._x_ref, self._labels_ref, *self._network_spec, threads, self._dtype)
+
+    # ------------------------------------------------------------------ a sharded dataset's blocks
+
+    def _place_blocks(self) -> None:
+        """Give each worker its blocks (``place``: where its node can read them, evenly) and have it load them."""
+        import ray
+
+        every = [spec for specs in self.blocks.specs.values() for spec in specs]
+        seen = ray.get([actor.missing.remote(every) for actor in self.actors])
+        self.nodes = [node for node, _ in seen]
+        try:
+            self.placement = place(self.blocks, [set(gone) for _, gone in seen], self.nodes)
+        except BlockError as e:
+            self.close()
+            raise ClusterError(str(e)) from None
+        problems = ray.get([actor.load.remote(held) for actor, held in zip(self.actors, self.placement)])
+        problem = next((p for p in problems if p), None)
+        if problem:
+            self.close()
+            raise ClusterError(problem)
+        self._owner_of_blocks()
+
+    def _owner_of_blocks(self) -> None:
+        """Which worker computes on each block: the one it is placed on (a training block under
+        ``shuffle=global`` is everywhere, and not looked up)."""
+        self.owner = {spec.block: k for k, held in enumerate(self.placement) for split, specs in held.items()
+                      for spec in specs if split != "train" or self.blocks.confined}
+
+    def _owners(self, bounds: list, chunk_blocks) -> np.ndarray:
+        if chunk_blocks is None:  # every worker holds every training row
+            return owners_in_order(len(bounds), len(self.actors))
+        return np.array([self.owner[int(b)] for b in chunk_blocks], dtype=np.int64)
+
+    def _cut(self, batch: np.ndarray) -> tuple[list, np.ndarray | None]:
+        confined = self.blocks is not None and self.blocks.confined
+        return cut(batch, self.chunk_size, self.blocks.offsets("train") if confined else None)
+
+    # ------------------------------------------------------------------ what a step asks of the workers
 
     def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
-        results = self._run(network, batch, with_stats=False)
-        self._sums = sum_rows(self._sums, sum(sums.shape[0] for sums, _, _, _ in results), network)
-        start = 0
-        for sums, _, _, _ in results:  # in share order, which is chunk order
-            self._sums[start : start + sums.shape[0]] = sums
-            start += sums.shape[0]
-        return self._sums, sum(sum(counts) for _, counts, _, _ in results)
+        bounds, chunk_blocks = self._cut(batch)
+        rows, counts = self._gather(self._run((network.params, batch, bounds, self._owners(bounds, chunk_blocks),
+                                               chunk_blocks, "train")), len(bounds))
+        self._sums = sum_rows(self._sums, len(bounds), network)
+        self._sums[: len(bounds)] = rows
+        return self._sums, sum(counts)
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
         steps_from_chunk_sums(self.chunk_sums, network, order, first, last, batch_size, eta, lmbda)
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-        results = self._run(network, batch, with_stats=True)
-        parts = [(row, n) for sums, counts, _, _ in results for row, n in zip(sums, counts)]
-        return add_with_stats(parts, [row for _, _, stats, _ in results for row in stats])
+        bounds, chunk_blocks = self._cut(batch)
+        work = (network.params, batch, bounds, self._owners(bounds, chunk_blocks), chunk_blocks, "stats")
+        results = self._run(work)
+        rows, counts = self._gather(results, len(bounds))
+        stats = self._gather([(r[2], r[1], None, r[3]) for r in results], len(bounds))[0]
+        return add_with_stats(list(zip(rows, counts)), list(stats))
 
-    def _run(self, network: Network, batch: np.ndarray, with_stats: bool) -> list:
-        """Every share's (sums, counts, stats, seconds), in share order: one ``ShardWorker.chunk_sums`` a worker."""
-        work = (network.params, batch, self.chunk_size, with_stats)
+    def batch_cost(self, network: Network, batch: np.ndarray) -> float:
+        """The mean cost over a mini-batch of a sharded dataset: its chunks' cost sums, added in chunk order."""
+        bounds, chunk_blocks = self._cut(batch)
+        rows, _ = self._gather(self._run((network.params, batch, bounds, self._owners(bounds, chunk_blocks),
+                                          chunk_blocks, "cost")), len(bounds))
+        return add_evaluation_rows(rows, network.sizes[-1])[0]
+
+    def evaluate(self, network: Network, split: str) -> tuple[float, float, np.ndarray]:
+        """Mean cost, accuracy and confusion counts on a split of a sharded dataset, each worker evaluating
+        the blocks placed on it, the rows added in block order."""
+        specs = self.blocks.specs[split]
+        ids = np.array([s.block for s in specs], dtype=np.int64)
+        owners = (owners_in_order(len(ids), len(self.actors)) if split == "train" and not self.blocks.confined
+                  else np.array([self.owner[int(b)] for b in ids], dtype=np.int64))
+        rows, _ = self._gather(self._run((network.params, None, None, owners, ids, f"evaluate:{split}")), len(ids))
+        return add_evaluation_rows(rows, network.sizes[-1])
+
+    def _gather(self, results: list, n: int) -> tuple[np.ndarray, list[int]]:
+        """Every share's rows put back in chunk order (share k computed the chunks ``owners == k``)."""
+        owners = self._last_owners
+        width = next((r[0].shape[1] for r in results if r[0].ndim == 2 and r[0].shape[0]), 0)
+        rows = np.empty((n, width), dtype=next((r[0].dtype for r in results if r[0].size), np.float64))
+        counts = [0] * n
+        for k, (part, part_counts, _, _) in enumerate(results):
+            where = np.flatnonzero(owners == k)
+            if where.size:
+                rows[where] = part
+                for c, count in zip(where, part_counts):
+                    counts[c] = count
+        return rows, counts
+
+    def _run(self, work: tuple) -> list:
+        """Every share's (rows, counts, stats, seconds), in share order: one ``ShardWorker.chunk_sums`` a worker."""
+        self._last_owners = work[3]
         if self.transport == "compiled":
             return self._run_compiled(work)
         return self._run_tasks(work)
@@ -271,7 +353,7 @@ class RayBackend:
             # Reading a compiled graph's result spins on a core: sleep through most of the workers'
             # expected compute first, or on a machine with a core per worker the driver takes one
             # of theirs (2 workers at mini-batch 10,000 on 2 cores: 37 ms a step, 21 ms with it).
-            expected = self._per_example * work[1].shape[0] / len(self.actors)
+            expected = self._per_example * (0 if work[1] is None else work[1].shape[0]) / len(self.actors)
             if expected > SPIN_FREE_WAIT:
                 time.sleep(0.8 * expected)
             results = ray.get(ref, timeout=timeout)
@@ -290,7 +372,7 @@ class RayBackend:
                        "with the same results")
             return self._run_tasks(work)
         self._record(time.perf_counter() - started)
-        if not work[3]:  # a training step (diagnostics take the slower numpy path)
+        if work[5] == "train":  # a training step (diagnostics take the slower numpy path)
             rates = [seconds / sum(counts) for _, counts, _, seconds in results if sum(counts)]
             self._per_example = min(rates, default=self._per_example)
         return results
@@ -310,7 +392,8 @@ class RayBackend:
             return "tasks"
         try:
             self._graph = self._compile()
-            ray.get(self._graph.execute((network.params, np.arange(0), self.chunk_size, False)), timeout=30)
+            empty = np.zeros(0, np.int64)
+            ray.get(self._graph.execute((network.params, empty, [], empty, None, "train")), timeout=30)
         except Exception as error:
             self._teardown()
             if self.requested == "compiled":
@@ -360,14 +443,36 @@ class RayBackend:
             del self.actors[index], self.pids[index]
             if not self.actors:
                 raise WorkerFailuresError(f"every Ray worker died and none could be placed again ({cause})") from None
+            survivor = share % len(self.actors)
+            if self.blocks is not None:  # the survivor takes the dead worker's blocks over
+                self._take_over(index, survivor if survivor < index else survivor + 1)
             self._tell(f"worker {index + 1} died ({cause}); no new worker could be placed, so the other "
                        f"{len(self.actors)} compute its chunks (failure {self.failures} of at most "
                        f"{self.max_failures})")
-            return self.actors[share % len(self.actors)]
+            return self.actors[survivor]
+        if self.blocks is not None:  # the new worker reads exactly the dead one's blocks
+            self._load(replacement, self.placement[index])
         self.actors[index], self.pids[index] = replacement, pid
         self._tell(f"worker {index + 1} died ({cause}); a new worker computes its chunks again "
                    f"(failure {self.failures} of at most {self.max_failures})")
         return replacement
+
+    def _take_over(self, dead: int, survivor: int) -> None:
+        """Worker ``survivor`` (an index before the dead one's removal) holds its own blocks and ``dead``'s."""
+        held, gone = self.placement[survivor], self.placement[dead]
+        merged = {split: held[split] + [s for s in gone[split] if s not in held[split]] for split in held}
+        self._load(self.actors[survivor - (1 if survivor > dead else 0)], merged)
+        self.placement[survivor] = merged
+        del self.placement[dead]
+        self._owner_of_blocks()
+
+    def _load(self, actor, held: dict) -> None:
+        """Have ``actor`` hold the blocks ``held``; a block it cannot read stops the job, to be resumed."""
+        import ray
+
+        problem = ray.get(actor.load.remote(held), timeout=max(600.0, self.replace_timeout))
+        if problem:
+            raise WorkerFailuresError(f"{problem}; the job cannot go on without the block")
 
     def _tell(self, message: str) -> None:
         if self.on_failure is not None:
@@ -383,6 +488,33 @@ class RayBackend:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def place(blocks: Blocks, missing: list[set[int]], nodes: list[str]) -> list[dict]:
+    """Each worker's blocks, per split: every block on a worker whose node can read its files, the least
+    loaded (in rows) of them, the first on a tie; so evenly and the same every time. Under
+    ``shuffle=global`` every worker holds every training block."""
+    held = [{split: [] for split in SPLITS} for _ in missing]
+    load = [0] * len(missing)
+    for split in SPLITS:
+        for spec in blocks.specs[split]:
+            readers = [w for w, gone in enumerate(missing) if spec.block not in gone]
+            if split == "train" and not blocks.confined:
+                blind = next((w for w, gone in enumerate(missing) if spec.block in gone), None)
+                if blind is not None:
+                    raise BlockError(f"block {spec.block} on {nodes[blind]}: {spec.x_path} is missing; under "
+                                     "shuffle=global every worker reads every training block: copy the dataset's "
+                                     "folder to every node (or train with shuffle=blocks)")
+                for w in range(len(missing)):
+                    held[w][split].append(spec)
+                continue
+            if not readers:
+                raise BlockError(f"block {spec.block}: {spec.x_path} is missing on every node of the job "
+                                 f"({', '.join(sorted(set(nodes)))}); copy the dataset's folder to them")
+            w = min(readers, key=lambda r: (load[r], r))
+            held[w][split].append(spec)
+            load[w] += spec.rows
+    return held
 
 
 def _quietly(action: Callable[[], object]) -> None:

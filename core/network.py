@@ -142,15 +142,25 @@ class Network:
         n = labels.shape[0]
         if n == 0:
             raise ValueError("cannot evaluate on an empty dataset")
+        total_cost, correct, _ = self.evaluate_sums(x, labels, batch_rows)
+        return total_cost / n, correct / n
+
+    def evaluate_sums(self, x: np.ndarray, labels: np.ndarray, batch_rows: int = 10_000
+                      ) -> tuple[float, int, np.ndarray]:
+        """What ``evaluate`` divides by n: Σ_x C_x (in float64, ``batch_rows`` examples at a time) and how
+        many are right; and the class predicted for each example. Data held in blocks is evaluated a block at
+        a time and the sums added in block order, wherever the blocks are."""
         cost = cost_named(self.cost)
         total_cost, correct = 0.0, 0
-        for start in range(0, n, batch_rows):
+        predicted = np.empty(labels.shape[0], np.int64)
+        for start in range(0, labels.shape[0], batch_rows):
             a = self.feedforward(x[start : start + batch_rows])
             part = labels[start : start + batch_rows]
             y = one_hot(part, self.sizes[-1], dtype=a.dtype)
             total_cost += float(cost.per_example(a, y).sum(dtype=np.float64))
-            correct += int(np.count_nonzero(np.argmax(a, axis=1) == part))
-        return total_cost / n, correct / n
+            predicted[start : start + batch_rows] = np.argmax(a, axis=1)
+            correct += int(np.count_nonzero(predicted[start : start + batch_rows] == part))
+        return total_cost, correct, predicted
 
     def save(self, path) -> None:
         """Write ``.npz`` readable with ``allow_pickle=False``, atomically (``write_npz``)."""

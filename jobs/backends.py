@@ -18,9 +18,12 @@ from typing import Protocol
 
 import numpy as np
 
-from core import Network, chunk_bounds
+from cluster.blocks import Blocks, add_evaluation_rows, evaluation_row
+from core import Network
 from core.chunks import ChunkEngine, sum_rows
 from core.diagnostics import add_with_stats, stats_size
+from core.kernels import steps_from_chunk_sums
+from core.plan import cut
 
 
 class Backend(Protocol):
@@ -67,9 +70,13 @@ class LocalBackend:
         self.workers = threads or os.cpu_count() or 1
         self._engine: ChunkEngine | None = None
 
-    def start(self, network: Network, x: np.ndarray, labels: np.ndarray) -> None:
+    def start(self, network: Network, x: np.ndarray, labels: np.ndarray, blocks: Blocks | None = None) -> None:
+        """``blocks``: the training set is a sharded dataset's (this process holds all its rows, ``blocks.rows``);
+        under ``shuffle=blocks`` chunks are cut at its blocks, as the Ray workers cut them."""
         self._engine = ChunkEngine(x, labels, self.workers)  # one BLAS thread a chunk, as in every Ray worker
         self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
+        self.blocks = blocks
+        self._offsets = blocks.offsets("train") if blocks is not None and blocks.confined else None
 
     @property
     def tags(self) -> dict[str, str]:
@@ -77,17 +84,36 @@ class LocalBackend:
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
+        if self._offsets is not None:  # chunks cut at the blocks: the steps of the Ray workers, here
+            steps_from_chunk_sums(self.chunk_sums, network, order, first, last, batch_size, eta, lmbda)
+            return
         # the whole stretch compiled, each step's chunks on the threads at once: the same bits as step by step
         self._engine.steps(network, order, first, last, batch_size, eta, lmbda, self.chunk_size)
 
     def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
-        bounds = chunk_bounds(batch.shape[0], self.chunk_size)
+        bounds, _ = cut(batch, self.chunk_size, self._offsets)
         self._sums = sum_rows(self._sums, len(bounds), network)
         parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], list(self._sums))
         return self._sums, sum(n for _, n in parts)
 
+    def batch_cost(self, network: Network, batch: np.ndarray) -> float:
+        """A sharded dataset's mini-batch cost, as the Ray workers compute it: its chunks' cost sums in order."""
+        bounds, _ = cut(batch, self.chunk_size, self._offsets)
+        x, y = self._engine.x, self._engine.labels
+        rows = [evaluation_row(network, x[batch[lo:hi]], y[batch[lo:hi]], network.sizes[-1], confusion=False)
+                for lo, hi in bounds]
+        return add_evaluation_rows(rows, network.sizes[-1])[0]
+
+    def evaluate(self, network: Network, split: str) -> tuple[float, float, np.ndarray]:
+        """A sharded dataset's split, a block at a time, the sums added in block order (as from Ray's workers)."""
+        x, y = self.blocks.rows[split]
+        offsets = self.blocks.offsets(split)
+        rows = [evaluation_row(network, x[lo:hi], y[lo:hi], network.sizes[-1])
+                for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        return add_evaluation_rows(rows, network.sizes[-1])
+
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-        bounds = chunk_bounds(batch.shape[0], self.chunk_size)
+        bounds, _ = cut(batch, self.chunk_size, self._offsets)
         sums = [np.empty_like(network.params) for _ in bounds]
         stats = np.zeros((len(bounds), stats_size(network.sizes)))
         parts = self._engine.compute(network, [batch[lo:hi] for lo, hi in bounds], sums, list(stats))

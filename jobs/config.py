@@ -26,6 +26,7 @@ from core.functions import ACTIVATIONS, COSTS
 from core.network import DTYPES, INITS
 
 BACKENDS = ("local", "ray")
+SHUFFLES = ("global", "blocks")
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,11 @@ class JobConfig:
                               "must be >= 0 (0: never)", result=True)
     seed: int = key(0, "seed of the initial weights and the shuffles, >= 0", at_least(0), "must be >= 0",
                     result=True)
+    shuffle: str = key("global", f"each epoch's order: one of {', '.join(SHUFFLES)} (global: every example "
+                       "anywhere, every worker holds the whole training set; blocks: blocks and their rows, each "
+                       "worker holds only its blocks of a sharded dataset)", one_of(SHUFFLES), result=True)
+    mix_blocks: int = key(4, "shuffle=blocks: blocks whose rows are interleaved, so each mini-batch draws from "
+                          "about this many, >= 1", at_least(1), "must be >= 1", result=True)
     # where gradients are computed
     backend: str = key("local", f"one of {', '.join(BACKENDS)}", one_of(BACKENDS))
     workers: int = key(1, "Ray workers (backend=ray), >= 1", at_least(1), "must be >= 1")
@@ -250,6 +256,12 @@ def build_config(values: dict[str, Any]) -> JobConfig:
 
 def _check_together(cfg: JobConfig) -> None:
     """Keys that are valid alone but not with each other."""
+    from jobs.data import BUNDLED
+
+    if cfg.shuffle == "blocks" and (cfg.data in BUNDLED or cfg.data.startswith("synthetic:")):
+        raise ConfigError(f"shuffle=blocks orders an epoch by the blocks of a sharded dataset, and data={cfg.data} "
+                          f"is none; shard it first (`gradavg data shard {cfg.data} FOLDER`, then data=FOLDER), or "
+                          "use shuffle=global")
     if cfg.early_stopping and not cfg.validation_size:
         raise ConfigError(f"early_stopping={cfg.early_stopping} watches validation accuracy, but validation_size=0 "
                           "holds out no examples to watch; set validation_size (e.g. validation_size=500), or "

@@ -38,14 +38,31 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     n_classes: int
-    digest: str = field(default="")  # sha256 of every array, for tracking
+    digest: str = field(default="")  # sha256 of every array (a sharded folder: of its manifest), for tracking
+    shards: object = None  # a sharded folder's jobs.shards.Manifest; a Ray driver's Dataset then holds no rows
 
     @property
     def n_inputs(self) -> int:
-        return self.x_train.shape[1]
+        return self.shards.width if self.shards is not None else self.x_train.shape[1]
+
+    @property
+    def n_train(self) -> int:
+        return self.shards.rows("train") if self.shards is not None else self.y_train.shape[0]
+
+    @property
+    def n_validation(self) -> int:
+        return self.shards.rows("validation") if self.shards is not None else self.y_validation.shape[0]
+
+    @property
+    def max_label(self) -> int:
+        if self.shards is not None:
+            return self.shards.max_label
+        return int(max(self.y_train.max(initial=0), self.y_test.max(initial=0)))
 
     @property
     def image_shape(self) -> tuple[int, int] | None:
+        if self.shards is not None:
+            return self.shards.image_shape
         side = int(round(self.n_inputs**0.5))
         return (side, side) if side * side == self.n_inputs and self.name != "synthetic" else None
 
@@ -54,13 +71,23 @@ class Dataset:
 
 
 def load_dataset(spec: str, validation_size: int = 0, test_size: int | None = None,
-                 allow_pickle: bool = False) -> Dataset:
+                 allow_pickle: bool = False, rows: bool = True) -> Dataset:
     """Load a dataset by bundled name (``digits``, ``mnist-5k``, ``synthetic[:N:IN:OUT]``) or path.
 
     Validation examples are carved from the training examples by a seeded split of
     ``validation_size``. Sources without their own test set hold out ``test_size``
     examples (default: a fifth of ``digits``, 1,000 of ``mnist-5k``, a tenth otherwise).
+
+    A folder written by ``gradavg data shard`` (``jobs.shards``) is split already; without ``rows``
+    only its manifest and a sample of its test blocks are read (a Ray driver's view).
     """
+    from jobs import shards
+
+    if spec not in BUNDLED and not spec.startswith("synthetic:") and shards.is_sharded(spec):
+        try:
+            return shards.load_sharded(spec, validation_size, test_size, rows)
+        except shards.ShardError as e:
+            raise DataError(str(e)) from None
     if spec == "digits":
         x, y = _digits()
         source = _Source("digits", x, y, None, None, 10, default_test=len(y) // 5)
@@ -77,8 +104,9 @@ def load_dataset(spec: str, validation_size: int = 0, test_size: int | None = No
 
 
 def describe_sources() -> str:
-    return ("a bundled dataset (digits, mnist-5k, synthetic or synthetic:N:INPUTS:CLASSES), a folder with "
-            "MNIST's IDX files, an .npz with arrays x and y, or the book's mnist.pkl.gz (with allow_pickle=true)")
+    return ("a bundled dataset (digits, mnist-5k, synthetic or synthetic:N:INPUTS:CLASSES), a folder written "
+            "by `gradavg data shard`, a folder with MNIST's IDX files, an .npz with arrays x and y, or the book's "
+            "mnist.pkl.gz (with allow_pickle=true)")
 
 
 # ---------------------------------------------------------------- bundled sets
@@ -134,6 +162,9 @@ def _load_path(path: Path, allow_pickle: bool) -> "_Source":
     if not path.exists():
         raise DataError(f"data={str(path)!r}: no such file or folder; use {describe_sources()}")
     if path.is_dir():
+        if next(path.glob("block-*.x.npy"), None) is not None:
+            raise DataError(f"data={str(path)!r}: holds blocks but no manifest.json, so it is no sharded dataset; "
+                            "shard the source again with `gradavg data shard SOURCE OUT`")
         return _load_idx_dir(path)
     regular_file(path, "data")
     name = path.name

@@ -54,8 +54,10 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) 
     return counts
 
 
-def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int, path, title: str = "test set") -> None:
-    counts = confusion_matrix(labels, predicted, n_classes)
+def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int, path, title: str = "test set",
+              counts: np.ndarray | None = None) -> None:
+    """The confusion matrix of ``labels`` and ``predicted``, or of ``counts`` where given (counts[true, predicted])."""
+    counts = confusion_matrix(labels, predicted, n_classes) if counts is None else counts
     fig, ax = plt.subplots(figsize=(6, 5.2))
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax)

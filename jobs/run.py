@@ -23,7 +23,7 @@ from jobs.config import ConfigError, JobConfig, check_against_data, result_chang
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
 from jobs.store import TrackingError
-from jobs.train import Hooks, TrainingState, initial_state, train, training_inputs
+from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
 
 # Set when this process is being stopped (SIGTERM, SIGHUP, a cancelled Ray task): a job that then fails, because
 # a library turned the interrupt into an error of its own, ends its run KILLED as a stopped job does.
@@ -64,9 +64,13 @@ class JobResult:
 def prepare_data(cfg: JobConfig) -> Dataset:
     """Load the data and check the config against it: every mistake surfaces before training."""
     check_memory(cfg)
-    data = load_dataset(cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle)
-    max_label = int(max(data.y_train.max(initial=0), data.y_test.max(initial=0)))
-    check_against_data(cfg, data.n_inputs, data.n_classes, max_label)
+    # a Ray driver of a sharded dataset reads its manifest, never its rows: the workers read their blocks
+    data = load_dataset(cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle, rows=cfg.backend != "ray")
+    if cfg.shuffle == "blocks" and data.shards is None:
+        raise ConfigError(f"shuffle=blocks orders an epoch by the blocks of a sharded dataset, and data={cfg.data} "
+                          f"is none; shard it first (`gradavg data shard {cfg.data} FOLDER`, then data=FOLDER), or "
+                          "use shuffle=global")
+    check_against_data(cfg, data.n_inputs, data.n_classes, data.max_label)
     return data
 
 
@@ -141,7 +145,8 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         backend = make_backend(cfg, on_failure=lambda text: hooks.on_worker_failure(backend.failures, text))
         progress.stage("starting the backend" + ("" if kernels_cached() else "; compiling the training kernels "
                                                  "(the first run only, they are cached after)"))
-        backend.start(state.network, training_inputs(data, state.network), data.y_train)
+        start_backend(backend, cfg, data, state.network)
+        confusion = None
         try:
             if tracker and resume:
                 tracker.resume(resume, int(previous.data.tags.get("resumed", "0")) + 1, state.epoch, backend.tags)
@@ -149,11 +154,13 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
                 tracker.start(data, backend.tags)
             hooks.hooks.extend([tracker] if tracker else [])
             state = train(cfg, data, backend, state=state, hooks=hooks, backend_started=True)
+            if tracker and data.shards is not None:  # the test set's confusion counts, from where its blocks are
+                confusion = backend.evaluate(state.network, "test")[2]
         finally:
             backend.close()
         if tracker:
             progress.stage("logging the plots, the weights and the model")
-            tracker.finish(state, data, backend.tags, trained=state.epoch > first_epoch)
+            tracker.finish(state, data, backend.tags, trained=state.epoch > first_epoch, confusion=confusion)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from a stopped job
         status = "KILLED"
@@ -201,11 +208,14 @@ def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
 def summary(result: JobResult, cfg: JobConfig) -> str:
     """The job's last line: test (and validation) accuracy after its epochs, and its time."""
     network, data = result.state.network, result.data
-    test = network.evaluate(np.asarray(data.x_test, dtype=network.dtype), data.y_test)[1]
-    validation = ""
-    if data.y_validation.size:
-        accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1]
-        validation = f", validation {100 * accuracy:.2f}%"
+    last = result.state.history[-1] if result.state.history else None
+    if data.shards is not None and last is not None:  # the driver may hold no rows: the last epoch's figures
+        test, accuracy = last.test_accuracy, last.validation_accuracy
+    else:
+        test = network.evaluate(np.asarray(data.x_test, dtype=network.dtype), data.y_test)[1]
+        accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1] \
+            if data.n_validation else None
+    validation = "" if accuracy is None else f", validation {100 * accuracy:.2f}%"
     epochs = f"{result.state.epoch} epoch{'' if result.state.epoch == 1 else 's'}"
     if result.state.stopped:
         epochs += f" ({result.state.stopped})"
@@ -220,10 +230,10 @@ def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, c
     changed_data = [f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)"] \
         if digest and digest != data.digest else []
     changes = check_resume_config(run_id, state, saved, cfg, force, changed_data)
-    n_batches = batch_count(data.y_train.size, saved.batch_size)
+    n_batches = batch_count(data.n_train, saved.batch_size)
     if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
         raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
-                            f"an epoch of {data.y_train.size} examples in mini-batches of {saved.batch_size} is "
+                            f"an epoch of {data.n_train} examples in mini-batches of {saved.batch_size} is "
                             f"{n_batches} steps; the checkpoint is damaged: start a new run instead")
 
 

@@ -133,6 +133,17 @@ class RunTracker(Hooks):
     def _describe(self, data: Dataset):
         from mlflow.exceptions import MlflowException
 
+        if data.shards is not None:  # a sharded folder: described by its manifest (the driver may hold no rows)
+            import warnings as _warnings
+
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            with _warnings.catch_warnings():
+                _warnings.simplefilter("ignore")
+                source = resolve_dataset_source(str(data.shards.folder))
+            return MetaDataset(source, name=data.name, digest=data.digest[:16])
+
         described = {"targets": data.y_train, "name": data.name, "digest": data.digest[:16]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a dataset name is not a path; MLflow guesses
@@ -184,7 +195,8 @@ class RunTracker(Hooks):
                                              resume_logging=resume, tracking_uri=self.uri)
         self._monitor.start()
 
-    def finish(self, state: TrainingState, data: Dataset, backend_tags: dict[str, str], trained: bool = True) -> None:
+    def finish(self, state: TrainingState, data: Dataset, backend_tags: dict[str, str], trained: bool = True,
+               confusion: np.ndarray | None = None) -> None:
         """After training: the backend's final tags, plots, weights and model. A job that trained
         nothing (it resumed a run whose driver died while finishing) logs the model only if it is missing.
         Raises TrackingLostError, after keeping the results on local disk, if the store was lost."""
@@ -198,7 +210,7 @@ class RunTracker(Hooks):
             self._call("tagging the run", self.client.log_batch, self.run_id,
                        tags=[RunTag(k, v) for k, v in changed.items()])
         # plots and weights are files by name: logged again, they replace what an earlier attempt left
-        self._call("logging the plots", self.log_plots, state.network, data)
+        self._call("logging the plots", self.log_plots, state.network, data, confusion)
         weights = self._staging / "weights.npz"
         self._call("saving the weights", state.network.save, weights)
         self._call("logging the weights", self.client.log_artifact, self.run_id, str(weights))
@@ -339,8 +351,10 @@ class RunTracker(Hooks):
         self._sent = []
 
     # -- artifacts
-    def log_plots(self, network, data: Dataset) -> None:
-        """Every plot, drawn from the run's whole metric history (so a resumed run's too)."""
+    def log_plots(self, network, data: Dataset, confusion: np.ndarray | None = None) -> None:
+        """Every plot, drawn from the run's whole metric history (so a resumed run's too). ``confusion``: the
+        test set's counts where the driver does not hold the test set (a sharded dataset on Ray), whose
+        misclassified examples are then drawn from the sample it holds."""
         from jobs import plots
 
         out = self._staging / "plots"
@@ -359,7 +373,7 @@ class RunTracker(Hooks):
                 plots.per_layer(series, out / f"{name.replace('grad_w_norm', 'gradient_norms')}.png", title,
                                 ylabel, log)
         predicted = network.predict(np.asarray(data.x_test, dtype=network.dtype))
-        plots.confusion(data.y_test, predicted, network.sizes[-1], out / "confusion_matrix.png")
+        plots.confusion(data.y_test, predicted, network.sizes[-1], out / "confusion_matrix.png", counts=confusion)
         if data.image_shape:
             plots.misclassified(data.x_test, data.y_test, predicted, data.image_shape, out / "misclassified.png")
             plots.first_layer_weights(network.weights[0], data.image_shape, out / "first_layer_weights.png")

@@ -15,6 +15,7 @@ import numpy as np
 
 from core import Network, batch_count, mini_batch
 from core.diagnostics import layer_metrics
+from core.plan import blocks_order
 from jobs.backends import Backend
 from jobs.config import JobConfig
 from jobs.data import Dataset
@@ -97,9 +98,22 @@ def initial_state(cfg: JobConfig) -> TrainingState:
     return TrainingState(network, shuffle=np.random.default_rng([cfg.seed, 1]))
 
 
-def training_inputs(data: Dataset, network: Network) -> np.ndarray:
-    """The training examples in the network's dtype, contiguous (no copy when they already are)."""
-    return np.ascontiguousarray(data.x_train, dtype=network.dtype)
+def training_inputs(data: Dataset, network: Network) -> np.ndarray | None:
+    """The training examples in the network's dtype, contiguous (no copy when they already are); None
+    where this process holds no rows (a Ray driver of a sharded dataset)."""
+    return None if data.x_train is None else np.ascontiguousarray(data.x_train, dtype=network.dtype)
+
+
+def start_backend(backend: Backend, cfg: JobConfig, data: Dataset, network: Network) -> None:
+    """Start ``backend`` on the training set: the rows given in memory, or a sharded dataset's blocks."""
+    from jobs.shards import backend_blocks
+
+    blocks = backend_blocks(data, cfg.shuffle, network.dtype)
+    if blocks is None:
+        backend.start(network, training_inputs(data, network), data.y_train)
+    else:
+        backend.start(network, None if data.x_train is None else training_inputs(data, network), data.y_train,
+                      blocks=blocks)
 
 
 def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState | None = None,
@@ -113,11 +127,12 @@ def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState 
     hooks = hooks or Hooks()
     network = state.network
     x_train = training_inputs(data, network)
-    splits = {name: (np.asarray(getattr(data, f"x_{name}"), dtype=network.dtype), getattr(data, f"y_{name}"))
-              for name in ("validation", "test")}
+    splits = {} if data.shards is not None else {
+        name: (np.asarray(getattr(data, f"x_{name}"), dtype=network.dtype), getattr(data, f"y_{name}"))
+        for name in ("validation", "test")}
     try:
         if not backend_started:
-            backend.start(network, x_train, data.y_train)
+            start_backend(backend, cfg, data, network)
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is caught below, with a clear message
             _epochs(cfg, data, backend, state, hooks, x_train, splits)
     finally:
@@ -137,15 +152,27 @@ def _diagnostics(backend, network, rows) -> dict[str, float]:
     return layer_metrics(network, nabla, count, stats)
 
 
+def epoch_order(cfg: JobConfig, data: Dataset, state: TrainingState, sources: np.ndarray | None) -> np.ndarray:
+    """The next epoch's order of training positions, from the state's seeded generator: a permutation of
+    every example (``shuffle=global``; on a sharded dataset mapped through ``sources``, so the examples
+    come in the same order as from its source), or the blocks' order (``core.plan.blocks_order``)."""
+    if cfg.shuffle == "blocks":
+        return blocks_order(state.shuffle, data.shards.offsets("train"), cfg.mix_blocks, cfg.batch_size)
+    order = state.shuffle.permutation(data.n_train)
+    return order if sources is None else sources[order]
+
+
 def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
     network = state.network
-    n_train = x_train.shape[0]
+    n_train = data.n_train
+    sources = data.shards.positions_of_sources() if data.shards is not None and cfg.shuffle == "global" else None
     rows = diagnostic_rows(n_train)
+    rows = rows if sources is None else sources[rows]
     n_batches = batch_count(n_train, cfg.batch_size)
     while state.epoch < cfg.epochs and not state.stopped:
         hooks.on_epoch_start(state.epoch + 1, n_batches)
         started = time.perf_counter()
-        order = state.shuffle.permutation(n_train)
+        order = epoch_order(cfg, data, state, sources)
         done = 0
         while done < n_batches:
             # the backend runs the steps up to the next one something is logged at, in one go
@@ -155,14 +182,18 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
             done = stop
             if state.step % cfg.log_every == 0:
                 batch = mini_batch(order, cfg.batch_size, done - 1)
-                cost, _ = network.evaluate(x_train[batch], data.y_train[batch])
+                cost = backend.batch_cost(network, batch) if data.shards is not None else \
+                    network.evaluate(x_train[batch], data.y_train[batch])[0]
                 _check_finite(cost, state, cfg, "mini-batch")
                 hooks.on_batch_cost(state.step, cost)
                 hooks.on_batches(done, n_batches)
             if _step_diagnostics(cfg) and state.step % cfg.diagnostics_every == 0:
                 hooks.on_step_diagnostics(state.step, _diagnostics(backend, network, rows))
         seconds = time.perf_counter() - started
-        result = _evaluate(network, x_train, data.y_train, splits, state, seconds, n_train)
+        if data.shards is not None:
+            result = _evaluate_blocks(network, backend, data, state, seconds)
+        else:
+            result = _evaluate(network, x_train, data.y_train, splits, state, seconds, n_train)
         _check_finite(result.train_cost, state, cfg, "training")
         state.epoch += 1
         result.epoch, result.worker_failures = state.epoch, backend.failures
@@ -204,6 +235,15 @@ def _evaluate(network, x_train, y_train, splits, state, seconds, n_train) -> Epo
     test_cost, test_accuracy = network.evaluate(*splits["test"])
     return EpochResult(state.epoch + 1, state.step, train_cost, train_accuracy, val_cost, val_accuracy, test_cost,
                        test_accuracy, seconds, n_train / seconds if seconds > 0 else float("inf"))
+
+
+def _evaluate_blocks(network, backend, data, state, seconds) -> EpochResult:
+    """``_evaluate`` for a sharded dataset: each split evaluated where its blocks are (``backend.evaluate``)."""
+    train_cost, train_accuracy, _ = backend.evaluate(network, "train")
+    val_cost, val_accuracy = backend.evaluate(network, "validation")[:2] if data.n_validation else (None, None)
+    test_cost, test_accuracy, _ = backend.evaluate(network, "test")
+    return EpochResult(state.epoch + 1, state.step, train_cost, train_accuracy, val_cost, val_accuracy, test_cost,
+                       test_accuracy, seconds, data.n_train / seconds if seconds > 0 else float("inf"))
 
 
 def _check_finite(cost: float, state: TrainingState, cfg: JobConfig, what: str) -> None:

@@ -1,0 +1,59 @@
+"""How an epoch is ordered and cut when the training set lives in blocks.
+
+``shuffle=global`` orders an epoch by one permutation of every training example
+(``rng.permutation(n)``) and cuts each mini-batch into chunks of ``chunk_size``
+(``core.step.chunk_bounds``). A worker that holds only some blocks can compute a chunk only
+when all of the chunk's rows lie in one of them, so ``shuffle=blocks`` orders and cuts so:
+
+- the blocks in a seeded order, the rows of each block in a seeded order of their own;
+- ``mix`` consecutive blocks of that order at a time have their rows interleaved (row 1 of each,
+  then row 2 of each, …), so every mini-batch draws from about ``mix`` blocks, not one;
+- within each mini-batch the rows are grouped by block (stably), and a chunk never crosses a
+  block: a mini-batch is cut where its block changes, then each piece by ``chunk_size``.
+
+Everything here depends on the seed, the blocks' sizes, ``mix``, ``batch_size`` and
+``chunk_size``; never on how many workers there are or which holds which block. So the chunk
+sums, added in chunk order, give the same bits on any worker count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.step import chunk_bounds
+
+
+def blocks_order(rng: np.random.Generator, offsets: np.ndarray, mix: int, batch_size: int) -> np.ndarray:
+    """An epoch's order of positions: block b holds positions ``offsets[b]`` to ``offsets[b + 1] - 1``."""
+    sizes = np.diff(offsets)
+    blocks = rng.permutation(sizes.size)
+    rows = [offsets[b] + rng.permutation(sizes[b]) for b in blocks]
+    positions = np.concatenate(rows) if rows else np.empty(0, np.int64)
+    rank = np.repeat(np.arange(blocks.size), sizes[blocks])  # each row's block, by its place in the order
+    within = np.concatenate([np.arange(n) for n in sizes[blocks]]) if rows else np.empty(0, np.int64)
+    interleaved = np.lexsort((rank, within, rank // mix))  # by group of `mix` blocks, then row, then block
+    positions, rank = positions[interleaved], rank[interleaved]
+    step = np.arange(positions.size) // batch_size
+    grouped = np.lexsort((np.arange(positions.size), rank, step))  # each mini-batch's rows grouped by block
+    return positions[grouped]
+
+
+def block_of(positions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The block each position lies in."""
+    return np.searchsorted(offsets, positions, side="right") - 1
+
+
+def cut(positions: np.ndarray, chunk_size: int, offsets: np.ndarray | None = None
+        ) -> tuple[list[tuple[int, int]], np.ndarray | None]:
+    """The chunks of a mini-batch (or any run of positions), as (lo, hi) within it, and each chunk's
+    block. Without ``offsets``, ``chunk_bounds``'s cut (and no blocks). With them, the run is first cut
+    where its block changes, then each piece by ``chunk_size``."""
+    if offsets is None:
+        return chunk_bounds(positions.shape[0], chunk_size), None
+    blocks = block_of(positions, offsets)
+    edges = np.flatnonzero(np.diff(blocks)) + 1
+    starts = np.concatenate(([0], edges))
+    stops = np.concatenate((edges, [positions.shape[0]]))
+    bounds = [(lo + a, lo + b) for lo, hi in zip(starts.tolist(), stops.tolist())
+              for a, b in chunk_bounds(hi - lo, chunk_size)] if positions.shape[0] else []
+    return bounds, blocks[[lo for lo, _ in bounds]] if bounds else np.empty(0, np.int64)
