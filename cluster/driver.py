@@ -153,6 +153,8 @@ class RayBackend:
         self.step_floor = step_floor  # ... but never less than this, in seconds
         self._per_example = 0.0  # a worker's seconds per example in the last compiled step
         self._started_ray = False
+        self.blocks: Blocks | None = None  # a sharded dataset's blocks (start), and each worker's share of them:
+        self.placement: list[dict] = []  # per worker, per split, the BlockSpecs it holds
 
     @property
     def tags(self) -> dict[str, str]:
@@ -459,12 +461,17 @@ class RayBackend:
 
     def _take_over(self, dead: int, survivor: int) -> None:
         """Worker ``survivor`` (an index before the dead one's removal) holds its own blocks and ``dead``'s."""
+        from ray.exceptions import RayActorError
+
         held, gone = self.placement[survivor], self.placement[dead]
         merged = {split: held[split] + [s for s in gone[split] if s not in held[split]] for split in held}
-        self._load(self.actors[survivor - (1 if survivor > dead else 0)], merged)
         self.placement[survivor] = merged
         del self.placement[dead]
         self._owner_of_blocks()
+        try:
+            self._load(self.actors[survivor - (1 if survivor > dead else 0)], merged)
+        except RayActorError:  # the survivor died too: found when its result is awaited, and its blocks passed on
+            pass
 
     def _load(self, actor, held: dict) -> None:
         """Have ``actor`` hold the blocks ``held``; a block it cannot read stops the job, to be resumed."""

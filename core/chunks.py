@@ -15,7 +15,7 @@ import numpy as np
 
 from core.backprop import gradient_sum
 from core.blas import one_thread
-from core.kernels import Workspace, chunk_gradient_sum, run_steps
+from core.kernels import Workspace, chunk_gradient_sum, run_planned_steps, run_steps
 from core.network import Network
 from core.step import piece_count
 
@@ -70,6 +70,20 @@ class ChunkEngine:
         state.sums = sum_rows(getattr(state, "sums", None), n_chunks, network)
         run_steps(network, self.x, self.labels, order, first, last, batch_size, eta, lmbda, state.sums,
                   self._workspace(network, rows, slots), chunk_size)
+
+    def planned_steps(self, network: Network, order: np.ndarray, cuts: np.ndarray, firsts: np.ndarray, first: int,
+                      last: int, batch_size: int, eta: float, lmbda: float) -> None:
+        """``steps`` with chunks cut by a plan (``core.plan.epoch_cuts``), compiled
+        (``core.kernels.run_planned_steps``)."""
+        if last <= first:
+            return
+        most = int(np.diff(firsts[first : last + 1]).max())
+        rows = int(np.diff(cuts)[firsts[first] : firsts[last]].max())
+        state = self._local
+        state.sums = sum_rows(getattr(state, "sums", None), most, network)
+        slots = min(self.threads, most)
+        run_planned_steps(network, self.x, self.labels, order, cuts, firsts, first, last, batch_size, eta, lmbda,
+                          state.sums, self._workspace(network, rows, slots))
 
     def _workspace(self, network: Network, rows: int, slots: int = 1) -> Workspace:
         """This thread's workspace, made again only when the network or a larger chunk needs it."""

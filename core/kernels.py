@@ -262,6 +262,54 @@ def _run_chunked_steps(weights, biases, params, n_weights, total, sums, x, label
         _add_and_update(params, sums, n_chunks, total, scale[0], n_weights, decay, one)
 
 
+@numba.njit(parallel=True, cache=True)
+def _planned_chunk_sums(weights, biases, x, labels, order, cuts, c0, c1, cost, one, xs, acts, deltas, sums):
+    """Chunks ``c0`` to ``c1 - 1`` of a plan (chunk c is ``order[cuts[c]:cuts[c + 1]]``) into ``sums[c - c0]``,
+    shared out over the workspace's slots, one thread each."""
+    slots = xs.shape[0]
+    for slot in numba.prange(slots):
+        for c in range(c0 + slot, c1, slots):
+            _chunk_sum(weights, biases, x, labels, order[cuts[c] : cuts[c + 1]], cost, one, xs, acts, deltas, slot,
+                       sums[c - c0])
+
+
+@numba.njit(nogil=True, cache=True)
+def _run_planned_steps(weights, biases, params, n_weights, total, sums, x, labels, order, cuts, firsts, first, last,
+                       batch_size, cost, one, eta, decay, xs, acts, deltas):
+    """``descend`` with each step's chunks given by a plan (``core.plan.epoch_cuts``), computed at once."""
+    scale = np.empty(1, params.dtype)
+    for step in range(first, last):
+        lo, hi = _piece(step, batch_size, order.shape[0])
+        c0, c1 = firsts[step], firsts[step + 1]
+        _planned_chunk_sums(weights, biases, x, labels, order, cuts, c0, c1, cost, one, xs, acts, deltas, sums)
+        scale[0] = eta / (hi - lo)
+        _add_and_update(params, sums, c1 - c0, total, scale[0], n_weights, decay, one)
+
+
+def run_planned_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.ndarray, cuts: np.ndarray,
+                      firsts: np.ndarray, first: int, last: int, batch_size: int, eta: float, lmbda: float,
+                      sums: np.ndarray, workspace: Workspace) -> None:
+    """``run_steps`` with chunks cut by a plan (``core.plan.epoch_cuts``: at blocks, ``shuffle=blocks``) instead
+    of by ``chunk_size`` alone; the same chunk kernel and ``_add_and_update``, so the same bits as
+    ``steps_from_chunk_sums`` over the same chunks (Ray's workers). ``sums`` needs a row per chunk of the
+    step with the most, and one more; the workspace must fit the longest chunk."""
+    _check_network(network)
+    if last <= first:
+        return
+    lengths = np.diff(cuts)
+    per_step = np.diff(firsts[first : last + 1])
+    rows = int(lengths[firsts[first] : firsts[last]].max())
+    _check_buffers(network, x, workspace, rows, sums)
+    if sums.shape[0] < int(per_step.max()) + 1:
+        raise ValueError(f"sums has {sums.shape[0]} rows; a step of this plan needs {int(per_step.max()) + 1}")
+    if order.size and (order.min() < 0 or order.max() >= x.shape[0]):
+        raise ValueError("the order names rows the training set does not have")
+    _run_planned_steps(tuple(network.weights), tuple(network.biases), network.params, network.n_weights, sums[-1],
+                       sums[:-1], x, labels, order, cuts, firsts, first, last, batch_size, COST_CODES[network.cost],
+                       network.dtype.type(1.0), float(eta), _decay(network, eta, lmbda, order.shape[0]),
+                       workspace.x_slots, workspace.activation_slots, workspace.delta_slots)
+
+
 def _check_network(network: Network) -> None:
     """The kernels compute σ as the sigmoid (σ' = a(1 − a) in BP1 and BP2) and BP1 for the costs of
     ``COST_CODES``: refuse a network they would train as something else."""

@@ -57,3 +57,22 @@ def cut(positions: np.ndarray, chunk_size: int, offsets: np.ndarray | None = Non
     bounds = [(lo + a, lo + b) for lo, hi in zip(starts.tolist(), stops.tolist())
               for a, b in chunk_bounds(hi - lo, chunk_size)] if positions.shape[0] else []
     return bounds, blocks[[lo for lo, _ in bounds]] if bounds else np.empty(0, np.int64)
+
+
+def epoch_cuts(order: np.ndarray, batch_size: int, chunk_size: int, offsets: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``cut`` of every mini-batch of an epoch at once, for the compiled steps: the positions in ``order``
+    where a chunk starts (then ``order.size``), and the index of each step's first chunk (then their count).
+    Chunk ``c`` is ``order[cuts[c]:cuts[c + 1]]``; step ``s`` has chunks ``firsts[s]`` to ``firsts[s + 1] - 1``."""
+    n = order.shape[0]
+    if n == 0:
+        return np.zeros(1, np.int64), np.zeros(1, np.int64)
+    blocks = block_of(order, offsets)
+    at = np.arange(n)
+    starts = np.flatnonzero((at % batch_size == 0) | np.concatenate(([True], blocks[1:] != blocks[:-1])))
+    lengths = np.diff(np.concatenate((starts, [n])))
+    pieces = -(-lengths // chunk_size)
+    within = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    cuts = np.concatenate((np.repeat(starts, pieces) + within * chunk_size, [n])).astype(np.int64)
+    firsts = np.searchsorted(cuts, np.arange(0, n, batch_size)).astype(np.int64)
+    return cuts, np.concatenate((firsts, [cuts.size - 1])).astype(np.int64)

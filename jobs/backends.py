@@ -22,8 +22,7 @@ from cluster.blocks import Blocks, add_evaluation_rows, evaluation_row
 from core import Network
 from core.chunks import ChunkEngine, sum_rows
 from core.diagnostics import add_with_stats, stats_size
-from core.kernels import steps_from_chunk_sums
-from core.plan import cut
+from core.plan import cut, epoch_cuts
 
 
 class Backend(Protocol):
@@ -77,6 +76,7 @@ class LocalBackend:
         self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
         self.blocks = blocks
         self._offsets = blocks.offsets("train") if blocks is not None and blocks.confined else None
+        self._plan = None  # (order, cuts, firsts) of the epoch being trained (core.plan.epoch_cuts)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -84,8 +84,10 @@ class LocalBackend:
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
-        if self._offsets is not None:  # chunks cut at the blocks: the steps of the Ray workers, here
-            steps_from_chunk_sums(self.chunk_sums, network, order, first, last, batch_size, eta, lmbda)
+        if self._offsets is not None:  # chunks cut at the blocks, as the Ray workers cut them; compiled
+            if self._plan is None or self._plan[0] is not order:  # the epoch's plan, once
+                self._plan = (order, *epoch_cuts(order, batch_size, self.chunk_size, self._offsets))
+            self._engine.planned_steps(network, order, *self._plan[1:], first, last, batch_size, eta, lmbda)
             return
         # the whole stretch compiled, each step's chunks on the threads at once: the same bits as step by step
         self._engine.steps(network, order, first, last, batch_size, eta, lmbda, self.chunk_size)

@@ -263,6 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--tracking-uri")
     runs.set_defaults(handler=cmd_runs)
 
+    data = sub.add_parser("data", help="write a dataset as a folder of blocks (a sharded dataset), or check one",
+                          description="shard: write SOURCE (a bundled name, an .npz, an IDX folder, ...) as a folder "
+                                      "of blocks that Ray workers load one share each (train it with data=OUT, "
+                                      "shuffle=blocks); check: verify every block of a folder against its manifest.")
+    data.add_argument("action", choices=("shard", "check"))
+    data.add_argument("source", help="shard: the dataset to write; check: a sharded folder")
+    data.add_argument("out", nargs="?", help="shard: the new folder")
+    data.add_argument("--rows-per-block", type=int, default=1000, help="examples per block (default 1000)")
+    data.add_argument("--validation-size", type=int, default=0,
+                      help="training examples held out for validation, as a job's validation_size (default 0)")
+    data.add_argument("--test-size", type=int, help="examples held out for test where the source has no test set "
+                                                    "(default: the dataset's default, as a job's test_size)")
+    data.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                      help="how the rows are stored (float32: half the size; a float64 network then trains on "
+                           "float32-rounded inputs)")
+    data.add_argument("--allow-pickle", action="store_true", help="the source may be the book's pickled "
+                                                                  "mnist.pkl.gz (unpickling can run code)")
+    data.set_defaults(handler=cmd_data)
+
     keys = sub.add_parser("keys", help="list the config keys, their defaults and what is valid")
     keys.set_defaults(handler=cmd_keys)
     parser.commands = sub.choices  # for _parse
@@ -576,6 +595,43 @@ def cmd_runs(args) -> int:
 
     for run_id, what in repair(resolve_uri(args.tracking_uri), args.run_ids):
         print(f"{run_id}: {what}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from cluster.blocks import BlockError, read_block
+    from jobs import shards
+    from jobs.data import DataError
+
+    if args.action == "check":
+        if args.out:
+            raise UsageError("data check takes one folder")
+        try:
+            manifest = shards.read_manifest(args.source)
+            for split in shards.SPLITS:
+                for spec in manifest.specs(split):
+                    read_block(spec)
+            manifest.positions_of_sources()
+        except (shards.ShardError, BlockError) as e:
+            raise DataError(str(e)) from None
+        print(f"{manifest.folder}: {len(manifest.blocks)} blocks, every one as its manifest says "
+              f"({', '.join(f'{manifest.rows(s):,} {s}' for s in shards.SPLITS)} examples)")
+        return 0
+    if not args.out:
+        raise UsageError("data shard needs SOURCE and OUT, e.g. gradavg data shard mnist-5k data/mnist-5k")
+    for name, value, low in (("--rows-per-block", args.rows_per_block, 1), ("--validation-size",
+                                                                            args.validation_size, 0),
+                             ("--test-size", args.test_size, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} {value}: must be at least {low}")
+    try:
+        manifest = shards.shard(args.source, args.out, args.rows_per_block, args.validation_size, args.test_size,
+                                args.dtype, args.allow_pickle)
+    except shards.ShardError as e:
+        raise DataError(str(e)) from None
+    print(f"{manifest.folder}: {len(manifest.blocks)} blocks of up to {args.rows_per_block:,} examples "
+          f"({', '.join(f'{manifest.rows(s):,} {s}' for s in shards.SPLITS)}); train on it with "
+          f"data={args.out} (shuffle=blocks: each Ray worker loads only its blocks)")
     return 0
 
 
