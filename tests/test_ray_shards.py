@@ -156,7 +156,8 @@ def test_a_block_unreadable_when_a_worker_is_replaced_stops_the_job_resumable(fo
             return super().chunk_sums(network, batch)
 
     def backend(cfg, on_failure=None):
-        return Damaging(cfg.workers, cfg.chunk_size, on_failure=on_failure, after=150, kill=1)  # in epoch 2 (124 steps an epoch)
+        # in epoch 2 (124 steps an epoch): epoch 1's checkpoint is saved
+        return Damaging(cfg.workers, cfg.chunk_size, on_failure=on_failure, after=150, kill=1)
 
     monkeypatch.setattr(jobs.run, "make_backend", backend)
     args = ["run", DIGITS, f"data={copy}", "shuffle=blocks", "backend=ray", "workers=2", "epochs=3", "--quiet"]
