@@ -352,11 +352,14 @@ def cmd_gradcheck(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from jobs.data import load_dataset
+    from jobs.shards import is_sharded
 
     network, params = _load_model(args.model, args.tracking_uri)
     spec = args.data or params.get("data") or "digits"
     # the run's own split of its data, so that its validation and test examples are the ones it held out
     split = _run_split(params) if spec == params.get("data") else {}
+    if is_sharded(spec):  # split when it was written; only the split evaluated is read
+        split = {"validation_size": None, "rows": (args.split,)}
     data = load_dataset(spec, **split, allow_pickle=args.allow_pickle)
     x, y = getattr(data, f"x_{args.split}"), getattr(data, f"y_{args.split}")
     if x.shape[1] != network.sizes[0]:

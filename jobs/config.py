@@ -256,12 +256,6 @@ def build_config(values: dict[str, Any]) -> JobConfig:
 
 def _check_together(cfg: JobConfig) -> None:
     """Keys that are valid alone but not with each other."""
-    from jobs.data import BUNDLED
-
-    if cfg.shuffle == "blocks" and (cfg.data in BUNDLED or cfg.data.startswith("synthetic:")):
-        raise ConfigError(f"shuffle=blocks orders an epoch by the blocks of a sharded dataset, and data={cfg.data} "
-                          f"is none; shard it first (`gradavg data shard {cfg.data} FOLDER`, then data=FOLDER), or "
-                          "use shuffle=global")
     if cfg.early_stopping and not cfg.validation_size:
         raise ConfigError(f"early_stopping={cfg.early_stopping} watches validation accuracy, but validation_size=0 "
                           "holds out no examples to watch; set validation_size (e.g. validation_size=500), or "

@@ -70,16 +70,17 @@ class Dataset:
 # ---------------------------------------------------------------- public entry point
 
 
-def load_dataset(spec: str, validation_size: int = 0, test_size: int | None = None,
-                 allow_pickle: bool = False, rows: bool = True) -> Dataset:
+def load_dataset(spec: str, validation_size: int | None = 0, test_size: int | None = None,
+                 allow_pickle: bool = False, rows: bool | tuple[str, ...] = True) -> Dataset:
     """Load a dataset by bundled name (``digits``, ``mnist-5k``, ``synthetic[:N:IN:OUT]``) or path.
 
     Validation examples are carved from the training examples by a seeded split of
     ``validation_size``. Sources without their own test set hold out ``test_size``
     examples (default: a fifth of ``digits``, 1,000 of ``mnist-5k``, a tenth otherwise).
 
-    A folder written by ``gradavg data shard`` (``jobs.shards``) is split already; without ``rows``
-    only its manifest and a sample of its test blocks are read (a Ray driver's view).
+    A folder written by ``gradavg data shard`` (``jobs.shards``) is split already (``validation_size``
+    None takes its split); without ``rows`` only its manifest and a sample of its test blocks are read
+    (a Ray driver's view), with a tuple of split names only theirs.
     """
     from jobs import shards
 

@@ -22,6 +22,7 @@ from jobs.claims import refuse_if_driven
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
+from jobs.shards import is_sharded
 from jobs.store import TrackingError
 from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
 
@@ -64,14 +65,20 @@ class JobResult:
 def prepare_data(cfg: JobConfig) -> Dataset:
     """Load the data and check the config against it: every mistake surfaces before training."""
     check_memory(cfg)
+    check_shuffle(cfg)
     # a Ray driver of a sharded dataset reads its manifest, never its rows: the workers read their blocks
     data = load_dataset(cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle, rows=cfg.backend != "ray")
-    if cfg.shuffle == "blocks" and data.shards is None:
+    check_against_data(cfg, data.n_inputs, data.n_classes, data.max_label)
+    return data
+
+
+def check_shuffle(cfg: JobConfig) -> None:
+    """shuffle=blocks needs a sharded dataset: refused before a large source is read whole (sharding it
+    here would put every row in this process, which the blocks exist to avoid)."""
+    if cfg.shuffle == "blocks" and not is_sharded(cfg.data):
         raise ConfigError(f"shuffle=blocks orders an epoch by the blocks of a sharded dataset, and data={cfg.data} "
                           f"is none; shard it first (`gradavg data shard {cfg.data} FOLDER`, then data=FOLDER), or "
                           "use shuffle=global")
-    check_against_data(cfg, data.n_inputs, data.n_classes, data.max_label)
-    return data
 
 
 def memory_needed(cfg: JobConfig) -> int:

@@ -156,27 +156,33 @@ def _plain_name(name) -> bool:
 # ---------------------------------------------------------------- reading a folder
 
 
-def load_sharded(folder, validation_size: int, test_size: int | None, rows: bool = True):
+def load_sharded(folder, validation_size: int | None, test_size: int | None, rows: bool | tuple[str, ...] = True):
     """The folder as a ``jobs.data.Dataset``. With ``rows``, every block is read (a single process
-    trains on them all); without, only the manifest and the first test block (a sample for plots and
-    a model's input example): what a Ray driver holds."""
+    trains on them all), or those of the splits it names; without, only the manifest and the first test
+    block (a sample for plots and a model's input example): what a Ray driver holds. A
+    ``validation_size`` of None takes the folder's."""
     from jobs.data import DataError, Dataset
 
     manifest = read_manifest(folder)
     n_validation, n_test = manifest.rows("validation"), manifest.rows("test")
-    if validation_size != n_validation:
+    if validation_size is not None and validation_size != n_validation:
         raise DataError(f"data={folder}: its blocks hold {n_validation} validation examples, fixed when it was "
                         f"sharded, but validation_size={validation_size}; set validation_size={n_validation}, or "
                         f"shard again with --validation-size {validation_size}")
     if test_size is not None and test_size != n_test:
         raise DataError(f"data={folder}: its blocks hold {n_test} test examples, fixed when it was sharded, but "
                         f"test_size={test_size}; drop test_size, or shard again with --test-size {test_size}")
+    wanted = set(SPLITS) if rows is True else set(rows or ())
     try:
         parts = {}
         for split in SPLITS:
-            specs = manifest.specs(split) if rows else (manifest.specs(split)[:1] if split == "test" else [])
-            x, y, _ = load_blocks(specs, manifest.dtype)
-            parts[f"x_{split}"], parts[f"y_{split}"] = (x, y) if rows or split == "test" else (None, None)
+            if split in wanted:
+                x, y, _ = load_blocks(manifest.specs(split), manifest.dtype)
+            elif split == "test":  # a sample
+                x, y, _ = load_blocks(manifest.specs(split)[:1], manifest.dtype)
+            else:
+                x = y = None
+            parts[f"x_{split}"], parts[f"y_{split}"] = x, y
     except BlockError as e:
         raise DataError(str(e)) from None
     return Dataset(name=manifest.name, n_classes=manifest.n_classes, digest=manifest.digest, shards=manifest,

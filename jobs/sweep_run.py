@@ -366,12 +366,13 @@ def check_data(plan: Plan) -> None:
     """Every trial's config against its data and this machine's memory, before anything runs."""
     from jobs.config import check_against_data
     from jobs.data import load_dataset
-    from jobs.run import check_memory
+    from jobs.run import check_memory, check_shuffle
 
     loaded = {}
     for trial in plan.trials:
         cfg = trial.config
         check_memory(cfg)
+        check_shuffle(cfg)
         split = (cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle)
         if split not in loaded:
             data = load_dataset(*split, rows=False)  # a sharded folder's manifest is enough here

@@ -101,6 +101,7 @@ def files(tmp_path_factory) -> Path:
     Network.create([64, 30, 10]).save(d / "compressed.npz")
     zip_entries(d / "compressed.npz", method=99)
     save_npz(d / "y-test-only.npz", x, y, y_test=rng.integers(0, 10, 20))
+    save_npz(d / "plain.npz", x, y)
     (d / "shadow").write_text(f"root:$6${SECRET}:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
     (d / "private").write_bytes(SECRET.encode() * 100)
     (d / "linked").mkdir()  # IDX files that are links to a private file
@@ -108,7 +109,37 @@ def files(tmp_path_factory) -> Path:
         (d / "linked" / name).symlink_to(d / "private")
     os.mkfifo(d / "fifo.yaml")
     os.mkfifo(d / "fifo.npz")
+    sharded_folders(d)
     return d
+
+
+def sharded_folders(d: Path) -> None:
+    """Sharded copies of digits, each damaged one way."""
+    import json
+    import shutil
+
+    from cluster.blocks import block_digest
+    from jobs.shards import shard
+
+    shard("digits", d / "shard-ok", rows_per_block=300)
+    for name in ("shard-digest", "shard-width", "shard-dtype", "shard-escape", "shard-nothing"):
+        shutil.copytree(d / "shard-ok", d / name)
+    (d / "shard-digest" / "block-00001.x.npy").write_bytes((d / "shard-ok" / "block-00001.x.npy").read_bytes()[:-8]
+                                                           + b"\x01" * 8)
+
+    def replace_block(folder: Path, rows: np.ndarray) -> None:
+        np.save(folder / "block-00001.x.npy", rows)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["blocks"][1]["sha256"] = block_digest(str(folder / "block-00001.x.npy"),
+                                                       str(folder / "block-00001.y.npy"))
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    replace_block(d / "shard-width", np.zeros((300, 32)))
+    replace_block(d / "shard-dtype", np.zeros((300, 64), np.float32))
+    manifest = json.loads((d / "shard-escape" / "manifest.json").read_text())
+    manifest["blocks"][0]["x"] = "../shard-ok/block-00000.x.npy"
+    (d / "shard-escape" / "manifest.json").write_text(json.dumps(manifest))
+    (d / "shard-nothing" / "manifest.json").unlink()
 
 
 # (arguments, with {d} for the folder of files above; what the error line must say)
@@ -242,6 +273,27 @@ ROWS = [
      "--address http://127.0.0.1:abc: not a valid address"),
     (["jobs", "list", "--address", "http://[::1"], "--address http://[::1: not a valid address"),
     (["sweep", DIGITS, "eta=1,2", "--allow-pickle"], "--allow-pickle goes with --resume"),
+    # sharded datasets (gradavg data shard)
+    (["run", DIGITS, "data={d}/shard-nothing", "validation_size=0"], "holds blocks but no manifest.json"),
+    (["run", DIGITS, "data={d}/shard-digest", "validation_size=0"],
+     "block-00001.x.npy does not match the manifest's sha256"),
+    (["run", DIGITS, "data={d}/shard-width", "validation_size=0"],
+     "holds float64 rows of shape (300, 32), but the manifest says float64 (300, 64)"),
+    (["run", DIGITS, "data={d}/shard-dtype", "validation_size=0"],
+     "holds float32 rows of shape (300, 64), but the manifest says float64 (300, 64)"),
+    (["run", DIGITS, "data={d}/shard-escape", "validation_size=0"], "block 0 needs x and y (file names in the folder)"),
+    (["run", DIGITS, "data={d}/shard-ok"], "its blocks hold 0 validation examples, fixed when it was sharded, but "
+                                          "validation_size=200; set validation_size=0"),
+    (["run", DIGITS, "shuffle=blocks"], "shuffle=blocks orders an epoch by the blocks of a sharded dataset, and "
+                                        "data=digits is none; shard it first"),
+    (["run", DIGITS, "shuffle=blocks", "data={d}/plain.npz"], "is none; shard it first"),
+    (["run", DIGITS, "mix_blocks=0"], "mix_blocks"),
+    (["data", "shard", "digits", "{d}/shard-ok"], "already exists; shard into a new folder"),
+    (["data", "shard", "digits"], "data shard needs SOURCE and OUT"),
+    (["data", "shard", "digits", "{d}/new", "--rows-per-block", "0"], "--rows-per-block 0: must be at least 1"),
+    (["data", "shard", "{d}/no-such", "{d}/new"], "no such file or folder"),
+    (["data", "check", "{d}/shard-digest"], "does not match the manifest's sha256"),
+    (["data", "check", "{d}"], "no manifest.json here, so it is no sharded dataset"),
 ]
 
 
