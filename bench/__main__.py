@@ -28,7 +28,7 @@ GRADAVG_EPOCHS = 7  # timed epochs of gradavg per dtype and mini-batch
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("single", "ray", "nodes", "model", "memory", "tracking", "diagnostics",
-                                           "sweep"),
+                                           "sweep", "data"),
                         action="append",
                         help="run only these parts (repeatable; default: all)")
     parser.add_argument("--slow-examples", type=int, default=5_000,
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                              "their seconds per epoch are scaled up from these (default 5,000)")
     parser.add_argument("--no-ddp", action="store_true", help="leave out the PyTorch DDP column of the Ray figures")
     args = parser.parse_args(argv)
-    parts = args.only or ["single", "ray", "nodes", "model", "memory", "tracking", "diagnostics", "sweep"]
+    parts = args.only or ["single", "ray", "nodes", "model", "memory", "tracking", "diagnostics", "sweep", "data"]
     print(f"gradavg benchmark: {os.cpu_count()} cores, numpy {np.__version__}, python {sys.version.split()[0]}")
     if "single" in parts:
         single_process(args.slow_examples)
@@ -62,6 +62,10 @@ def main(argv=None) -> int:
         from bench.sweep_bench import sweep_figures
 
         sweep_figures()
+    if "data" in parts:
+        from bench.data_bench import data_figures
+
+        data_figures()
     return 0
 
 

@@ -39,6 +39,8 @@ from core.plan import cut
 
 # Below this expected wait (seconds), the driver reads a compiled graph's result at once
 SPIN_FREE_WAIT = 5e-4
+# Seconds the workers may take to start (import numpy, numba and gradavg) before the job is given up
+START_SECONDS = 180.0
 # Seconds a compiled graph's teardown may take before the driver goes on without it
 TEARDOWN_SECONDS = 30.0
 
@@ -179,11 +181,25 @@ class RayBackend:
         self._network_spec = (network.sizes, network.cost, network.activation)
         self._dtype = str(network.dtype)
         self.actors = [self._new_actor() for _ in range(self.workers)]
-        self.pids = ray.get([actor.pid.remote() for actor in self.actors])  # a busy compiled graph answers no call
+        self.pids = self._started_workers()  # a busy compiled graph answers no other call: asked now
         if blocks is not None:
             self._place_blocks()
         self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
         self.transport = self._choose_transport(network)
+
+    def _started_workers(self) -> list[int]:
+        """The workers' process ids, once every worker has started; a cluster that cannot start them all (a node
+        counted but lost, too little memory) is given up after ``START_SECONDS``, not waited on forever."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get([actor.pid.remote() for actor in self.actors], timeout=START_SECONDS)
+        except GetTimeoutError:
+            self.close()
+            raise ClusterError(f"the {self.workers} Ray workers did not all start within {START_SECONDS:.0f} s; "
+                               "check that the cluster's nodes are alive and have room for them (`ray status`)") \
+                from None
 
     def _new_actor(self):
         import ray
@@ -208,7 +224,15 @@ class RayBackend:
         except BlockError as e:
             self.close()
             raise ClusterError(str(e)) from None
-        problems = ray.get([actor.load.remote(held) for actor, held in zip(self.actors, self.placement)])
+        from ray.exceptions import RayActorError
+
+        try:
+            problems = ray.get([actor.load.remote(held) for actor, held in zip(self.actors, self.placement)])
+        except RayActorError as error:
+            self.close()
+            raise ClusterError(f"a worker died while it loaded its blocks ({_cause(error)}); a worker's memory must "
+                               "hold its share: add workers or nodes (or, under shuffle=global, where every worker "
+                               "holds every training block, train with shuffle=blocks)") from None
         problem = next((p for p in problems if p), None)
         if problem:
             self.close()

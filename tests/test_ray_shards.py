@@ -191,3 +191,56 @@ def test_a_block_missing_everywhere_is_named_with_its_file(folder, tmp_path, cap
     assert main(["run", DIGITS, f"data={copy}", "backend=ray", "workers=2", "track=false"]) == 2
     line = error_line(capsys.readouterr().err)
     assert "block 3 on " in line and "every worker reads every training block" in line
+
+
+def test_a_killed_driver_resumes_blocks_to_the_same_bits(folder, tracking_uri, tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    args = [DIGITS, f"data={folder}", "shuffle=blocks", "backend=ray", "workers=2", "epochs=60", "log_every=50"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    client = MlflowClient(tracking_uri)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # killed once a checkpoint has landed, mid-training
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started: nothing runs a handler
+    proc.wait(timeout=30)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "RUNNING"
+    assert len(client.get_metric_history(run.info.run_id, "cost/train")) < 60
+
+    assert main(["run", *args, "--resume", run.info.run_id, "--quiet"]) == 0  # its driver is gone: taken over
+    capsys.readouterr()
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "cost/train")) == list(range(1, 61))
+    weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz")).params
+    local = train(load_config(DIGITS, args[1:3] + ["epochs=60", "log_every=50"]), load_dataset(str(folder), 200),
+                  LocalBackend(500))
+    assert np.array_equal(weights, local.network.params)
+
+
+def test_a_manifest_changed_after_a_run_started_is_named_on_resume(folder, tmp_path, tracking_uri, capsys):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    args = ["run", DIGITS, f"data={copy}", "shuffle=blocks", "epochs=1", "--quiet"]
+    assert main(args) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"] = manifest["splits"]["train"][::-1]  # the same blocks, another order
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*args[:-2], "epochs=2", "--resume", run.info.run_id]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"this config changes what the run computes (the contents of data={copy} (sha256" in line

@@ -66,3 +66,23 @@ def test_losing_a_real_node_mid_training_changes_no_bit(nodes, tmp_path, transpo
     assert report["transport"] == "tasks" and report["failures"] == 1
     assert "no new worker could be placed, so the other 1 compute its chunks" in report["heard"][-1]
     assert np.array_equal(report["weights"], local_run())
+
+
+@pytest.mark.skipif(__import__("bench.capped").capped.cgroups_available() is not None, reason="no memory cgroups")
+def test_a_dataset_no_capped_worker_could_hold_trains_across_two_nodes_to_the_same_bits(nodes, tmp_path):
+    """One worker a node, each capped (a memory cgroup) at its share of the training set and 256 MiB, below
+    the whole set: shuffle=blocks trains, to the single process's bits without a cap; shuffle=global,
+    where each worker would hold the whole set, is killed at the cap while it loads, and says so."""
+    from bench import data_bench
+
+    nodes.start_worker_node()  # the test before lost it
+    folder = data_bench.synthetic_folder(tmp_path / "data", 0.6 * 2**30)
+    whole = sum(f.stat().st_size for f in folder.glob("block-*.x.npy"))
+    limit = int(0.6 * 2**30 / 2 + data_bench.MARGIN)
+    assert limit < 0.6 * 2**30 < whole
+    report = data_bench.run_capped(nodes, folder, limit, "blocks", tmp_path / "weights.npy")
+    assert report["outcome"] == "trained" and report["nodes"] == 2, report
+    assert all(0 < peak <= limit for peak in report["peaks"])
+    assert np.array_equal(np.load(tmp_path / "weights.npy"), data_bench.single_process(folder))
+    report = data_bench.run_capped(nodes, folder, limit, "global", tmp_path / "global.npy")
+    assert report["outcome"].startswith("ClusterError: a worker died while it loaded its blocks"), report
