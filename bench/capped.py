@@ -105,12 +105,17 @@ def main() -> None:
 
     class Capped(RayBackend):
         def _place_blocks(self):
+            import time
+
             import ray
+
+            started = time.perf_counter()
 
             self.nodes_of = ray.get([actor.node_id.remote() for actor in self.actors])
             for k, pid in enumerate(self.pids):
                 groups.append(cap(pid, limit, f"gradavg-cap-{os.getpid()}-{k}"))
             super()._place_blocks()
+            self.load_seconds = time.perf_counter() - started
 
         def close(self):
             self.peaks = [peak(g) for g in groups]
@@ -122,7 +127,8 @@ def main() -> None:
     try:
         state = train(cfg, load_dataset(folder, rows=False), backend)
         np.save(out, state.network.params)
-        report.update(outcome="trained", test_accuracy=state.history[-1].test_accuracy)
+        report.update(outcome="trained", test_accuracy=state.history[-1].test_accuracy,
+                      rate=state.history[-1].examples_per_second, load=backend.load_seconds)
     except Exception as error:  # the worker killed at its cap: the outcome, not a crash of this driver
         report.update(outcome=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
     report.update(peaks=getattr(backend, "peaks", []), nodes=len(set(getattr(backend, "nodes_of", []))))

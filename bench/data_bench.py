@@ -99,6 +99,7 @@ def memory_and_speed(sizes=(0.5, 1, 2, 4)) -> None:
     print("| training set | shuffle | driver MiB | each worker MiB | workers' load s | examples/s |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=os.environ.get("GRADAVG_BENCH_DIR")) as tmp:
+        drive(synthetic_folder(Path(tmp) / "warm-up", 2**26), "blocks", 2)  # the workers' float32 kernels, cached
         for gib in sizes:
             folder = synthetic_folder(Path(tmp) / f"d{gib}", gib * 2**30)
             for shuffle in ("global", "blocks"):
@@ -134,9 +135,11 @@ def capped_nodes(train_gib: float = 1.5) -> None:
             for shuffle in ("blocks", "global"):
                 report = run_capped(nodes, folder, limit, shuffle, Path(tmp) / f"{shuffle}.npy")
                 peaks = " / ".join(f"{p / 2**20:,.0f}" for p in report.get("peaks", []))
+                speed = (f", {report['rate']:,.0f} examples/s, blocks loaded in {report['load']:.1f} s"
+                         if "rate" in report else "")
                 print(f"shuffle={shuffle}: cap {limit / 2**20:,.0f} MiB a worker (the training set is "
                       f"{train_gib * 1024:,.0f} MiB), {report.get('nodes')} nodes; peak {peaks} MiB; "
-                      f"{report['outcome']}", flush=True)
+                      f"{report['outcome']}{speed}", flush=True)
         if (Path(tmp) / "blocks.npy").exists():
             same = np.array_equal(np.load(Path(tmp) / "blocks.npy"), single_process(folder))
             print(f"weights of the capped two-node run {'==' if same else '!='} the single process's, uncapped")

@@ -1,6 +1,7 @@
 """Where chunk sums are computed: one interface, two implementations.
 
-A backend is given the training set once; then the training loop hands it stretches of
+A backend is given the training set once (rows, or a sharded dataset's blocks: ``cluster.blocks``);
+then the training loop hands it stretches of
 mini-batch steps (``train_steps``: the epoch's shuffle, the first and last step), and the
 diagnostics a set of rows (``gradient_stats``). Every step is ``core.step.descend``: the
 mini-batch cut into chunks of ``chunk_size`` (``core.step.chunk_bounds``), each chunk's sum
@@ -30,7 +31,11 @@ class Backend(Protocol):
     workers: int
     failures: int  # workers that died and whose chunks were computed again
 
-    def start(self, network: Network, x: np.ndarray, labels: np.ndarray) -> None: ...
+    def start(self, network: Network, x: np.ndarray | None, labels: np.ndarray | None,
+              blocks: Blocks | None = None) -> None:
+        """Hold the training set: ``x`` and ``labels``, or a sharded dataset's ``blocks`` (where a Ray
+        driver holds no rows, ``x`` is None and the workers read their blocks)."""
+        ...
 
     @property
     def tags(self) -> dict[str, str]:
@@ -52,6 +57,15 @@ class Backend(Protocol):
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
         """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, in place."""
+        ...
+
+    def batch_cost(self, network: Network, batch: np.ndarray) -> float:
+        """A sharded dataset's mean cost over ``batch``: its chunks' cost sums added in chunk order."""
+        ...
+
+    def evaluate(self, network: Network, split: str) -> tuple[float, float, np.ndarray]:
+        """A sharded dataset's mean cost, accuracy and confusion counts on ``split``, block by block, added in
+        block order wherever the blocks are."""
         ...
 
     def close(self) -> None: ...

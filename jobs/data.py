@@ -106,7 +106,8 @@ def load_dataset(spec: str, validation_size: int | None = 0, test_size: int | No
 
 def describe_sources() -> str:
     return ("a bundled dataset (digits, mnist-5k, synthetic or synthetic:N:INPUTS:CLASSES), a folder written "
-            "by `gradavg data shard`, a folder with MNIST's IDX files, an .npz with arrays x and y, or the book's "
+            "by `gradavg data shard`, a folder with MNIST's IDX files, an .npz with arrays x and y, Parquet (a "
+            "file or a folder of them: labels y, inputs x or the other numeric columns), or the book's "
             "mnist.pkl.gz (with allow_pickle=true)")
 
 
@@ -163,6 +164,8 @@ def _load_path(path: Path, allow_pickle: bool) -> "_Source":
     if not path.exists():
         raise DataError(f"data={str(path)!r}: no such file or folder; use {describe_sources()}")
     if path.is_dir():
+        if next(path.glob("*.parquet"), None) is not None:
+            return _load_parquet(path)
         if next(path.glob("block-*.x.npy"), None) is not None:
             raise DataError(f"data={str(path)!r}: holds blocks but no manifest.json, so it is no sharded dataset; "
                             "shard the source again with `gradavg data shard SOURCE OUT`")
@@ -171,6 +174,8 @@ def _load_path(path: Path, allow_pickle: bool) -> "_Source":
     name = path.name
     if name.endswith(".npz"):
         return _load_npz(path)
+    if name.endswith(".parquet"):
+        return _load_parquet(path)
     if name.endswith(".pkl.gz") or name.endswith(".pkl"):
         return _load_book_pickle(path, allow_pickle)
     if "idx3-ubyte" in name:
@@ -284,6 +289,51 @@ def _load_npz(path: Path) -> "_Source":
         n_classes = max(n_classes, int(y_test.max(initial=0)) + 1) if "n_classes" not in arrays else n_classes
         y_test = _check_labels(y_test, n_classes, path)
     return _Source(f"npz:{path.stem}", x, _check_labels(y, n_classes, path), x_test, y_test, n_classes,
+                   default_test=len(y) // 10, origin=path)
+
+
+LABEL_COLUMNS = ("y", "label")
+
+
+def _load_parquet(path: Path) -> "_Source":
+    """Parquet written elsewhere (pandas, Spark, Ray Data's ``write_parquet``): one file, or a folder of them
+    read in name order, rows in file order. The labels are column ``y`` (or ``label``); the inputs a list
+    column ``x``, or else every other numeric column, in the schema's order. Read through pyarrow, which
+    MLflow installs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    try:
+        tables = [pq.read_table(f) for f in files]
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied); check the files' permissions") from None
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not readable Parquet ({str(e).splitlines()[0][:160]}); write it again") from None
+    names = table.schema.names
+    label = next((c for c in LABEL_COLUMNS if c in names), None)
+    if label is None:
+        raise DataError(f"{path}: has no label column ({' or '.join(LABEL_COLUMNS)}); its columns are "
+                        f"{', '.join(names[:10])}{', …' if len(names) > 10 else ''}")
+    y = table.column(label).to_numpy()
+    if "x" in names and pa.types.is_list(table.schema.field("x").type) or \
+            "x" in names and pa.types.is_fixed_size_list(table.schema.field("x").type):
+        column = table.column("x").combine_chunks()
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        if y.size and values.size % y.size:
+            raise DataError(f"{path}: the lists in column x are not all of one length; every example needs the "
+                            "same inputs")
+        x = values.reshape(y.size, -1) if y.size else values.reshape(0, 0)
+    else:
+        inputs = [c for c in names if c != label and pa.types.is_integer(table.schema.field(c).type)
+                  or c != label and pa.types.is_floating(table.schema.field(c).type)]
+        if not inputs:
+            raise DataError(f"{path}: has no input columns (a list column x, or numeric columns besides {label})")
+        x = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in inputs])
+    x, y = _npz_pair(path, x, y)
+    n_classes = int(y.max(initial=0)) + 1
+    return _Source(f"parquet:{path.stem}", x, _check_labels(y, n_classes, path), None, None, n_classes,
                    default_test=len(y) // 10, origin=path)
 
 

@@ -202,9 +202,17 @@ def _no_interrupts():
 
 
 def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
-    """Ray workers share a step by its chunks: fewer chunks than workers leaves some idle."""
+    """Ray workers share a step by its chunks: fewer chunks than workers leaves some idle; under
+    shuffle=blocks a chunk is computed where its block is, and a step's chunks lie in about mix_blocks blocks."""
+    if cfg.backend != "ray":
+        return
     chunks = piece_count(cfg.batch_size, cfg.chunk_size)
-    if cfg.backend == "ray" and chunks < cfg.workers:
+    if cfg.shuffle == "blocks" and cfg.mix_blocks < cfg.workers:
+        progress.note(f"each mini-batch draws from about mix_blocks={cfg.mix_blocks} blocks, and a block's chunks are "
+                      f"computed by the worker that holds it, so at most {cfg.mix_blocks} of the {cfg.workers} "
+                      f"workers compute in a step; mix_blocks={cfg.workers} or more spreads the steps over all of "
+                      "them (the results then differ: they are the same for a given mix_blocks)")
+    elif chunks < cfg.workers:
         share = piece_count(cfg.batch_size, cfg.workers)  # the chunk size that makes one chunk a worker
         progress.note(f"a mini-batch of {cfg.batch_size} is {chunks} chunk{'s' if chunks > 1 else ''} of up to "
                       f"chunk_size={cfg.chunk_size} examples, so only {chunks} of the {cfg.workers} workers compute "

@@ -102,6 +102,11 @@ def files(tmp_path_factory) -> Path:
     zip_entries(d / "compressed.npz", method=99)
     save_npz(d / "y-test-only.npz", x, y, y_test=rng.integers(0, 10, 20))
     save_npz(d / "plain.npz", x, y)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": x[:, 0], "b": y}), d / "no-label.parquet")
+    (d / "broken.parquet").write_bytes(b"PAR1 not really")
     (d / "shadow").write_text(f"root:$6${SECRET}:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
     (d / "private").write_bytes(SECRET.encode() * 100)
     (d / "linked").mkdir()  # IDX files that are links to a private file
@@ -294,6 +299,8 @@ ROWS = [
     (["data", "shard", "{d}/no-such", "{d}/new"], "no such file or folder"),
     (["data", "check", "{d}/shard-digest"], "does not match the manifest's sha256"),
     (["data", "check", "{d}"], "no manifest.json here, so it is no sharded dataset"),
+    (["run", DIGITS, "data={d}/no-label.parquet"], "has no label column (y or label); its columns are a, b"),
+    (["run", DIGITS, "data={d}/broken.parquet"], "not readable Parquet"),
 ]
 
 

@@ -157,3 +157,27 @@ def test_a_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         shards.shard("digits", tmp_path / "out", rows_per_block=100)
     assert list(tmp_path.iterdir()) == []  # no folder named out, no staging folder left
+
+
+def test_parquet_written_elsewhere_reads_as_the_same_arrays_and_shards(tmp_path):
+    """A folder of Parquet files with a list column x (as pyarrow and Ray Data write it) and one file of plain
+    numeric columns (as pandas writes a frame): the same examples, in file order, as the arrays they came from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.data / 16.0, digits.target
+    (tmp_path / "parts").mkdir()
+    for name, rows in (("part-0.parquet", slice(0, 900)), ("part-1.parquet", slice(900, None))):
+        pq.write_table(pa.table({"x": pa.array(list(x[rows]), type=pa.list_(pa.float64())), "y": y[rows]}),
+                       tmp_path / "parts" / name)
+    columns = {f"pixel{i}": x[:, i] for i in range(64)} | {"label": y}
+    pq.write_table(pa.table(columns), tmp_path / "frame.parquet")
+    source = load_dataset("digits", 200)
+    for path in (tmp_path / "parts", tmp_path / "frame.parquet"):
+        data = load_dataset(str(path), 200, test_size=359)
+        for key in ("x_train", "y_train", "x_validation", "y_validation", "x_test", "y_test"):
+            assert np.array_equal(getattr(data, key), getattr(source, key)), (path, key)
+    manifest = shards.shard(str(tmp_path / "parts"), tmp_path / "sharded", 500, 200, 359)
+    assert (manifest.rows("train"), manifest.rows("test")) == (1238, 359)
