@@ -24,18 +24,26 @@ from core.step import chunk_bounds
 
 
 def blocks_order(rng: np.random.Generator, offsets: np.ndarray, mix: int, batch_size: int) -> np.ndarray:
-    """An epoch's order of positions: block b holds positions ``offsets[b]`` to ``offsets[b + 1] - 1``."""
+    """An epoch's order of positions: block b holds positions ``offsets[b]`` to ``offsets[b + 1] - 1``.
+
+    Built with a few arrays of one integer an example (the order is that size anyway), sorted on one
+    key each: (group of ``mix`` blocks, row, block) to interleave, then (mini-batch, block) to group."""
     sizes = np.diff(offsets)
+    n, most = int(offsets[-1]), int(sizes.max(initial=1))
     blocks = rng.permutation(sizes.size)
-    rows = [offsets[b] + rng.permutation(sizes[b]) for b in blocks]
-    positions = np.concatenate(rows) if rows else np.empty(0, np.int64)
-    rank = np.repeat(np.arange(blocks.size), sizes[blocks])  # each row's block, by its place in the order
-    within = np.concatenate([np.arange(n) for n in sizes[blocks]]) if rows else np.empty(0, np.int64)
-    interleaved = np.lexsort((rank, within, rank // mix))  # by group of `mix` blocks, then row, then block
-    positions, rank = positions[interleaved], rank[interleaved]
-    step = np.arange(positions.size) // batch_size
-    grouped = np.lexsort((np.arange(positions.size), rank, step))  # each mini-batch's rows grouped by block
-    return positions[grouped]
+    positions, key = np.empty(n, np.int64), np.empty(n, np.int64)
+    at = 0
+    for rank, b in enumerate(blocks.tolist()):
+        m = int(sizes[b])
+        positions[at : at + m] = offsets[b] + rng.permutation(m)  # the block's rows in an order of their own
+        key[at : at + m] = (rank // mix) * (most * mix) + np.arange(m) * mix + rank % mix
+        at += m
+    order = np.argsort(key, kind="stable")
+    positions, key = positions[order], key[order]
+    del order
+    key = (key // (most * mix)) * mix + key % mix  # each row's block, by its place in the blocks' order
+    key += (np.arange(n) // batch_size) * sizes.size  # ... within its mini-batch
+    return positions[np.argsort(key, kind="stable")]
 
 
 def block_of(positions: np.ndarray, offsets: np.ndarray) -> np.ndarray:

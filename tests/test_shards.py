@@ -181,3 +181,27 @@ def test_parquet_written_elsewhere_reads_as_the_same_arrays_and_shards(tmp_path)
             assert np.array_equal(getattr(data, key), getattr(source, key)), (path, key)
     manifest = shards.shard(str(tmp_path / "parts"), tmp_path / "sharded", 500, 200, 359)
     assert (manifest.rows("train"), manifest.rows("test")) == (1238, 359)
+
+
+def test_placement_is_even_deterministic_and_goes_where_a_node_can_read_the_files(digits_folder):
+    from cluster.blocks import BlockError
+    from cluster.driver import place
+    from jobs.shards import backend_blocks
+
+    data = load_dataset(str(digits_folder), 200, rows=False)
+    blocks = backend_blocks(data, "blocks", np.float64)
+    train_ids = [s.block for s in blocks.specs["train"]]  # 13 blocks: 12 of 100 rows, one of 38
+    held = place(blocks, [set(), set(), set()], ["a", "a", "b"])
+    got = [[s.block for s in h["train"]] for h in held]
+    assert sorted(sum(got, [])) == train_ids and max(map(len, got)) - min(map(len, got)) <= 1
+    assert held == place(blocks, [set(), set(), set()], ["a", "a", "b"])  # the same every time
+    # worker 2's node lacks the first six blocks: they go to workers 0 and 1, the rest evens it out
+    lacking = set(train_ids[:6])
+    held = place(blocks, [set(), set(), lacking], ["a", "a", "b"])
+    assert not lacking & {s.block for s in held[2]["train"]}
+    assert max(sum(s.rows for s in h["train"]) for h in held) - min(sum(s.rows for s in h["train"]) for h in held) \
+        <= 100
+    with pytest.raises(BlockError, match=r"block \d+: .*block-00003.x.npy is missing on every node of the job \(a, b\)"):
+        place(blocks, [{3}, {3}, {3}], ["a", "a", "b"])
+    with pytest.raises(BlockError, match=r"block 3 on b: .* every worker reads every training block"):
+        place(backend_blocks(data, "global", np.float64), [set(), set(), {3}], ["a", "a", "b"])
