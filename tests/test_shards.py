@@ -201,7 +201,8 @@ def test_placement_is_even_deterministic_and_goes_where_a_node_can_read_the_file
     assert not lacking & {s.block for s in held[2]["train"]}
     assert max(sum(s.rows for s in h["train"]) for h in held) - min(sum(s.rows for s in h["train"]) for h in held) \
         <= 100
-    with pytest.raises(BlockError, match=r"block \d+: .*block-00003.x.npy is missing on every node of the job \(a, b\)"):
+    missing = r"block \d+: .*block-00003.x.npy is missing on every node of the job \(a, b\)"
+    with pytest.raises(BlockError, match=missing):
         place(blocks, [{3}, {3}, {3}], ["a", "a", "b"])
     with pytest.raises(BlockError, match=r"block 3 on b: .* every worker reads every training block"):
         place(backend_blocks(data, "global", np.float64), [set(), set(), {3}], ["a", "a", "b"])
