@@ -302,7 +302,7 @@ def test_a_process_without_the_memory_it_needs_says_so_at_once(tmp_path):
 def test_running_out_of_memory_is_named_as_such(tracking_uri, monkeypatch, capsys):
     from jobs.tracking import RunTracker
 
-    def no_memory(self, network, data):
+    def no_memory(self, *args):
         raise MemoryError
 
     monkeypatch.setattr(RunTracker, "log_plots", no_memory)
