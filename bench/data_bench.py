@@ -96,7 +96,7 @@ def memory_and_speed(sizes=(0.5, 1, 2, 4)) -> None:
     mib = 2**20
     print("\n## Sharded data on Ray: peak memory (VmHWM) and speed, 2 workers on this machine, one epoch of "
           "[784, 30, 10] float32, mini-batch 1,000")
-    print("| training set | shuffle | driver MiB | each worker MiB | workers' load s | examples/s |")
+    print("| training set | shuffle | driver MiB | each worker MiB | start s | examples/s |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=os.environ.get("GRADAVG_BENCH_DIR")) as tmp:
         drive(synthetic_folder(Path(tmp) / "warm-up", 2**26), "blocks", 2)  # the workers' float32 kernels, cached

@@ -200,7 +200,7 @@ def test_a_killed_driver_resumes_blocks_to_the_same_bits(folder, tracking_uri, t
 
     from conftest import ROOT
 
-    args = [DIGITS, f"data={folder}", "shuffle=blocks", "backend=ray", "workers=2", "epochs=60", "log_every=50"]
+    args = [DIGITS, f"data={folder}", "shuffle=blocks", "backend=ray", "workers=2", "epochs=30", "log_every=50"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -215,14 +215,14 @@ def test_a_killed_driver_resumes_blocks_to_the_same_bits(folder, tracking_uri, t
     proc.wait(timeout=30)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "RUNNING"
-    assert len(client.get_metric_history(run.info.run_id, "cost/train")) < 60
+    assert len(client.get_metric_history(run.info.run_id, "cost/train")) < 30
 
     assert main(["run", *args, "--resume", run.info.run_id, "--quiet"]) == 0  # its driver is gone: taken over
     capsys.readouterr()
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "cost/train")) == list(range(1, 61))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "cost/train")) == list(range(1, 31))
     weights = Network.load(client.download_artifacts(run.info.run_id, "weights.npz")).params
-    local = train(load_config(DIGITS, args[1:3] + ["epochs=60", "log_every=50"]), load_dataset(str(folder), 200),
+    local = train(load_config(DIGITS, args[1:3] + ["epochs=30", "log_every=50"]), load_dataset(str(folder), 200),
                   LocalBackend(500))
     assert np.array_equal(weights, local.network.params)
 
