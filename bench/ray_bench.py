@@ -30,9 +30,9 @@ class TimedRayBackend(RayBackend):
         super().__init__(*args, **kwargs)
         self.seconds = defaultdict(list)
 
-    def _run(self, network, batch, with_stats):
+    def _run(self, work):
         started = time.perf_counter()
-        results = super()._run(network, batch, with_stats)
+        results = super()._run(work)
         self.seconds["round trip"].append(time.perf_counter() - started)
         self.seconds["workers"].append(max(seconds for *_, seconds in results))
         return results

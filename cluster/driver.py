@@ -157,6 +157,7 @@ class RayBackend:
         self._started_ray = False
         self.blocks: Blocks | None = None  # a sharded dataset's blocks (start), and each worker's share of them:
         self.placement: list[dict] = []  # per worker, per split, the BlockSpecs it holds
+        self._in_order: dict[tuple[int, int], np.ndarray] = {}  # owners_in_order by (chunks, workers)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -246,8 +247,11 @@ class RayBackend:
                       for spec in specs if split != "train" or self.blocks.confined}
 
     def _owners(self, bounds: list, chunk_blocks) -> np.ndarray:
-        if chunk_blocks is None:  # every worker holds every training row
-            return owners_in_order(len(bounds), len(self.actors))
+        if chunk_blocks is None:  # every worker holds every training row: consecutive groups, the same every step
+            key = (len(bounds), len(self.actors))
+            if key not in self._in_order:
+                self._in_order[key] = owners_in_order(*key)
+            return self._in_order[key]
         return np.array([self.owner[int(b)] for b in chunk_blocks], dtype=np.int64)
 
     def _cut(self, batch: np.ndarray) -> tuple[list, np.ndarray | None]:
@@ -258,10 +262,9 @@ class RayBackend:
 
     def chunk_sums(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int]:
         bounds, chunk_blocks = self._cut(batch)
-        rows, counts = self._gather(self._run((network.params, batch, bounds, self._owners(bounds, chunk_blocks),
-                                               chunk_blocks, "train")), len(bounds))
+        results = self._run((network.params, batch, bounds, self._owners(bounds, chunk_blocks), chunk_blocks, "train"))
         self._sums = sum_rows(self._sums, len(bounds), network)
-        self._sums[: len(bounds)] = rows
+        _, counts = self._gather(results, len(bounds), self._sums)
         return self._sums, sum(counts)
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
@@ -293,19 +296,26 @@ class RayBackend:
         rows, _ = self._gather(self._run((network.params, None, None, owners, ids, f"evaluate:{split}")), len(ids))
         return add_evaluation_rows(rows, network.sizes[-1])
 
-    def _gather(self, results: list, n: int) -> tuple[np.ndarray, list[int]]:
-        """Every share's rows put back in chunk order (share k computed the chunks ``owners == k``)."""
+    def _gather(self, results: list, n: int, out: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+        """Every share's rows put back in chunk order (share k computed the chunks ``owners == k``), into
+        ``out`` where given, and each chunk's count."""
         owners = self._last_owners
-        width = next((r[0].shape[1] for r in results if r[0].ndim == 2 and r[0].shape[0]), 0)
-        rows = np.empty((n, width), dtype=next((r[0].dtype for r in results if r[0].size), np.float64))
+        if out is None:
+            width = next((r[0].shape[1] for r in results if r[0].ndim == 2 and r[0].shape[0]), 0)
+            out = np.empty((n, width), dtype=next((r[0].dtype for r in results if r[0].size), np.float64))
         counts = [0] * n
         for k, (part, part_counts, _, _) in enumerate(results):
+            if not len(part):
+                continue
             where = np.flatnonzero(owners == k)
-            if where.size:
-                rows[where] = part
-                for c, count in zip(where, part_counts):
+            if where[-1] - where[0] + 1 == where.size:  # consecutive chunks (every worker holds every row)
+                out[where[0] : where[-1] + 1] = part
+                counts[where[0] : where[-1] + 1] = part_counts
+            else:
+                out[where] = part
+                for c, count in zip(where.tolist(), part_counts):
                     counts[c] = count
-        return rows, counts
+        return out, counts
 
     def _run(self, work: tuple) -> list:
         """Every share's (rows, counts, stats, seconds), in share order: one ``ShardWorker.chunk_sums`` a worker."""
