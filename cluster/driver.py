@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -522,6 +523,12 @@ class RayBackend:
     def close(self) -> None:
         import ray
 
+        # Ray 2.60: an interrupt in a compiled graph's read leaves its channel buffers in the frames of the
+        # exception's traceback; freed after ray.shutdown, they crash the process (a segmentation fault). Free
+        # them now, while Ray still runs: the traceback keeps its lines, its finished frames lose their locals.
+        in_flight = sys.exc_info()[1]
+        if in_flight is not None and in_flight.__traceback__ is not None:
+            traceback.clear_frames(in_flight.__traceback__)
         self._teardown(failed=False)
         for actor in self.actors:
             ray.kill(actor)
