@@ -31,6 +31,7 @@ class BlockSpec:
     dtype: str  # as written: float32 or float64
     sha256: str
     offset: int  # its first position among the rows of its split
+    max_label: int  # the dataset's largest label, as its manifest says
 
 
 def block_digest(x_path: str, y_path: str) -> str:
@@ -103,6 +104,10 @@ def read_block(spec: BlockSpec) -> tuple[np.ndarray, np.ndarray]:
     if y.shape != (spec.rows,) or not np.issubdtype(y.dtype, np.integer):
         raise BlockError(f"{where}: {spec.y_path} holds {y.dtype} labels of shape {y.shape}, but the manifest says "
                          f"{spec.rows} integer labels: shard the data again")
+    if y.size and (y.min() < 0 or y.max() > spec.max_label):
+        bad = int(y.max()) if y.max() > spec.max_label else int(y.min())
+        raise BlockError(f"{where}: {spec.y_path} holds label {bad}, outside the manifest's 0 to {spec.max_label}; "
+                         "shard the data again")
     return x, y.astype(np.int64, copy=False)
 
 

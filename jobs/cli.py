@@ -105,7 +105,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        _say("gradavg: interrupted (a run in progress ends KILLED)")
+        _say("gradavg: interrupted (" + ("the folder was not written)" if args.command == "data" else
+                                         "a run in progress ends KILLED)"))
         return 130
     except MemoryError:  # a run in progress has ended FAILED
         _say("gradavg: error: this process ran out of memory (MemoryError); free some, raise its limit (ulimit -v), "
@@ -271,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("source", help="shard: the dataset to write; check: a sharded folder")
     data.add_argument("out", nargs="?", help="shard: the new folder")
     data.add_argument("--rows-per-block", type=int, default=1000, help="examples per block (default 1000)")
-    data.add_argument("--validation-size", type=int, default=0,
-                      help="training examples held out for validation, as a job's validation_size (default 0)")
+    data.add_argument("--validation-size", type=int,
+                      help="training examples held out for validation, as a job's validation_size (default 0; a "
+                           "sharded source: its own)")
     data.add_argument("--test-size", type=int, help="examples held out for test where the source has no test set "
                                                     "(default: the dataset's default, as a job's test_size)")
     data.add_argument("--dtype", choices=("float64", "float32"), default="float64",
@@ -432,6 +434,7 @@ def cmd_submit(args) -> int:
                          "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
     uri = resolve_uri(args.tracking_uri)
     _check_force(args)
+    submit.check_data(cfg)
     if args.resume:  # what can be checked here is, before the job is sent
         from jobs.claims import refuse_if_driven
         from jobs.run import check_resume_config
@@ -627,11 +630,18 @@ def cmd_data(args) -> int:
                              ("--test-size", args.test_size, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} {value}: must be at least {low}")
+    from jobs.run import stop_on_signals
+
+    stop_on_signals()  # a stopped or hung-up shard removes what it began, as Ctrl-C does
     try:
         manifest = shards.shard(args.source, args.out, args.rows_per_block, args.validation_size, args.test_size,
                                 args.dtype, args.allow_pickle)
     except shards.ShardError as e:
         raise DataError(str(e)) from None
+    out = Path(args.out)
+    for stale in sorted(out.parent.glob(f".{out.name}.*")):
+        print(f"gradavg: note: {stale} was left by a `data shard` that was killed (or one still running); remove "
+              "it if none is", file=sys.stderr)
     print(f"{manifest.folder}: {len(manifest.blocks)} blocks of up to {args.rows_per_block:,} examples "
           f"({', '.join(f'{manifest.rows(s):,} {s}' for s in shards.SPLITS)}); train on it with "
           f"data={args.out} (shuffle=blocks: each Ray worker loads only its blocks)")

@@ -75,7 +75,10 @@ def prepare_data(cfg: JobConfig) -> Dataset:
 def check_shuffle(cfg: JobConfig) -> None:
     """shuffle=blocks needs a sharded dataset: refused before a large source is read whole (sharding it
     here would put every row in this process, which the blocks exist to avoid)."""
-    if cfg.shuffle == "blocks" and not is_sharded(cfg.data):
+    from jobs.data import BUNDLED
+
+    named = cfg.data in BUNDLED or cfg.data.startswith("synthetic:")
+    if cfg.shuffle == "blocks" and (named or os.path.exists(cfg.data)) and not is_sharded(cfg.data):
         raise ConfigError(f"shuffle=blocks orders an epoch by the blocks of a sharded dataset, and data={cfg.data} "
                           f"is none; shard it first (`gradavg data shard {cfg.data} FOLDER`, then data=FOLDER), or "
                           "use shuffle=global")

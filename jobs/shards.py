@@ -63,7 +63,8 @@ class Manifest:
     def specs(self, split: str) -> list[BlockSpec]:
         offsets = self.offsets(split)
         return [BlockSpec(b, str(self.folder / self.blocks[b]["x"]), str(self.folder / self.blocks[b]["y"]),
-                          self.blocks[b]["rows"], self.width, self.dtype, self.blocks[b]["sha256"], int(offsets[k]))
+                          self.blocks[b]["rows"], self.width, self.dtype, self.blocks[b]["sha256"], int(offsets[k]),
+                          self.max_label)
                 for k, b in enumerate(self.splits[split])]
 
     def positions_of_sources(self) -> np.ndarray | None:
@@ -125,6 +126,8 @@ def _manifest_problem(doc) -> str | None:
     if not whole(doc.get("width"), 1) or doc.get("dtype") not in ("float32", "float64") \
             or not whole(doc.get("n_classes"), 2) or not whole(doc.get("max_label"), 0):
         return "width, dtype (float32 or float64), n_classes or max_label missing or wrong"
+    if doc["max_label"] >= doc["n_classes"]:
+        return f"max_label {doc['max_label']} is not below n_classes {doc['n_classes']}"
     blocks = doc.get("blocks")
     if not isinstance(blocks, list) or not blocks:
         return "it lists no blocks"
@@ -192,12 +195,14 @@ def load_sharded(folder, validation_size: int | None, test_size: int | None, row
 # ---------------------------------------------------------------- writing a folder
 
 
-def shard(source: str, out: str | os.PathLike, rows_per_block: int = ROWS_PER_BLOCK, validation_size: int = 0,
+def shard(source: str, out: str | os.PathLike, rows_per_block: int = ROWS_PER_BLOCK, validation_size: int | None = 0,
           test_size: int | None = None, dtype: str = "float64", allow_pickle: bool = False) -> Manifest:
     """Write ``source`` (anything ``load_dataset`` reads) as a sharded folder ``out``, split as a job with
-    these ``validation_size`` and ``test_size`` splits it."""
+    these ``validation_size`` and ``test_size`` splits it (``validation_size`` None: a sharded source's own)."""
     from jobs.data import load_dataset
 
+    if validation_size is None:  # a sharded source keeps its split; another holds out none
+        validation_size = None if is_sharded(source) else 0
     data = load_dataset(source, validation_size, test_size, allow_pickle)
     order = np.random.default_rng(SHARD_SEED).permutation(data.y_train.size)
     pieces = {
@@ -250,7 +255,16 @@ def write_folder(out, name: str, width: int, dtype: str, n_classes: int, max_lab
         if problem:
             raise ShardError(f"{out}: {problem}")
         (staging / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
-        staging.rename(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # as a folder made with mkdir (mkdtemp makes it private)
+        try:
+            staging.rename(out)
+        except OSError:
+            if out.exists():  # another `data shard` to the same folder finished first
+                raise ShardError(f"{out}: already exists (written while this one was); keep that one, or shard "
+                                 "into a new folder") from None
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

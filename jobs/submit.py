@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
@@ -20,7 +21,8 @@ from jobs.store import PROJECT_ROOT, TrackingError, check_reachable, git_commit
 
 # Left behind: environments, tracking stores and caches are not part of the job.
 EXCLUDES = [".venv", "venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "*.db", "__pycache__", "*.egg-info",
-            ".pytest_cache", ".ruff_cache", "bench-results", ".gradavg", "*.npz.part"]
+            ".pytest_cache", ".ruff_cache", "bench-results", ".gradavg", "*.npz.part",
+            "block-*.x.npy", "block-*.y.npy", "train-rows.npy"]  # a sharded dataset never travels with a job
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -113,6 +115,24 @@ def entrypoint(cfg: JobConfig, tracking_uri: str, resume: str | None = None, for
 def _command(args: list[str]) -> str:
     """``gradavg ARGS`` as a job's shell command, each argument quoted, the shell replaced by Python."""
     return "exec python -m jobs.cli " + " ".join(shlex.quote(a) for a in args)
+
+
+def check_data(cfg: JobConfig) -> None:
+    """What can be checked here of the data a job will read on the cluster: ``shuffle=blocks`` needs a sharded
+    folder; a sharded folder is read where the job runs (its blocks never travel with it), so it is named by an
+    absolute path; where that path is here too, its manifest must fit the config."""
+    from jobs.config import ConfigError, check_against_data
+    from jobs.data import BUNDLED, load_dataset
+    from jobs.run import check_shuffle
+    from jobs.shards import is_sharded
+
+    check_shuffle(cfg)  # (a path that is not here may be one on the cluster: not checked)
+    if cfg.data not in BUNDLED and not cfg.data.startswith("synthetic:") and is_sharded(cfg.data):
+        if not Path(cfg.data).is_absolute():
+            raise ConfigError(f"data={cfg.data}: a sharded folder does not travel with a job (its blocks are left "
+                              f"out); name it by a path every node sees, e.g. data={Path(cfg.data).resolve()}")
+        data = load_dataset(cfg.data, cfg.validation_size, cfg.test_size, rows=False)
+        check_against_data(cfg, data.n_inputs, data.n_classes, data.max_label)
 
 
 def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None,

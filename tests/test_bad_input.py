@@ -127,7 +127,7 @@ def sharded_folders(d: Path) -> None:
     from jobs.shards import shard
 
     shard("digits", d / "shard-ok", rows_per_block=300)
-    for name in ("shard-digest", "shard-width", "shard-dtype", "shard-escape", "shard-nothing"):
+    for name in ("shard-digest", "shard-width", "shard-dtype", "shard-escape", "shard-nothing", "shard-classes"):
         shutil.copytree(d / "shard-ok", d / name)
     (d / "shard-digest" / "block-00001.x.npy").write_bytes((d / "shard-ok" / "block-00001.x.npy").read_bytes()[:-8]
                                                            + b"\x01" * 8)
@@ -145,6 +145,9 @@ def sharded_folders(d: Path) -> None:
     manifest["blocks"][0]["x"] = "../shard-ok/block-00000.x.npy"
     (d / "shard-escape" / "manifest.json").write_text(json.dumps(manifest))
     (d / "shard-nothing" / "manifest.json").unlink()
+    manifest = json.loads((d / "shard-classes" / "manifest.json").read_text())
+    manifest["n_classes"], manifest["max_label"] = 5, 4  # its blocks hold labels up to 9
+    (d / "shard-classes" / "manifest.json").write_text(json.dumps(manifest))
 
 
 # (arguments, with {d} for the folder of files above; what the error line must say)
@@ -299,6 +302,14 @@ ROWS = [
     (["data", "shard", "{d}/no-such", "{d}/new"], "no such file or folder"),
     (["data", "check", "{d}/shard-digest"], "does not match the manifest's sha256"),
     (["data", "check", "{d}"], "no manifest.json here, so it is no sharded dataset"),
+    (["run", DIGITS, "data={d}/shard-classes", "validation_size=0", "sizes=[64,30,5]"],
+     "holds label 9, outside the manifest's 0 to 4"),
+    (["data", "check", "{d}/shard-classes"], "holds label 9, outside the manifest's 0 to 4"),
+    (["submit", DIGITS, "shuffle=blocks", "--tracking-uri", "http://127.0.0.1:9", "--address", "http://127.0.0.1:9"],
+     "data=digits is none; shard it first"),
+    (["submit", DIGITS, "data={d}/shard-ok", "--tracking-uri", "http://127.0.0.1:9", "--address",
+      "http://127.0.0.1:9"], "its blocks hold 0 validation examples"),
+    (["run", DIGITS, "data={d}/no-such-folder", "shuffle=blocks"], "no such file or folder"),
     (["run", DIGITS, "data={d}/no-label.parquet"], "has no label column (y or label); its columns are a, b"),
     (["run", DIGITS, "data={d}/broken.parquet"], "not readable Parquet"),
 ]

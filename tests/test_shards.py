@@ -206,3 +206,70 @@ def test_placement_is_even_deterministic_and_goes_where_a_node_can_read_the_file
         place(blocks, [{3}, {3}, {3}], ["a", "a", "b"])
     with pytest.raises(BlockError, match=r"block 3 on b: .* every worker reads every training block"):
         place(backend_blocks(data, "global", np.float64), [set(), set(), {3}], ["a", "a", "b"])
+
+
+def test_a_submitted_job_s_data_is_checked_here_where_it_can_be(digits_folder, monkeypatch, tmp_path):
+    from jobs.config import ConfigError
+    from jobs.data import DataError
+    from jobs.submit import check_data
+
+    def cfg(*overrides):
+        return load_config(CONFIGS / "digits.yaml", list(overrides))
+
+    with pytest.raises(ConfigError, match="data=digits is none; shard it first"):
+        check_data(cfg("shuffle=blocks"))
+    with pytest.raises(DataError, match="its blocks hold 200 validation examples"):
+        check_data(cfg(f"data={digits_folder}", "validation_size=5"))
+    monkeypatch.chdir(digits_folder.parent)
+    with pytest.raises(ConfigError, match=f"a sharded folder does not travel with a job .* data={digits_folder}"):
+        check_data(cfg(f"data=./{digits_folder.name}"))
+    check_data(cfg(f"data={tmp_path / 'only-on-the-cluster'}", "shuffle=blocks"))  # not here: not checked
+    check_data(cfg(f"data={digits_folder}", "shuffle=blocks"))
+
+
+def test_two_shards_into_one_folder_at_once_leave_one_whole_folder(tmp_path):
+    out = tmp_path / "out"
+
+    def racing():  # the other writer finishes while this one writes its test blocks
+        yield np.zeros((3, 4)), np.zeros(3, np.int64)
+        out.mkdir()
+        (out / "manifest.json").write_text("{}")
+
+    pieces = {"train": iter([(np.ones((5, 4)), np.ones(5, np.int64))]), "validation": iter(()), "test": racing()}
+    with pytest.raises(shards.ShardError, match="already exists \\(written while this one was\\)"):
+        shards.write_folder(out, "x", 4, "float64", 2, 1, None, pieces)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_folder_is_readable_as_a_folder_made_with_mkdir(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        shards.shard("digits", tmp_path / "out", rows_per_block=500)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_stopped_shard_leaves_no_folder_and_no_staging(tmp_path, stop):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "data", "shard", "synthetic:60000:784:10", str(out)],
+                           cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(tmp_path.glob(".out.*/block-00003.y.npy")):
+        time.sleep(0.02)  # stopped once it has written a few blocks
+    job.send_signal(getattr(signal, stop))
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err
+    assert "interrupted (the folder was not written)" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
