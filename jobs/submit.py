@@ -27,6 +27,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+_WARNED: set[str] = set()
+
+
 class SubmitError(RuntimeError):
     """The job cannot be sent, or the cluster cannot be reached; the message says what to do."""
 
@@ -56,7 +59,8 @@ def client(address: str | None):
     for name in ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]:
         logging.getLogger(name).setLevel(logging.ERROR)  # not a line per file uploaded
     address = resolve_address(address)
-    if warning := token_warning():
+    if (warning := token_warning()) and warning not in _WARNED:  # once a command, however many clients it makes
+        _WARNED.add(warning)
         print(f"gradavg: warning: {warning}", file=sys.stderr)
     headers = {}
     if token := read_token():
