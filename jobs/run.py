@@ -215,7 +215,7 @@ def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
                       f"computed by the worker that holds it, so at most {cfg.mix_blocks} of the {cfg.workers} "
                       f"workers compute in a step; mix_blocks={cfg.workers} or more spreads the steps over all of "
                       "them (the results then differ: they are the same for a given mix_blocks)")
-    elif chunks < cfg.workers:
+    elif cfg.shuffle == "global" and chunks < cfg.workers:  # (under blocks a mini-batch is cut at its blocks too)
         share = piece_count(cfg.batch_size, cfg.workers)  # the chunk size that makes one chunk a worker
         progress.note(f"a mini-batch of {cfg.batch_size} is {chunks} chunk{'s' if chunks > 1 else ''} of up to "
                       f"chunk_size={cfg.chunk_size} examples, so only {chunks} of the {cfg.workers} workers compute "

@@ -349,6 +349,14 @@ def test_workers_left_idle_by_one_chunk_are_told():
     (line,) = stream.getvalue().splitlines()
     assert line.startswith("gradavg: note: a mini-batch of 10 is 1 chunk of up to chunk_size=500 examples, so "
                            "only 1 of the 2 workers compute in each step; chunk_size=5 shares it among all 2")
+    # under shuffle=blocks a step's chunks lie in about mix_blocks blocks, each computed where its block is
+    stream = io.StringIO()
+    for workers in (4, 5):
+        _note_idle_workers(load_config(None, ["backend=ray", f"workers={workers}", "batch_size=10", "shuffle=blocks",
+                                              "mix_blocks=4"]), Progress(1, stream))
+    (line,) = stream.getvalue().splitlines()
+    assert line.startswith("gradavg: note: each mini-batch draws from about mix_blocks=4 blocks") and \
+        "at most 4 of the 5 workers compute in a step; mix_blocks=5 or more" in line
 
 
 def test_gradcheck_says_how_many_examples_it_checked(capsys):
