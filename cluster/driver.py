@@ -488,7 +488,11 @@ class RayBackend:
                        f"{self.max_failures})")
             return self.actors[survivor]
         if self.blocks is not None:  # the new worker reads exactly the dead one's blocks
-            self._load(replacement, self.placement[index])
+            try:
+                self._load(replacement, self.placement[index])
+            except RayActorError as error:
+                raise WorkerFailuresError(f"the worker that replaced worker {index + 1} died while it loaded its "
+                                          f"blocks ({_cause(error)})") from None
         self.actors[index], self.pids[index] = replacement, pid
         self._tell(f"worker {index + 1} died ({cause}); a new worker computes its chunks again "
                    f"(failure {self.failures} of at most {self.max_failures})")

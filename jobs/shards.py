@@ -279,6 +279,6 @@ def backend_blocks(data, shuffle: str, dtype) -> Blocks | None:
         return None
     rows = None
     if data.x_train is not None:
-        rows = {split: (np.asarray(getattr(data, f"x_{split}"), dtype=dtype), getattr(data, f"y_{split}"))
+        rows = {split: (np.ascontiguousarray(getattr(data, f"x_{split}"), dtype=dtype), getattr(data, f"y_{split}"))
                 for split in SPLITS}
     return Blocks({split: manifest.specs(split) for split in SPLITS}, shuffle == "blocks", manifest.n_classes, rows)

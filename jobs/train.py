@@ -111,9 +111,8 @@ def start_backend(backend: Backend, cfg: JobConfig, data: Dataset, network: Netw
     blocks = backend_blocks(data, cfg.shuffle, network.dtype)
     if blocks is None:
         backend.start(network, training_inputs(data, network), data.y_train)
-    else:
-        backend.start(network, None if data.x_train is None else training_inputs(data, network), data.y_train,
-                      blocks=blocks)
+    else:  # the rows in the network's dtype once, where this process holds them
+        backend.start(network, blocks.rows["train"][0] if blocks.rows else None, data.y_train, blocks=blocks)
 
 
 def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState | None = None,
@@ -126,7 +125,7 @@ def train(cfg: JobConfig, data: Dataset, backend: Backend, state: TrainingState 
     state = state or initial_state(cfg)
     hooks = hooks or Hooks()
     network = state.network
-    x_train = training_inputs(data, network)
+    x_train = None if data.shards is not None else training_inputs(data, network)  # a sharded set: the backend's
     splits = {} if data.shards is not None else {
         name: (np.asarray(getattr(data, f"x_{name}"), dtype=network.dtype), getattr(data, f"y_{name}"))
         for name in ("validation", "test")}
