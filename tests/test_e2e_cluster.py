@@ -104,6 +104,13 @@ def submit(servers, capsys, *args, command: str = "submit") -> tuple[int, str]:
     return code, job_ids[0]
 
 
+def job_logs(servers, job_id: str) -> str:
+    """The end of a job's log, for a failed test's message (the cluster and its logs go with the test)."""
+    from jobs import submit as jobs_submit
+
+    return jobs_submit.logs(servers.dashboard, job_id)[-4000:]
+
+
 def runs_of(servers, experiment: str):
     client = MlflowClient(servers.tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -218,7 +225,7 @@ def test_a_submitted_sweep_runs_its_trials_side_by_side_on_the_cluster(servers, 
 
     keys = [str(CONFIGS / "digits.yaml"), "epochs=4", "eta=0.5,3.0,1.0", "experiment=e2e-sweep"]
     code, job_id = submit(servers, capsys, *keys, "--follow", command="sweep")
-    assert code == 0
+    assert code == 0, job_logs(servers, job_id)
     client, runs = runs_of(servers, "e2e-sweep")
     (parent,) = [r for r in runs if "sweep_keys" in r.data.tags]
     assert parent.info.status == "FINISHED" and len(runs) == 4
