@@ -317,8 +317,8 @@ def _load_parquet(path: Path) -> "_Source":
         raise DataError(f"{path}: has no label column ({' or '.join(LABEL_COLUMNS)}); its columns are "
                         f"{', '.join(names[:10])}{', …' if len(names) > 10 else ''}")
     y = table.column(label).to_numpy()
-    if "x" in names and pa.types.is_list(table.schema.field("x").type) or \
-            "x" in names and pa.types.is_fixed_size_list(table.schema.field("x").type):
+    kind = {c: table.schema.field(c).type for c in names}
+    if "x" in names and (pa.types.is_list(kind["x"]) or pa.types.is_fixed_size_list(kind["x"])):
         column = table.column("x").combine_chunks()
         values = column.flatten().to_numpy(zero_copy_only=False)
         if y.size and values.size % y.size:
@@ -326,8 +326,7 @@ def _load_parquet(path: Path) -> "_Source":
                             "same inputs")
         x = values.reshape(y.size, -1) if y.size else values.reshape(0, 0)
     else:
-        inputs = [c for c in names if c != label and pa.types.is_integer(table.schema.field(c).type)
-                  or c != label and pa.types.is_floating(table.schema.field(c).type)]
+        inputs = [c for c in names if c != label and (pa.types.is_integer(kind[c]) or pa.types.is_floating(kind[c]))]
         if not inputs:
             raise DataError(f"{path}: has no input columns (a list column x, or numeric columns besides {label})")
         x = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in inputs])

@@ -134,13 +134,11 @@ class RunTracker(Hooks):
         from mlflow.exceptions import MlflowException
 
         if data.shards is not None:  # a sharded folder: described by its manifest (the driver may hold no rows)
-            import warnings as _warnings
-
             from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.data.meta_dataset import MetaDataset
 
-            with _warnings.catch_warnings():
-                _warnings.simplefilter("ignore")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 source = resolve_dataset_source(str(data.shards.folder))
             return MetaDataset(source, name=data.name, digest=data.digest[:16])
 
