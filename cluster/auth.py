@@ -13,8 +13,10 @@ import secrets
 import stat
 from pathlib import Path
 
+from jobs.errors import UserError
 
-class TokenError(RuntimeError):
+
+class TokenError(UserError, RuntimeError):
     """The token file cannot be written or read; the message says which file and why."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jobs.errors import first_line
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -92,7 +94,7 @@ def read_block(spec: BlockSpec) -> tuple[np.ndarray, np.ndarray]:
         x = np.load(spec.x_path, mmap_mode="r", allow_pickle=False)
         y = np.load(spec.y_path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise BlockError(f"{where}: {spec.x_path} cannot be read ({str(e).splitlines()[0][:120]}); restore the "
+        raise BlockError(f"{where}: {spec.x_path} cannot be read ({first_line(e, 120)}); restore the "
                          "file from the dataset's folder") from None
     if digest != spec.sha256:
         raise BlockError(f"{where}: {spec.x_path} does not match the manifest's sha256 (the block was changed or "

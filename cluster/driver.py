@@ -37,6 +37,7 @@ from core.diagnostics import add_with_stats
 from core.kernels import steps_from_chunk_sums
 from core.network import Network
 from core.plan import cut
+from jobs.errors import first_line
 
 # Below this expected wait (seconds), the driver reads a compiled graph's result at once
 SPIN_FREE_WAIT = 5e-4
@@ -95,7 +96,7 @@ def _init(cpus_needed: float) -> None:
             ray.init(logging_level="WARNING", log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"cannot connect to the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
-                               f"({str(e).splitlines()[0]}); check that it runs (`ray status`) or unset "
+                               f"({first_line(e)}); check that it runs (`ray status`) or unset "
                                "RAY_ADDRESS to start a local one") from None
     else:
         cores = os.cpu_count() or 1
@@ -232,9 +233,9 @@ class RayBackend:
             problems = ray.get([actor.load.remote(held) for actor, held in zip(self.actors, self.placement)])
         except RayActorError as error:
             self.close()
-            raise ClusterError(f"a worker died while it loaded its blocks ({_cause(error)}); a worker's memory must "
-                               "hold its share: add workers or nodes (or, under shuffle=global, where every worker "
-                               "holds every training block, train with shuffle=blocks)") from None
+            raise ClusterError(f"a worker died while it loaded its blocks ({first_line(error, 160)}); a worker's "
+                               "memory must hold its share: add workers or nodes (or, under shuffle=global, where "
+                               "every worker holds every training block, train with shuffle=blocks)") from None
         problem = next((p for p in problems if p), None)
         if problem:
             self.close()
@@ -364,7 +365,7 @@ class RayBackend:
             try:
                 results[k] = ray.get(ready[0])
             except RayActorError as error:
-                actor = self._recover(actor, k, _cause(error))
+                actor = self._recover(actor, k, first_line(error, 160))
                 pending[actor.chunk_sums.remote(work, k, shares)] = (k, actor)
         if self.failures == failures:  # a step that recovered a worker says nothing of the workers' speed
             self._record(time.perf_counter() - started)
@@ -402,7 +403,7 @@ class RayBackend:
             from ray.exceptions import RayChannelTimeoutError
 
             cause = (f"a step took longer than {timeout:.0f} s" if isinstance(error, RayChannelTimeoutError)
-                     else _cause(error))
+                     else first_line(error, 160))
             self._teardown()
             self.transport = "tasks"
             self._tell(f"the compiled graph stopped: {cause}; the job goes on with transport=tasks, "
@@ -435,7 +436,7 @@ class RayBackend:
             self._teardown()
             if self.requested == "compiled":
                 self.close()
-                raise ClusterError(f"transport=compiled does not work on this cluster ({_cause(error)}); "
+                raise ClusterError(f"transport=compiled does not work on this cluster ({first_line(error, 160)}); "
                                    "use transport=auto or transport=tasks") from None
             return "tasks"
         return "compiled"
@@ -492,7 +493,7 @@ class RayBackend:
                 self._load(replacement, self.placement[index])
             except RayActorError as error:
                 raise WorkerFailuresError(f"the worker that replaced worker {index + 1} died while it loaded its "
-                                          f"blocks ({_cause(error)})") from None
+                                          f"blocks ({first_line(error, 160)})") from None
         self.actors[index], self.pids[index] = replacement, pid
         self._tell(f"worker {index + 1} died ({cause}); a new worker computes its chunks again "
                    f"(failure {self.failures} of at most {self.max_failures})")
@@ -572,8 +573,3 @@ def place(blocks: Blocks, missing: list[set[int]], nodes: list[str]) -> list[dic
 def _quietly(action: Callable[[], object]) -> None:
     with contextlib.suppress(Exception):
         action()
-
-
-def _cause(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__

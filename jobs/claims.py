@@ -20,6 +20,8 @@ import secrets
 import socket
 import time
 
+from jobs.errors import UserError
+
 SETTLE_SECONDS = 1.0
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 300.0
@@ -27,7 +29,7 @@ STALE_SECONDS = 300.0
 HOST, PID, STARTED, TOKEN, SEEN = "driver_host", "driver_pid", "driver_started", "driver_claim", "driver_seen"
 
 
-class DriverConflict(RuntimeError):
+class DriverConflict(UserError, RuntimeError):
     """Another live process drives the run; the message names it."""
 
 

@@ -13,6 +13,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from jobs.errors import UsageError, one_line
+
 EPILOG = """examples:
   gradavg run configs/digits.yaml
   gradavg run configs/nielsen-ch1.yaml epochs=5 eta=2.0
@@ -32,10 +34,6 @@ SWEEP_EPILOG = """examples:
   gradavg sweep configs/digits.yaml validation_size=300 eta='log(0.1,10)' --samples 8 --scheduler asha
   gradavg sweep configs/sweep-eta.yaml --address http://127.0.0.1:8265 --tracking-uri http://127.0.0.1:5000
   gradavg sweep --resume PARENT_RUN_ID"""
-
-
-class UsageError(Exception):
-    """A mistake on the command line that is not a config key's."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,25 +81,15 @@ def _main(argv: list[str] | None) -> int:
     if args.command in HEAVY_COMMANDS and (problem := _limits_problem()):  # before anything large is imported
         _say(f"gradavg: error: {problem}")
         return 2
-    from cluster.auth import TokenError
-    from cluster.errors import ClusterError, WorkerFailuresError
-    from jobs.claims import DriverConflict
-    from jobs.config import ConfigError
-    from jobs.data import DataError
-    from jobs.local_cluster import ClusterUpError
-    from jobs.store import TrackingError
-    from jobs.submit import SubmitError
-    from jobs.tracking import TrackingLostError
-    from jobs.train import DivergedError
+    from jobs.errors import JobFailed, UserError
+    from jobs.train import DivergedError  # not yet a JobFailed
 
-    user_errors = (ConfigError, DataError, TrackingError, UsageError, ClusterError, SubmitError, ClusterUpError,
-                   TokenError, DriverConflict)
     try:
         return args.handler(args)
-    except user_errors as e:
+    except UserError as e:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except (DivergedError, WorkerFailuresError, TrackingLostError) as e:
+    except (JobFailed, DivergedError) as e:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -146,12 +134,6 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except OSError:
         pass
-
-
-def one_line(error: Exception, limit: int = 2000) -> str:
-    """An error's message on one line (a library's may span several), cut to ``limit`` characters."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -24,12 +24,13 @@ import yaml
 from cluster import TRANSPORTS
 from core.functions import ACTIVATIONS, COSTS
 from core.network import DTYPES, INITS
+from jobs.errors import UserError
 
 BACKENDS = ("local", "ray")
 SHUFFLES = ("global", "blocks")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user's mistake in a config or an override; the message says what to write instead."""
 
 

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.errors import UserError, first_line
+
 BUNDLED = ("digits", "mnist-5k", "synthetic")
 SYNTHETIC_DEFAULT = (50_000, 784, 10)
 SPLIT_SEED = 20_260_101  # fixed, so every job on a dataset holds out the same test examples
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be used; the message names the file or name and the problem."""
 
 
@@ -310,7 +312,7 @@ def _load_parquet(path: Path) -> "_Source":
     except PermissionError:
         raise DataError(f"{path}: cannot be read (permission denied); check the files' permissions") from None
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not readable Parquet ({str(e).splitlines()[0][:160]}); write it again") from None
+        raise DataError(f"{path}: not readable Parquet ({first_line(e, 160)}); write it again") from None
     names = table.schema.names
     label = next((c for c in LABEL_COLUMNS if c in names), None)
     if label is None:

@@ -25,9 +25,10 @@ from pathlib import Path
 import cluster  # noqa: F401  (Ray's loopback and auth settings)
 from cluster import RAY_SYSTEM_CONFIG
 from cluster.auth import ensure_token, read_token, token_warning
+from jobs.errors import UserError
 
 
-class ClusterUpError(RuntimeError):
+class ClusterUpError(UserError, RuntimeError):
     """A server did not come up; the message says which and where its log is."""
 
 

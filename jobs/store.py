@@ -23,6 +23,7 @@ from urllib.parse import urlparse, urlsplit
 
 from jobs import claims
 from jobs.claims import driver_tags
+from jobs.errors import UserError, reason
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking store cannot be used; the message says how to fix it."""
 
 
@@ -247,15 +248,6 @@ def process_uri(uri: str):
         mlflow.set_tracking_uri(None)
         if previous is not None:
             os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
-def reason(error: BaseException) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    if not lines:
-        return type(error).__name__
-    first = lines[0] if len(lines[0]) <= 300 else lines[0][:300].rsplit(" ", 1)[0] + " …"
-    return f"{type(error).__name__}: {first}"
 
 
 def git_commit() -> str | None:

@@ -17,6 +17,7 @@ from urllib.parse import urlparse, urlsplit
 import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
 from cluster.auth import read_token, token_warning
 from jobs.config import JobConfig, replace, show
+from jobs.errors import UserError, first_line
 from jobs.store import PROJECT_ROOT, TrackingError, check_reachable, git_commit
 
 # Left behind: environments, tracking stores and caches are not part of the job.
@@ -30,7 +31,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _WARNED: set[str] = set()
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """The job cannot be sent, or the cluster cannot be reached; the message says what to do."""
 
 
@@ -68,8 +69,7 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address, headers=headers or None)
     except Exception as e:  # ConnectionError, RuntimeError, ValueError, auth errors: Ray raises several
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SubmitError(f"cannot reach the Ray cluster at {address} ({first[:200]}); check the address "
+        raise SubmitError(f"cannot reach the Ray cluster at {address} ({first_line(e, 200)}); check the address "
                           "and that the cluster runs (`gradavg cluster up` starts one here)") from None
 
 
@@ -159,7 +159,7 @@ def send(command: str, address: str | None, tracking_uri: str, metadata: dict[st
     try:
         return jobs.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata)
     except Exception as e:
-        raise SubmitError(f"the cluster at {address} refused the job: {str(e).strip().splitlines()[0][:300]}") from None
+        raise SubmitError(f"the cluster at {address} refused the job: {first_line(e, 300)}") from None
 
 
 def sweep_entrypoint(parent_id: str, tracking_uri: str, at_once: int | None, register: str | None,
@@ -178,7 +178,7 @@ def status(address: str | None, job_id: str) -> str:
     try:
         return str(jobs.get_job_status(job_id).value)
     except RuntimeError as e:
-        raise SubmitError(f"no job {job_id!r} at {resolve_address(address)} ({str(e).splitlines()[0][:120]}); "
+        raise SubmitError(f"no job {job_id!r} at {resolve_address(address)} ({first_line(e, 120)}); "
                           "`gradavg jobs list` shows the jobs") from None
 
 

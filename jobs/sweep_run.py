@@ -30,13 +30,13 @@ from typing import Any, TextIO
 
 from jobs import claims
 from jobs.config import build_config, show
+from jobs.errors import one_line, reason
 from jobs.store import (
     TrackingError,
     experiment_id_of,
     logged_models,
     open_store,
     process_uri,
-    reason,
     run_tags,
 )
 from jobs.sweep import Plan, SuccessiveHalving, Trial, scheduler_for
@@ -91,7 +91,6 @@ class _Asked(Hooks):
 def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: str | None, ask=None,
               hooks: tuple[Hooks, ...] = ()) -> Outcome:
     """Train one trial as ``gradavg run`` would, its run a child of ``parent_id``."""
-    from jobs.cli import one_line
     from jobs.run import run_job
 
     started = time.perf_counter()

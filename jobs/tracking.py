@@ -25,6 +25,7 @@ import numpy as np
 from jobs import claims
 from jobs.config import JobConfig
 from jobs.data import Dataset
+from jobs.errors import JobFailed, reason
 from jobs.store import (
     PROJECT_ROOT,
     TrackingError,
@@ -32,7 +33,6 @@ from jobs.store import (
     logged_models,
     open_store,
     process_uri,
-    reason,
     retry_locked,
     run_tags,
 )
@@ -44,7 +44,7 @@ SEND_EVERY_SECONDS = 2.0
 SYSTEM_METRICS_SECONDS = 2  # CPU, memory, disk and network of the driver's machine, sampled this often
 
 
-class TrackingLostError(RuntimeError):
+class TrackingLostError(JobFailed, RuntimeError):
     """The store stopped answering during a job whose training then finished; the message says
     where its results are kept and how to complete the run."""
 
