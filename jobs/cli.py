@@ -437,7 +437,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from jobs import sweep_run
+    from jobs import sweep_report, sweep_run
     from jobs.run import default_stop_signals, stop_on_signals
     from jobs.store import resolve_uri
 
@@ -477,8 +477,8 @@ def cmd_sweep(args) -> int:
     result = sweep_run.run_sweep(plan, uri, parent_id, args.at_once, on_ray=args.trials_on_ray,
                                  register=args.register)
     default_stop_signals()
-    print(sweep_run.table_text(plan, result.rows))
-    print(sweep_run.best_line(result))
+    print(sweep_report.table_text(plan, result.rows))
+    print(sweep_report.best_line(result))
     print(f"MLflow sweep run {parent_id} in {uri}")
     failed = [r for r in result.rows if r.status != "FINISHED"]
     if failed:

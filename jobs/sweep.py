@@ -1,5 +1,5 @@
 """A sweep's plan: which keys vary and how, the trials that follow, and the scheduler that stops
-trials clearly behind. Nothing here trains or tracks (``jobs.sweep_run`` does).
+trials clearly behind. Nothing here trains or tracks (``jobs.sweep_run`` and ``jobs.trials`` do).
 
 A swept key is written as on the command line, ``key=TEXT``:
 - ``eta=0.1,0.5,2.0``: a grid of listed values (any key a job's result depends on);

@@ -1,0 +1,179 @@
+"""A sweep's report: its table of trials (one ``Row`` each, read back from the trial's child run), its
+plots, its best trial and that trial's registered model, logged to the sweep's parent run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.config import show
+from jobs.store import TrackingError, logged_models, process_uri
+from jobs.sweep import Plan, Trial
+from jobs.trials import TRIAL_TAG, Outcome
+
+
+@dataclass
+class Row:
+    """One line of the sweep's table, read back from the trial's child run."""
+
+    trial: Trial
+    status: str
+    run_id: str = ""
+    best_accuracy: float | None = None
+    best_epoch: int | None = None
+    final_train_cost: float | None = None
+    epochs: int = 0
+    stopped: str = ""
+    cause: str = ""
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    """A sweep's rows, one a trial, and its best trial, under its parent run."""
+
+    parent_id: str
+    uri: str
+    rows: list[Row]
+    best: Row | None
+
+
+def read_row(client, trial: Trial, child, outcome: Outcome | None = None) -> Row:
+    if child is None:
+        return Row(trial, outcome.status if outcome else "NOT RUN", cause=outcome.cause if outcome else "")
+    run_id, tags = child.info.run_id, child.data.tags
+    curves = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+              for key in ("accuracy/validation", "cost/train")}
+    best_accuracy, best_epoch = None, None
+    for epoch, value in curves["accuracy/validation"]:
+        if best_accuracy is None or value > best_accuracy:  # the first epoch that reached the best
+            best_accuracy, best_epoch = value, epoch
+    costs = curves["cost/train"]
+    cause = ""  # a failure's cause, while the run stays failed (a resumed trial may finish after all)
+    if child.info.status == "FAILED":
+        cause = outcome.cause if outcome is not None and outcome.status == "FAILED" else tags.get("failure", "")
+    return Row(trial, child.info.status, run_id, best_accuracy, best_epoch, costs[-1][1] if costs else None,
+               costs[-1][0] if costs else 0, tags.get("stopped_reason", ""), cause, curves)
+
+
+def describe(row: Row) -> str:
+    """How a trial ended, as its line of the sweep's progress says it."""
+    if row.status != "FINISHED":
+        return row.status + (f": {row.cause}" if row.cause else "")
+    best = (f", best validation accuracy {100 * row.best_accuracy:.2f}% at epoch {row.best_epoch}"
+            if row.best_accuracy is not None else "")
+    stopped = f"; stopped: {row.stopped}" if row.stopped else ""
+    return f"FINISHED after {row.epochs} epochs{best}{stopped}"
+
+
+def best_of(rows: list[Row]) -> Row | None:
+    """The finished trial with the best validation accuracy (the first, on a tie)."""
+    return max((r for r in rows if r.status == "FINISHED" and r.best_accuracy is not None),
+               key=lambda r: (r.best_accuracy, -r.trial.number), default=None)
+
+
+def log_report(client, plan: Plan, parent_id: str, rows: list[Row], best: Row | None) -> None:
+    """The table, the plots and the best trial, to the parent run."""
+    from mlflow.entities import Metric, RunTag
+
+    with tempfile.TemporaryDirectory(prefix="gradavg-sweep-") as folder:
+        (Path(folder) / "trials.csv").write_text(table_csv(plan, rows))
+        _plots(plan, rows, Path(folder) / "plots")
+        client.log_artifacts(parent_id, folder)
+    counts = {s: sum(r.status == s for r in rows) for s in ("FINISHED", "FAILED", "KILLED")}
+    tags = {"sweep_finished": str(counts["FINISHED"]), "sweep_failed": str(counts["FAILED"])}
+    metrics = []
+    if best is not None:
+        tags.update({"best_run_id": best.run_id, "best_trial": str(best.trial.number),
+                     **{f"best.{k}": show(v) for k, v in best.trial.values.items()}})
+        metrics.append(Metric("best_validation_accuracy", best.best_accuracy, int(time.time() * 1000), 0))
+    client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def register_once(client, uri: str, parent_id: str, name: str | None, best_id: str | None, stream) -> None:
+    """``--register NAME``: the best trial's model, once a sweep (a resumed sweep's may be registered already)."""
+    parent = client.get_run(parent_id)
+    registered = parent.data.tags.get("registered_model")
+    if registered:
+        if name:
+            stream.write(f"gradavg: the best trial's model is registered already, as {registered}\n")
+        return
+    if not name or best_id is None:
+        return
+    version = register_best(client, uri, name, best_id)
+    client.set_tag(parent_id, "registered_model", f"models:/{name}/{version}")
+    number = parent.data.tags.get("best_trial") or client.get_run(best_id).data.tags.get(TRIAL_TAG)
+    stream.write(f"gradavg: registered trial {number}'s model as models:/{name}/{version}\n")
+
+
+def register_best(client, uri: str, name: str, run_id: str) -> str:
+    """Register the best trial's logged model under ``name``; return the new version."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    ready = [m for m in logged_models(uri, client.get_run(run_id).info.experiment_id, run_id)
+             if m.status == LoggedModelStatus.READY]
+    if not ready:
+        raise TrackingError(f"--register {name}: the best trial's run {run_id} has no model to register")
+    with process_uri(uri):  # models:/ URIs are resolved in the process's store
+        return str(mlflow.register_model(f"models:/{ready[0].model_id}", name).version)
+
+
+COLUMNS = ("status", "best_validation_accuracy", "best_epoch", "epochs", "final_train_cost", "stopped", "cause",
+           "run_id")
+
+
+def table_csv(plan: Plan, rows: list[Row]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial", *(a.key for a in plan.axes), *COLUMNS])
+    for r in rows:
+        writer.writerow([r.trial.number, *(show(r.trial.values[a.key]) for a in plan.axes), r.status,
+                         "" if r.best_accuracy is None else f"{r.best_accuracy:.6f}", r.best_epoch or "", r.epochs,
+                         "" if r.final_train_cost is None else f"{r.final_train_cost:.6g}", r.stopped, r.cause,
+                         r.run_id])
+    return out.getvalue()
+
+
+def table_text(plan: Plan, rows: list[Row]) -> str:
+    """The table as a user reads it on a terminal."""
+    head = ["trial", *(a.key for a in plan.axes), "status", "best val.", "epoch", "train cost", "run"]
+    lines = [head]
+    for r in rows:
+        lines.append([str(r.trial.number), *(show(r.trial.values[a.key]) for a in plan.axes),
+                      r.status + ("*" if r.stopped else ""),
+                      "" if r.best_accuracy is None else f"{100 * r.best_accuracy:.2f}%", str(r.best_epoch or ""),
+                      "" if r.final_train_cost is None else f"{r.final_train_cost:.4f}", r.run_id])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    if any(r.stopped for r in rows):
+        text += "\n* stopped early (the run's stopped_reason tag says why)"
+    return text
+
+
+def _plots(plan: Plan, rows: list[Row], folder: Path) -> None:
+    from jobs import plots
+
+    folder.mkdir()
+    ran = [r for r in rows if r.best_accuracy is not None]
+    for axis in plan.axes:
+        points = [(r.trial.values[axis.key], r.best_accuracy) for r in ran]
+        plots.against_key(axis.key, points, folder / f"validation_accuracy_vs_{axis.key}.png")
+    for metric, name, ylabel in (("accuracy/validation", "validation_curves", "validation accuracy (%)"),
+                                 ("cost/train", "training_cost_curves", "training cost C")):
+        scale = 100 if metric.startswith("accuracy") else 1
+        series = {f"{r.trial.number}: {r.trial.label}": [(e, scale * v) for e, v in r.curves.get(metric, [])]
+                  for r in rows if r.curves.get(metric)}
+        plots.overlaid(series, ylabel, folder / f"{name}.png")
+
+
+def best_line(result: SweepResult) -> str:
+    best = result.best
+    if best is None:
+        return f"no trial finished; the sweep's run {result.parent_id} in {result.uri} holds the table"
+    return (f"best: trial {best.trial.number} ({best.trial.label}), validation accuracy "
+            f"{100 * best.best_accuracy:.2f}% at epoch {best.best_epoch}, run {best.run_id}")
