@@ -33,6 +33,7 @@ from jobs.config import (
     split_sweep,
     with_overrides,
 )
+from jobs.errors import UsageError
 
 MAX_TRIALS = 500  # each trial is an MLflow run: a sweep larger than this is more likely a typo than a plan
 # Keys a trial does not take from the sweep: where and how it runs (one core each), and its tracking.
@@ -324,3 +325,29 @@ def scheduler_for(plan: Plan) -> SuccessiveHalving | None:
     if spec.get("name") != "asha":
         return None
     return SuccessiveHalving(max(t.config.epochs for t in plan.trials), spec["grace"], spec["reduction"])
+
+
+def check_options(args) -> None:
+    """The rules between ``gradavg sweep``'s options (``args``, as the command line parsed them), checked
+    before anything is read or run."""
+    if args.resume and (args.config or args.overrides or args.samples is not None or args.scheduler != "none"):
+        raise UsageError(f"--resume {args.resume} continues a sweep as it was planned: drop the config, the keys, "
+                         "--samples and --scheduler")
+    if not args.resume and not args.config:
+        raise UsageError("gradavg sweep needs a config and the keys to sweep, e.g. gradavg sweep "
+                         "configs/digits.yaml validation_size=300 eta=0.5,3.0 (or --resume PARENT_RUN_ID)")
+    if args.at_once is not None and args.at_once < 1:
+        raise UsageError(f"--at-once {args.at_once}: run at least 1 trial at a time")
+    if (args.grace is not None or args.reduction is not None) and args.scheduler != "asha":
+        raise UsageError("--grace and --reduction set the asha scheduler: add --scheduler asha, or drop them")
+    if args.grace is not None and args.grace < 1:
+        raise UsageError(f"--grace {args.grace}: the first epoch a trial can be stopped at is at least 1")
+    if args.reduction is not None and args.reduction < 2:
+        raise UsageError(f"--reduction {args.reduction}: keep at most the top half at each rung (2 or more)")
+    if args.register is not None and (not args.register.strip() or set(args.register) & set("/:")):
+        raise UsageError(f"--register {args.register!r}: a model name is some text without / or : (MLflow's rule), "
+                         "e.g. --register digits-best")
+    if args.allow_pickle and not args.resume:
+        raise UsageError("--allow-pickle goes with --resume (a new sweep takes allow_pickle=true as a key); drop it")
+    if args.follow and not args.address:
+        raise UsageError("--follow goes with --address (it streams a submitted sweep's log); drop it")

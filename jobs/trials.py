@@ -91,7 +91,12 @@ def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -
 
 
 def _interrupt_once(signum, frame):
-    """The first SIGINT or stop signal interrupts the trial; later ones are ignored (the run is closing)."""
+    """The first SIGINT or stop signal interrupts the trial; later ones are ignored (the run is closing).
+
+    Not the handler ``stop_on_signals`` installs (beside ``STOPPING``), which interrupts at every signal, on
+    purpose: one stop of a sweep reaches a trial's process more than once (Ctrl-C's SIGINT reaches the whole
+    process group, then the driver SIGTERMs each trial), and a second interrupt would cut the closing of its
+    run short."""
     from jobs.run import STOPPING
 
     if STOPPING.is_set():

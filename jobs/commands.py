@@ -1,0 +1,309 @@
+"""What each ``gradavg`` command does with the options ``jobs.cli`` parsed: one ``cmd_*`` function a
+command, returning its exit status (an error it raises is mapped to one by ``jobs.cli``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from jobs.errors import UsageError
+
+
+def cmd_run(args) -> int:
+    from jobs.config import load_config
+    from jobs.run import run_job, stop_on_signals, summary
+    from jobs.store import ui_command
+
+    _check_force(args)
+    if args.config is None:
+        raise UsageError("gradavg run needs a config, e.g. gradavg run configs/digits.yaml ('-' for the defaults "
+                         "and key=value overrides alone)")
+    cfg = load_config(None if args.config == "-" else args.config, args.overrides)
+    stop_on_signals()  # a stopped job, or one whose terminal closed, ends its run KILLED, as Ctrl-C does
+    result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
+    if result.already_complete:
+        if result.state.stopped:
+            print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs "
+                  f"(stopped: {result.state.stopped}); nothing is left to do")
+        else:
+            print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs, and "
+                  f"nothing is left to do; to train it longer, pass epochs=N (more than {result.state.epoch})")
+        return 0
+    print(summary(result, cfg))
+    if result.run_id:
+        print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+        print(f"look at it: {ui_command(result.tracking_uri)}")
+    return 0
+
+
+def _check_force(args) -> None:
+    if args.force and not args.resume:
+        raise UsageError("--force goes with --resume RUN_ID (it accepts a config that changes a resumed run); "
+                         "drop it, or add --resume")
+
+
+def cmd_gradcheck(args) -> int:
+    from core import TOLERANCES, gradient_check
+    from core.kernels import compiled_gradient_sum
+    from jobs.config import load_config
+    from jobs.run import prepare_data
+    from jobs.train import initial_state
+
+    cfg = load_config(args.config, args.overrides)
+    if args.examples < 1:
+        raise UsageError(f"--examples {args.examples}: must be at least 1")
+    if args.tolerance is not None and not 0 < args.tolerance < float("inf"):
+        raise UsageError(f"--tolerance {args.tolerance}: must be a number > 0, e.g. 1e-7")
+    data = prepare_data(cfg)
+    network = initial_state(cfg).network  # the network the job would train, init_scale and all
+    tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[cfg.dtype]
+    x, y = data.x_train[: args.examples], data.y_train[: args.examples]
+    more = f" (all it has; {args.examples:,} asked)" if y.size < args.examples else ""
+    print(f"checking {network.params.size:,} parameters of {list(cfg.sizes)} ({cfg.cost}, {cfg.dtype}) "
+          f"on {y.size:,} examples of {data.name}{more}", file=sys.stderr)
+    failed = False
+    for path, gradient in (("numpy reference", None), ("compiled training path", compiled_gradient_sum)):
+        worst = gradient_check(network, x, y, gradient=gradient)
+        passed = worst <= tolerance  # a NaN error fails
+        failed |= not passed
+        verdict = "ok" if passed else "FAILED"
+        print(f"{path}: worst relative error {worst:.3e} (tolerance {tolerance:.0e}): {verdict}")
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args) -> int:
+    from jobs.data import load_dataset
+    from jobs.models import load_model, run_split
+    from jobs.shards import is_sharded
+
+    network, params = load_model(args.model, args.tracking_uri)
+    spec = args.data or params.get("data") or "digits"
+    # the run's own split of its data, so that its validation and test examples are the ones it held out
+    split = run_split(params) if spec == params.get("data") else {}
+    if is_sharded(spec):  # split when it was written; only the split evaluated is read
+        split = {"validation_size": None, "rows": (args.split,)}
+    data = load_dataset(spec, **split, allow_pickle=args.allow_pickle)
+    x, y = getattr(data, f"x_{args.split}"), getattr(data, f"y_{args.split}")
+    if x.shape[1] != network.sizes[0]:
+        raise UsageError(f"--data {spec}: has {x.shape[1]} inputs per example but the model takes "
+                         f"{network.sizes[0]}; pass the dataset it was trained on")
+    if y.size == 0:
+        held = "" if split else " (pass a run's model, runs:/RUN_ID, to use the validation examples it held out)"
+        raise UsageError(f"--split {args.split}: {spec} has no {args.split} examples{held}")
+    cost, accuracy = network.evaluate(x, y)
+    print(f"{spec} {args.split} ({y.size} examples): accuracy {100 * accuracy:.2f}%, mean cost {cost:.4f}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from jobs import submit
+    from jobs.config import load_config
+    from jobs.store import resolve_uri
+
+    cfg = load_config(args.config, args.overrides)  # validated here, before anything is sent
+    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise UsageError("a job on a cluster needs a tracking server it can reach: pass --tracking-uri "
+                         "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
+    uri = resolve_uri(args.tracking_uri)
+    _check_force(args)
+    submit.check_data(cfg)
+    if args.resume:  # what can be checked here is, before the job is sent
+        from jobs.claims import refuse_if_driven
+        from jobs.run import check_resume_config
+        from jobs.store import fetch_checkpoint
+
+        submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+        run, state, saved = fetch_checkpoint(uri, args.resume)
+        refuse_if_driven(run, f"--resume {args.resume}")
+        check_resume_config(args.resume, state, saved, cfg, args.force)
+    job_id = submit.submit(cfg, args.address, uri, resume=args.resume, force=args.force)
+    print(job_id)
+    if not args.follow:
+        print(f"follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    state = submit.follow(args.address, job_id)
+    print(f"job {job_id} {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_sweep(args) -> int:
+    from jobs import sweep_report, sweep_run
+    from jobs.run import default_stop_signals, stop_on_signals
+    from jobs.store import resolve_uri
+    from jobs.sweep import check_options
+
+    check_options(args)
+    uri = resolve_uri(args.tracking_uri)
+    if args.address and not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise UsageError("a sweep on a cluster needs a tracking server it can reach: pass --tracking-uri "
+                         "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
+    if args.resume:
+        plan, parent_id = sweep_run.load_plan(uri, args.resume, args.allow_pickle), args.resume
+        if args.address:
+            from jobs import submit
+            from jobs.claims import refuse_if_driven
+            from jobs.store import open_store
+
+            submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+            refuse_if_driven(open_store(uri, create=False).get_run(parent_id), f"--resume {parent_id}")
+    else:
+        from jobs.sweep import plan_from
+
+        scheduler = {"name": "asha", "grace": args.grace or 1, "reduction": args.reduction or 3} \
+            if args.scheduler == "asha" else {}
+        plan = plan_from(args.config, args.overrides, args.samples, scheduler)
+        print(f"gradavg: checking the {len(plan.trials)} trials, then opening the MLflow store {uri} ...",
+              file=sys.stderr)
+        if args.address:  # checked where it can be, before the parent run is opened
+            from jobs import submit
+
+            submit.check_tracking_uri(uri, submit.resolve_address(args.address))
+            submit.client(args.address)  # the cluster answers
+        else:
+            sweep_run.check_data(plan)
+        parent_id = sweep_run.start(plan, uri, driven_here=not args.address)
+    if args.address:
+        return _submit_sweep(args, uri, parent_id, plan.base.allow_pickle)
+    stop_on_signals()  # a stopped sweep, or one whose terminal closed, ends its runs KILLED, as Ctrl-C does
+    result = sweep_run.run_sweep(plan, uri, parent_id, args.at_once, on_ray=args.trials_on_ray,
+                                 register=args.register)
+    default_stop_signals()
+    print(sweep_report.table_text(plan, result.rows))
+    print(sweep_report.best_line(result))
+    print(f"MLflow sweep run {parent_id} in {uri}")
+    failed = [r for r in result.rows if r.status != "FINISHED"]
+    if failed:
+        print(f"gradavg: {len(failed)} of {len(result.rows)} trials did not finish (the table's status column); "
+              f"`gradavg sweep --resume {parent_id}` runs them again (from their checkpoints, where they have one)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
+    from jobs import submit
+    from jobs.store import open_store
+
+    try:
+        command = submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register, allow_pickle)
+        job_id = submit.send(command, args.address, uri, {"gradavg_sweep": parent_id})
+    except Exception:
+        if not args.resume:  # the parent run of a sweep that never started
+            open_store(uri).set_terminated(parent_id, "FAILED")
+        raise
+    print(job_id)
+    print(f"sweep run {parent_id}; follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
+    if not args.follow:
+        return 0
+    state = submit.follow(args.address, job_id)
+    print(f"job {job_id} {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from jobs import submit
+
+    if args.action == "list":
+        for job_id, state, entry in submit.list_jobs(args.address):
+            print(f"{job_id:<28} {state:<10} {entry}")
+        return 0
+    if not args.job_id:
+        raise UsageError(f"gradavg jobs {args.action} needs a JOB_ID (`gradavg jobs list` shows them)")
+    if args.action == "status":
+        print(submit.status(args.address, args.job_id))
+    elif args.action == "logs":
+        if args.follow:
+            state = submit.follow(args.address, args.job_id)
+            return 0 if state == "SUCCEEDED" else 1
+        sys.stdout.write(submit.logs(args.address, args.job_id))
+    elif args.action == "stop":
+        submit.stop(args.address, args.job_id)
+        state = submit.wait(args.address, args.job_id, timeout=60)
+        print(f"job {args.job_id} {state}")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from jobs import local_cluster
+
+    if args.action == "down":
+        stopped = local_cluster.down(args.state_dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing to stop ({args.state_dir}/cluster.json "
+                                                                "is absent)")
+        return 0
+    for option, port in (("--dashboard-port", args.dashboard_port), ("--mlflow-port", args.mlflow_port)):
+        if not 1 <= port <= 65535:
+            raise UsageError(f"{option} {port}: a port is a number from 1 to 65535")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UsageError(f"--num-cpus {args.num_cpus}: the head offers at least 1 CPU (leave it out for all)")
+    print("starting a Ray head and an MLflow server on 127.0.0.1 ...", file=sys.stderr)
+    servers = local_cluster.up(args.state_dir, args.num_cpus, args.dashboard_port, args.mlflow_port)
+    print(f"Ray dashboard   {servers.dashboard}")
+    print(f"MLflow server   {servers.tracking_uri}")
+    print(f"submit a job:   gradavg submit configs/digits.yaml workers=2 --address {servers.dashboard} "
+          f"--tracking-uri {servers.tracking_uri} --follow")
+    print(f"stop both:      gradavg cluster down --state-dir {args.state_dir}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from jobs.store import repair, resolve_uri
+
+    for run_id, what in repair(resolve_uri(args.tracking_uri), args.run_ids):
+        print(f"{run_id}: {what}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from cluster.blocks import BlockError, read_block
+    from jobs import shards
+    from jobs.data import DataError
+
+    if args.action == "check":
+        if args.out:
+            raise UsageError("data check takes one folder")
+        try:
+            manifest = shards.read_manifest(args.source)
+            for split in shards.SPLITS:
+                for spec in manifest.specs(split):
+                    read_block(spec)
+            manifest.positions_of_sources()
+        except (shards.ShardError, BlockError) as e:
+            raise DataError(str(e)) from None
+        print(f"{manifest.folder}: {len(manifest.blocks)} blocks, every one as its manifest says "
+              f"({', '.join(f'{manifest.rows(s):,} {s}' for s in shards.SPLITS)} examples)")
+        return 0
+    if not args.out:
+        raise UsageError("data shard needs SOURCE and OUT, e.g. gradavg data shard mnist-5k data/mnist-5k")
+    for name, value, low in (("--rows-per-block", args.rows_per_block, 1), ("--validation-size",
+                                                                            args.validation_size, 0),
+                             ("--test-size", args.test_size, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} {value}: must be at least {low}")
+    from jobs.run import stop_on_signals
+
+    stop_on_signals()  # a stopped or hung-up shard removes what it began, as Ctrl-C does
+    try:
+        manifest = shards.shard(args.source, args.out, args.rows_per_block, args.validation_size, args.test_size,
+                                args.dtype, args.allow_pickle)
+    except shards.ShardError as e:
+        raise DataError(str(e)) from None
+    out = Path(args.out)
+    for stale in sorted(out.parent.glob(f".{out.name}.*")):
+        print(f"gradavg: note: {stale} was left by a `data shard` that was killed (or one still running); remove "
+              "it if none is", file=sys.stderr)
+    print(f"{manifest.folder}: {len(manifest.blocks)} blocks of up to {args.rows_per_block:,} examples "
+          f"({', '.join(f'{manifest.rows(s):,} {s}' for s in shards.SPLITS)}); train on it with "
+          f"data={args.out} (shuffle=blocks: each Ray worker loads only its blocks)")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from dataclasses import fields
+
+    from jobs.config import HELP, JobConfig
+
+    for f in fields(JobConfig):
+        default = f.default if not isinstance(f.default, tuple) else list(f.default)
+        print(f"{f.name:<17} {str(default):<14} {HELP[f.name]}")
+    return 0
