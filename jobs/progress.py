@@ -91,5 +91,9 @@ class HookChain(Hooks):
         for h in self.hooks:
             h.on_worker_failure(failures, text)
 
+    def flush(self):
+        for h in self.hooks:
+            h.flush()
+
     def should_stop(self, result, state):
         return next((why for h in self.hooks if (why := h.should_stop(result, state))), None)

@@ -8,6 +8,7 @@ the update w ← (1 − ηλ/n) w − η ∂C/∂w, then evaluation. What happen
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from core.plan import blocks_order
 from jobs.backends import Backend
 from jobs.config import JobConfig
 from jobs.data import Dataset
+from jobs.stopping import STOPPING
 
 
 class DivergedError(RuntimeError):
@@ -90,6 +92,9 @@ class Hooks:
     def should_stop(self, result: EpochResult, state: TrainingState) -> str | None:
         """Asked after each epoch: why training should stop here (a sweep's scheduler), or None."""
         return None
+
+    def flush(self) -> None:
+        """Send what is held back now (the loop is about to hold: ``hold_after``)."""
 
 
 def initial_state(cfg: JobConfig) -> TrainingState:
@@ -168,6 +173,7 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
     rows = diagnostic_rows(n_train)
     rows = rows if sources is None else sources[rows]
     n_batches = batch_count(n_train, cfg.batch_size)
+    hold_after(state.epoch, hooks)  # 0: the run started, nothing trained yet
     while state.epoch < cfg.epochs and not state.stopped:
         hooks.on_epoch_start(state.epoch + 1, n_batches)
         started = time.perf_counter()
@@ -202,6 +208,21 @@ def _epochs(cfg, data, backend, state, hooks, x_train, splits) -> None:
         # decided before the epoch's hooks, so that its checkpoint holds the decision and a resumed run agrees
         state.stopped = early_stop(cfg, state, result) or hooks.should_stop(result, state)
         hooks.on_epoch_end(result, state)
+        hold_after(state.epoch, hooks)
+
+
+# A test's hook: with GRADAVG_HOLD_AFTER_EPOCH=N in its environment, a run holds after epoch N (its hooks
+# done and its checkpoint sent; 0: before the first epoch) until it is stopped or killed, so that a test
+# interrupts it exactly there, in seconds.
+HOLD_AFTER_EPOCH = "GRADAVG_HOLD_AFTER_EPOCH"
+
+
+def hold_after(epoch: int, hooks: Hooks) -> None:
+    if os.environ.get(HOLD_AFTER_EPOCH) == str(epoch):
+        hooks.flush()
+        while not STOPPING.is_set():  # a stop signal interrupts the sleep (jobs.stopping.stop_on_signals)
+            time.sleep(0.05)
+        raise KeyboardInterrupt  # one that arrived while something swallowed it
 
 
 def early_stop(cfg: JobConfig, state: TrainingState, result: EpochResult) -> str | None:

@@ -5,8 +5,11 @@ Creating a fresh store runs MLflow's migrations (seconds); copying one takes a f
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,13 @@ def tracking_uri(template_store, tmp_path, monkeypatch) -> str:
     return uri
 
 
+def holding_at(epoch: int) -> dict[str, str]:
+    """The environment of a process whose runs hold after ``epoch`` (``jobs.train.hold_after``) until killed."""
+    from jobs.train import HOLD_AFTER_EPOCH
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), HOLD_AFTER_EPOCH: str(epoch)}
+
+
 def error_line(stderr: str) -> str:
     """The one error line a failed command printed (progress lines may come before it)."""
     assert "Traceback" not in stderr, stderr
@@ -60,3 +70,111 @@ def error_line(stderr: str) -> str:
     errors = [line for line in lines if line.startswith("gradavg: error: ")]
     assert len(errors) == 1, stderr
     return errors[0]
+
+
+# ---- Tiers ---------------------------------------------------------------------------------------------
+# A bare `pytest` runs the fast tier: every test that starts no Ray cluster, opens no tracking store, starts
+# no process and no server (under a minute). `pytest --all` runs everything (CI does); naming files or tests
+# runs them whole. Each test is put in its tiers by what it uses: its fixtures, and the names and strings in
+# its code and in the code of the helpers, classes and fixtures it calls from the tests' own modules. A test
+# the marks miss is caught in the fast tier: starting a process there fails the test, naming the mark.
+TIERS = {  # mark: (fixtures, names, words in strings) that put a test in it
+    "ray": ({"local_ray"}, {"ray", "RayBackend", "local_cluster"}, ("backend=ray", "backend: ray")),
+    "store": ({"tracking_uri", "template_store"}, {"MlflowClient", "mlflow", "tracking_uri"}, ()),
+    "subprocess": (set(), {"subprocess", "Popen", "multiprocessing", "psutil", "fork"}, ()),
+    "server": (set(), {"mlflow_server", "start_server"}, ("mlflow server", "ray start")),
+}
+SLOW_TIERS = ("slow", *TIERS)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", help="run every tier: Ray, stores, processes, servers (as CI does)")
+
+
+def pytest_configure(config):
+    for mark in TIERS:
+        config.addinivalue_line("markers", f"{mark}: put in its tier by the conftest (what the test uses)")
+
+
+def _code_uses(function, module_globals, seen) -> tuple[set[str], set[str]]:
+    """The global names and string constants in ``function``'s code, followed through the functions and
+    classes of the tests' own modules that it names."""
+    names, strings = set(), set()
+    codes = []
+    if isinstance(function, type):
+        codes = [f.__code__ for f in vars(function).values() if hasattr(f, "__code__")]
+        codes += [c.__code__ for c in function.__mro__[1:] if hasattr(c, "__code__")]
+    elif hasattr(function, "__code__"):
+        codes = [function.__code__]
+    while codes:
+        code = codes.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        names.update(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, str):
+                strings.add(const)
+            elif hasattr(const, "co_names"):
+                codes.append(const)
+        for name in code.co_names:
+            target = module_globals.get(name)
+            if getattr(target, "__module__", "").startswith(("test_", "conftest", "tests.")) and target is not function:
+                more_names, more_strings = _code_uses(target, vars(sys.modules[target.__module__]), seen)
+                names |= more_names
+                strings |= more_strings
+    return names, strings
+
+
+def tiers_of(item) -> set[str]:
+    functions = [item.function]
+    for name in set(item.fixturenames) - {"_fast_tier_starts_no_process"}:
+        for definition in item._fixtureinfo.name2fixturedefs.get(name, ()):
+            if getattr(definition.func, "__module__", "").startswith(("test_", "conftest")):
+                functions.append(definition.func)
+    names, strings, seen = set(), set(), set()
+    for function in functions:
+        more_names, more_strings = _code_uses(function, vars(sys.modules[function.__module__]), seen)
+        names |= more_names
+        strings |= more_strings
+    names |= set(item.fixturenames) - {"_fast_tier_starts_no_process"}
+    marks = {m.name for m in item.iter_markers()}
+    for mark, (fixtures, words, phrases) in TIERS.items():
+        if names & (fixtures | words) or any(p in s for s in strings for p in phrases):
+            marks.add(mark)
+    return marks & set(SLOW_TIERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in tiers_of(item) - {m.name for m in item.iter_markers()}:
+            item.add_marker(mark)
+    named = [a for a in config.args if Path(a).resolve() != ROOT / "tests"]
+    if config.getoption("--all") or config.option.markexpr or named:
+        return
+    slow = [i for i in items if any(i.get_closest_marker(m) for m in SLOW_TIERS)]
+    config._gradavg_fast = len(slow)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [i for i in items if not any(i.get_closest_marker(m) for m in SLOW_TIERS)]
+
+
+def pytest_report_header(config):
+    if not (config.getoption("--all") or config.option.markexpr):
+        return "tiers: a bare `pytest` runs the fast tier (no Ray, store, process or server); `pytest --all` runs all"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In the fast tier, a test that starts a process was missed by ``tiers_of``: fail it, naming the fix."""
+    if getattr(request.config, "_gradavg_fast", None) is None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process, so it is not a fast-tier test: mark it "
+                           "@pytest.mark.subprocess (or teach tests/conftest.py's TIERS what it uses)")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -315,19 +315,42 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("args, message", ROWS, ids=[" ".join(a)[:60] for a, _ in ROWS])
-def test_bad_input_is_one_line_and_exit_2(files, tracking_uri, capsys, monkeypatch, args, message):
+def needs_a_store(args: list[str]) -> bool:
+    """Rows about something in a store (a run, a model, a sweep to resume): the rest are refused before any
+    store is opened."""
+    return "--resume" in args or args[:2] == ["runs", "repair"] or any(a.startswith(("runs:/", "models:/"))
+                                                                      for a in args)
+
+
+def run_row(args, files, capsys, monkeypatch) -> str:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False) if args[0] == "submit" else None
     assert main([a.replace("{d}", str(files)) for a in args]) == 2
     err = capsys.readouterr().err
-    assert message in error_line(err)
     assert SECRET not in err
+    return error_line(err)
+
+
+BEFORE_A_STORE = [row for row in ROWS if not needs_a_store(row[0])]
+
+
+@pytest.mark.parametrize("args, message", BEFORE_A_STORE, ids=[" ".join(a)[:60] for a, _ in BEFORE_A_STORE])
+def test_bad_input_is_one_line_and_exit_2_before_any_store_opens(files, tmp_path, capsys, monkeypatch, args,
+                                                                 message):
+    """Refused before a store is opened, so no run can be left RUNNING: the store named is never made."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    assert message in run_row(args, files, capsys, monkeypatch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no mlruns/, nothing written here
+
+
+IN_A_STORE = [row for row in ROWS if needs_a_store(row[0])]
+
+
+@pytest.mark.parametrize("args, message", IN_A_STORE, ids=[" ".join(a)[:60] for a, _ in IN_A_STORE])
+def test_bad_input_about_a_stored_run_is_one_line_and_leaves_no_run_running(files, tracking_uri, capsys,
+                                                                            monkeypatch, args, message):
+    assert message in run_row(args, files, capsys, monkeypatch)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
-
-
-def test_the_table_is_long_enough():
-    assert len(ROWS) >= 40
-

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, ROOT, error_line
+from conftest import CONFIGS, ROOT, error_line, holding_at
 from core import Network
 from jobs import checkpoint
 from jobs.backends import LocalBackend
@@ -26,14 +26,12 @@ DIGITS = str(CONFIGS / "digits.yaml")
 
 
 def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys):
-    # long enough (about 4 s) for a checkpoint to land mid-training: they are sent every 2 s
-    args = [DIGITS, "data=mnist-5k", "sizes=[784,30,10]", "epochs=120", "log_every=10"]
+    args = [DIGITS, "epochs=6", "log_every=10"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=holding_at(3))
     client = MlflowClient(tracking_uri)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # kill it once a checkpoint has landed, mid-training
+    while time.monotonic() < deadline:  # kill it once its checkpoint has landed, mid-training (held after epoch 3)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
             break
@@ -43,7 +41,7 @@ def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     run_id = run.info.run_id
     assert run.info.status == "RUNNING"
-    assert len(client.get_metric_history(run_id, "cost/train")) < 120
+    assert len(client.get_metric_history(run_id, "cost/train")) < 6
 
     assert main(["runs", "repair"]) == 0
     assert f"{run_id}: ended KILLED (its driver is gone)" in capsys.readouterr().out
@@ -54,11 +52,11 @@ def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys
     finished = client.get_run(run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["resumed"] == "1"
     for key in ("cost/train", "accuracy/test", "epoch_seconds", "layer3/grad_w_norm"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 121)), key
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 7)), key
     cfg = load_config(CONFIGS / "digits.yaml", args[1:])
     data = load_dataset(cfg.data, cfg.validation_size)
     steps = [m.step for m in client.get_metric_history(run_id, "batch_cost")]
-    assert sorted(steps) == list(range(10, 120 * data.y_train.size // 10 + 1, 10))  # none twice
+    assert sorted(steps) == list(range(10, 6 * data.y_train.size // 10 + 1, 10))  # none twice
     weights = Network.load(client.download_artifacts(run_id, "weights.npz")).params
     uninterrupted = train(cfg, data, LocalBackend(cfg.chunk_size))
     assert np.array_equal(weights, uninterrupted.network.params)

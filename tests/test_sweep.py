@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, holding_at
 from core import Network
 from jobs.cli import main
 from jobs.config import ConfigError, load_config
@@ -253,8 +253,9 @@ def test_the_books_eta_experiment(tracking_uri):
 
 # -- stopping and resuming a sweep's driver
 
-def _start_sweep(uri: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+def _start_sweep(uri: str, *args: str, hold: int) -> subprocess.Popen:
+    """A sweep's driver whose trials hold after epoch ``hold`` until killed (``conftest.holding_at``)."""
+    env = {**holding_at(hold), "MLFLOW_TRACKING_URI": uri}
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # a group of its own, as a terminal's job is
@@ -283,14 +284,14 @@ def _trial_with_checkpoint(client, number):
 
 
 # about 6 s of training a trial: a checkpoint reaches the store every 2 s while it trains
-SLOW = ["data=mnist-5k", "sizes=[784,100,10]", "validation_size=500", "epochs=150", "diagnostics=false"]
+QUICK = ["validation_size=300", "diagnostics=false"]
 
 
 def test_a_killed_sweep_resumes_to_the_same_bits(tracking_uri, capsys):
-    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0", "--at-once", "1")
+    process = _start_sweep(tracking_uri, "-", *QUICK, "epochs=2,5", "--at-once", "1", hold=3)
     client = MlflowClient(tracking_uri)
     try:
-        parent, child = _wait_for(_trial_with_checkpoint(client, 2))  # trial 1 done, trial 2 under way
+        parent, child = _wait_for(_trial_with_checkpoint(client, 2))  # trial 1 done, trial 2 under way (held)
     finally:
         process.kill()  # the driver, outright: its trial dies with it (and ends its run KILLED)
         process.communicate()
@@ -304,7 +305,7 @@ def test_a_killed_sweep_resumes_to_the_same_bits(tracking_uri, capsys):
     assert after[1].info.run_id == before[1].info.run_id and after[2].info.run_id == child.info.run_id
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert all(c.info.status == "FINISHED" for c in after.values())
-    for trial in plan_from("-", SLOW + ["eta=0.5,3.0"], None).trials:
+    for trial in plan_from("-", QUICK + ["epochs=2,5"], None).trials:
         assert np.array_equal(_child_weights(client, after[trial.number].info.run_id).params,
                               _solo_weights(trial.config).params)
     assert main(["sweep", "--resume", parent_id]) == 0
@@ -315,14 +316,14 @@ def test_a_killed_sweep_resumes_to_the_same_bits(tracking_uri, capsys):
 def test_a_stopped_sweep_leaves_no_run_running(tracking_uri, stop):
     """SIGTERM to the driver is what `gradavg jobs stop` sends a submitted sweep's; SIGHUP to its process group
     is what a closed terminal or a dropped ssh session sends a sweep and its trials."""
-    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0,1.0", "--at-once", "2")
+    process = _start_sweep(tracking_uri, "-", *QUICK, "epochs=3", "eta=0.5,3.0,1.0", "--at-once", "2", hold=1)
     client = MlflowClient(tracking_uri)
     def both_running():
         found = _trial_with_checkpoint(client, 1)()
         return found and len(latest_children(client, found[0].info.run_id)) == 2
 
     try:
-        _wait_for(both_running)  # two trials at once on 2 cores, both under way
+        _wait_for(both_running)  # two trials at once on 2 cores, both under way (held after epoch 1)
         if stop == "SIGTERM":
             process.send_signal(signal.SIGTERM)
         else:
@@ -374,10 +375,10 @@ def test_the_best_model_is_registered(tracking_uri, capsys):
 def test_a_trial_whose_process_dies_fails_and_resumes(tracking_uri, capsys):
     import psutil
 
-    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0", "--at-once", "1")
+    process = _start_sweep(tracking_uri, "-", *QUICK, "epochs=4,2", "--at-once", "1", hold=3)
     client = MlflowClient(tracking_uri)
     try:
-        parent, child = _wait_for(_trial_with_checkpoint(client, 1))
+        parent, child = _wait_for(_trial_with_checkpoint(client, 1))  # held after epoch 3 of 4
         (trial,) = [p for p in psutil.Process(process.pid).children()
                     if "spawn_main" in " ".join(p.cmdline())]  # trial 1's process
         trial.kill()  # as the kernel's out-of-memory killer would
@@ -385,23 +386,23 @@ def test_a_trial_whose_process_dies_fails_and_resumes(tracking_uri, capsys):
     finally:
         process.kill()
     assert process.returncode == 1, err
-    assert "trial 1/2 (eta=0.5): FAILED: the trial's process died (exit code -9)" in err
-    assert "trial 2/2 (eta=3.0): FINISHED after 150 epochs" in err
+    assert "trial 1/2 (epochs=4): FAILED: the trial's process died (exit code -9)" in err
+    assert "trial 2/2 (epochs=2): FINISHED after 2 epochs" in err
     children = latest_children(client, parent.info.run_id)
     assert children[1].info.status == "FAILED" and children[2].info.status == "FINISHED"
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert main(["sweep", "--resume", parent.info.run_id]) == 0  # trial 1 from its checkpoint, in its own run
     after = latest_children(client, parent.info.run_id)
     assert after[1].info.run_id == child.info.run_id and after[1].info.status == "FINISHED"
-    (first,) = [t for t in plan_from("-", SLOW + ["eta=0.5,3.0"], None).trials if t.number == 1]
+    (first,) = [t for t in plan_from("-", QUICK + ["epochs=4,2"], None).trials if t.number == 1]
     assert np.array_equal(_child_weights(client, child.info.run_id).params, _solo_weights(first.config).params)
 
 
 def test_a_sweep_killed_before_its_first_checkpoints_resumes_with_one_run_per_trial(tracking_uri):
-    process = _start_sweep(tracking_uri, "-", *SLOW, "eta=0.5,3.0", "--at-once", "2")
+    process = _start_sweep(tracking_uri, "-", *QUICK, "epochs=2", "eta=0.5,3.0", "--at-once", "2", hold=0)
     client = MlflowClient(tracking_uri)
 
-    def both_started():
+    def both_started():  # each trial holds before its first epoch
         runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
         parents = [r for r in runs if "sweep_keys" in r.data.tags]
         return parents and len(runs) == 3 and parents[0]

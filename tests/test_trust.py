@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, ROOT, error_line
+from conftest import CONFIGS, ROOT, error_line, holding_at
 from core import Network
 from jobs.cli import main
 
@@ -175,10 +175,9 @@ def _wait_for_checkpoint(client, deadline_s: float = 60):
     raise AssertionError("no checkpoint reached the store")
 
 
-def _gradavg(*args, cwd):
-
+def _gradavg(*args, cwd, env=None):
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, text=True, env=env or {**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_a_run_has_one_driver_at_a_time(tracking_uri, tmp_path, capsys):
@@ -187,8 +186,8 @@ def test_a_run_has_one_driver_at_a_time(tracking_uri, tmp_path, capsys):
 
     from jobs.store import logged_models
 
-    args = [str(CONFIGS / "digits.yaml"), "data=mnist-5k", "sizes=[784,30,10]", "epochs=120", "log_every=10"]
-    first = _gradavg("run", *args, cwd=tmp_path)
+    args = [str(CONFIGS / "digits.yaml"), "epochs=6", "log_every=10"]
+    first = _gradavg("run", *args, cwd=tmp_path, env=holding_at(2))  # holds after epoch 2 until killed
     client = MlflowClient(tracking_uri)
     run_id = _wait_for_checkpoint(client)
     try:
@@ -207,7 +206,7 @@ def test_a_run_has_one_driver_at_a_time(tracking_uri, tmp_path, capsys):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in ("cost/train", "accuracy/test"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 121)), key
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 7)), key
     assert len(logged_models(tracking_uri, run.info.experiment_id, run_id)) == 1
 
 
