@@ -23,33 +23,9 @@ from jobs.config import ConfigError, JobConfig, check_against_data, result_chang
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
+from jobs.stopping import STOP_SIGNALS, STOPPING, default_stop_signals, stop_on_signals  # noqa: F401
 from jobs.store import TrackingError
 from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
-
-# Set when this process is being stopped (SIGTERM, SIGHUP, a cancelled Ray task): a job that then fails, because
-# a library turned the interrupt into an error of its own, ends its run KILLED as a stopped job does.
-STOPPING = threading.Event()
-
-# Signals that stop a job as Ctrl-C does, its run ending KILLED: a stopped job (SIGTERM), a closed terminal or
-# a dropped ssh session (SIGHUP).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-def stop_on_signals() -> None:
-    """From now on, a stop signal interrupts this process as Ctrl-C does (``STOP_SIGNALS``)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, _on_stop_signal)
-
-
-def default_stop_signals() -> None:
-    """Every run has ended: a stop signal has nothing left to close."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_DFL)
-
-
-def _on_stop_signal(signum, frame):
-    STOPPING.set()
-    raise KeyboardInterrupt
 
 
 @dataclass
