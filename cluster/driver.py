@@ -34,9 +34,10 @@ from cluster.errors import ClusterError, WorkerFailuresError
 from cluster.worker import owners_in_order
 from core.chunks import sum_rows
 from core.diagnostics import add_with_stats
-from core.kernels import steps_from_chunk_sums
+from core.kernels import add_and_update_rows
 from core.network import Network
 from core.plan import cut
+from core.step import descend
 from jobs.errors import first_line
 
 # Below this expected wait (seconds), the driver reads a compiled graph's result at once
@@ -271,7 +272,7 @@ class RayBackend:
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
-        steps_from_chunk_sums(self.chunk_sums, network, order, first, last, batch_size, eta, lmbda)
+        descend(self.chunk_sums, network, order, first, last, batch_size, eta, lmbda, add_and_update_rows)
 
     def gradient_stats(self, network: Network, batch: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
         bounds, chunk_blocks = self._cut(batch)

@@ -17,8 +17,8 @@ three times that. Each part and the reference it copies (``tests/test_core.py`` 
   (x ← x − dtype(η/m)·∇, after the decay, never a fused multiply-add); bit for bit;
 - ``run_steps``: ``core.step.descend`` over the chunk sums above, whole stretches of steps
   without returning to Python, a mini-batch's chunks at once on numba's threads, one workspace
-  slot each; ``steps_from_chunk_sums``: ``descend`` over chunk sums computed elsewhere (Ray's
-  workers), ending in the same ``add_and_update``; both bit for bit.
+  slot each; ``add_and_update_rows``: what ``core.step.descend`` ends each step in over chunk sums
+  computed elsewhere (Ray's workers), the same ``_add_and_update``; both bit for bit.
 
 Every gradient sum of a training run, on every backend and every Ray worker, comes from the
 same chunk kernel and every step ends in the same ``_add_and_update``, so the bits do not depend
@@ -31,14 +31,13 @@ two. The kernels implement the sigmoid activation only and refuse a network with
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import numba
 import numpy as np
 
 from core.blas import N, T, gemm, gemm_scratch
 from core.network import Network
-from core.step import mini_batch, piece_count
+from core.step import piece_count
 
 # BP1 for each cost with sigmoid output (the only activation): δ^L = (a − y) ⊙ σ'(z^L), or a − y
 COST_CODES = {"quadratic": 0, "cross_entropy": 1}
@@ -221,31 +220,34 @@ def _update(params, nabla, scale, n_weights, decay, one):
 
 
 @numba.njit(nogil=True, cache=True)
-def _add_and_update(params, sums, n_chunks, total, scale, n_weights, decay, one):
+def _add_and_update(params, sums, n_chunks, total, count, eta, scale, n_weights, decay, one):
     """The end of every training step, on every backend: the chunk sums ``sums[:n_chunks]`` added
-    left to right in chunk order (``add_in_order``) into ``total``, then the update. One chunk's
-    sum is the total itself (copying it would change no bit)."""
+    left to right in chunk order (``add_in_order``) into ``total``, then the update with the step
+    size η/m, m the chunks' ``count``, rounded to the parameters' dtype in ``scale[0]`` (as numpy
+    rounds a Python float for an array): the one place η/m is computed. One chunk's sum is the
+    total itself (copying it would change no bit)."""
+    scale[0] = eta / count
     if n_chunks == 1:
-        _update(params, sums[0], scale, n_weights, decay, one)
+        _update(params, sums[0], scale[0], n_weights, decay, one)
         return
     total[:] = sums[0]
     for c in range(1, n_chunks):
         part = sums[c]
         for i in range(total.shape[0]):
             total[i] += part[i]
-    _update(params, total, scale, n_weights, decay, one)
+    _update(params, total, scale[0], n_weights, decay, one)
 
 
 @numba.njit(nogil=True, cache=True)
 def _run_steps(weights, biases, params, n_weights, sums, x, labels, order, first, last, batch_size, cost, one,
                eta, decay, xs, acts, deltas):
-    """``descend`` with every mini-batch one chunk, on workspace slot 0."""
-    scale = np.empty(1, params.dtype)  # dtype(η/m), as numpy rounds a Python float for an array
+    """``descend`` with every mini-batch one chunk, on workspace slot 0. A mini-batch's count is its
+    rows (``hi - lo``): the chunks' counts, added."""
+    scale = np.empty(1, params.dtype)
     for step in range(first, last):
         lo, hi = _piece(step, batch_size, order.shape[0])
         _chunk_sum(weights, biases, x, labels, order[lo:hi], cost, one, xs, acts, deltas, 0, sums[0])
-        scale[0] = eta / (hi - lo)
-        _add_and_update(params, sums, 1, sums[0], scale[0], n_weights, decay, one)
+        _add_and_update(params, sums, 1, sums[0], hi - lo, eta, scale, n_weights, decay, one)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -258,8 +260,7 @@ def _run_chunked_steps(weights, biases, params, n_weights, total, sums, x, label
         n_chunks = _piece_count(hi - lo, chunk_size)
         _chunk_sums(weights, biases, x, labels, order[lo:hi], chunk_size, cost, one, xs, acts, deltas,
                     sums[:n_chunks])
-        scale[0] = eta / (hi - lo)
-        _add_and_update(params, sums, n_chunks, total, scale[0], n_weights, decay, one)
+        _add_and_update(params, sums, n_chunks, total, hi - lo, eta, scale, n_weights, decay, one)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -282,8 +283,7 @@ def _run_planned_steps(weights, biases, params, n_weights, total, sums, x, label
         lo, hi = _piece(step, batch_size, order.shape[0])
         c0, c1 = firsts[step], firsts[step + 1]
         _planned_chunk_sums(weights, biases, x, labels, order, cuts, c0, c1, cost, one, xs, acts, deltas, sums)
-        scale[0] = eta / (hi - lo)
-        _add_and_update(params, sums, c1 - c0, total, scale[0], n_weights, decay, one)
+        _add_and_update(params, sums, c1 - c0, total, hi - lo, eta, scale, n_weights, decay, one)
 
 
 def run_planned_steps(network: Network, x: np.ndarray, labels: np.ndarray, order: np.ndarray, cuts: np.ndarray,
@@ -291,8 +291,8 @@ def run_planned_steps(network: Network, x: np.ndarray, labels: np.ndarray, order
                       sums: np.ndarray, workspace: Workspace) -> None:
     """``run_steps`` with chunks cut by a plan (``core.plan.epoch_cuts``: at blocks, ``shuffle=blocks``) instead
     of by ``chunk_size`` alone; the same chunk kernel and ``_add_and_update``, so the same bits as
-    ``steps_from_chunk_sums`` over the same chunks (Ray's workers). ``sums`` needs a row per chunk of the
-    step with the most, and one more; the workspace must fit the longest chunk."""
+    ``descend`` with ``add_and_update_rows`` over the same chunks (Ray's workers). ``sums`` needs a row
+    per chunk of the step with the most, and one more; the workspace must fit the longest chunk."""
     _check_network(network)
     if last <= first:
         return
@@ -396,20 +396,17 @@ def add_and_update(network: Network, sums: np.ndarray, n_chunks: int, count: int
             or not sums.flags.c_contiguous:
         raise ValueError(f"sums must be contiguous {network.dtype} rows like network.params, "
                          f"one per chunk ({n_chunks}) and one for their total")
-    _add_and_update(network.params, sums, n_chunks, sums[n_chunks], network.dtype.type(eta / count),
+    _add_and_update(network.params, sums, n_chunks, sums[n_chunks], count, float(eta), np.empty(1, network.dtype),
                     network.n_weights, _decay(network, eta, lmbda, n_train), network.dtype.type(1.0))
 
 
-def steps_from_chunk_sums(chunk_sums: Callable[[Network, np.ndarray], tuple[np.ndarray, int]], network: Network,
-                          order: np.ndarray, first: int, last: int, batch_size: int, eta: float,
-                          lmbda: float) -> None:
-    """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, whose chunk sums
-    are computed elsewhere (Ray's workers): ``core.step.descend`` ending in ``add_and_update``.
-    ``chunk_sums(network, batch)`` returns the sums as rows in chunk order, with one spare row,
-    and the count."""
-    for step in range(first, last):
-        sums, count = chunk_sums(network, mini_batch(order, batch_size, step))
-        add_and_update(network, sums, sums.shape[0] - 1, count, eta, lmbda, order.shape[0])
+def add_and_update_rows(network: Network, rows: tuple[np.ndarray, int], eta: float, lmbda: float,
+                        n_train: int) -> None:
+    """``core.step.add_and_update``'s compiled twin for ``core.step.descend``, for chunk sums computed
+    elsewhere (Ray's workers): ``rows`` is the sums as rows in chunk order, with one spare row for their
+    total, and the count the chunks returned."""
+    sums, count = rows
+    add_and_update(network, sums, sums.shape[0] - 1, count, eta, lmbda, n_train)
 
 
 def cached() -> bool:

@@ -6,9 +6,21 @@ chunks, each chunk's sum Σ_x ∂C_x/∂params is computed wherever (``core.back
 are added in chunk order, and the update divides once by the mini-batch's count. Never a mean
 of means, and the same bits whoever computed the chunks.
 
-Training runs compiled copies of the cuts, the add and the update (``core.kernels``: ``_piece``,
-``_piece_count``, ``_add_and_update``), for speed at small mini-batches; tests hold them to these
-bit for bit.
+Training runs compiled twins of these (``core.kernels``), for speed at small mini-batches; tests
+hold each to its reference bit for bit (``tests/test_core.py``):
+
+=====================================  ==========================================================
+readable (this module, ``core.backprop``)  compiled (``core.kernels``)
+=====================================  ==========================================================
+``gradient_sum`` (BP1–BP4, a chunk)    ``_chunk_sum`` (``chunk_gradient_sum``)
+``piece``, ``piece_count``             ``_piece``, ``_piece_count``
+``add_and_update``: ``add_in_order``,  ``_add_and_update`` (``add_and_update``,
+then ``update_in_place``               ``add_and_update_rows``): the one place η/m is computed
+``descend`` over this process's rows   ``run_steps`` (``_run_steps``, ``_run_chunked_steps``);
+                                       ``run_planned_steps`` (chunks cut at a sharded set's blocks)
+``descend`` over chunk sums computed   ``descend(..., add_and_update=add_and_update_rows)``: the
+elsewhere                              Ray driver's loop, this very function
+=====================================  ==========================================================
 """
 
 from __future__ import annotations
@@ -89,17 +101,25 @@ def update_in_place(network: Network, nabla_sum: np.ndarray, count: int, eta: fl
     network.params -= nabla_sum * (eta / count)
 
 
-ChunkSums = Callable[[Network, np.ndarray], Iterable[tuple[np.ndarray, int]]]
+Parts = Iterable[tuple[np.ndarray, int]]
+ChunkSums = Callable[[Network, np.ndarray], Parts]
+AddAndUpdate = Callable[[Network, Parts, float, float, int], None]
+
+
+def add_and_update(network: Network, parts: Parts, eta: float, lmbda: float, n_train: int) -> None:
+    """The end of a step: the chunks' (Σ_x ∂C_x/∂params, count) added in chunk order, then the update."""
+    nabla_sum, count = add_in_order(parts)
+    update_in_place(network, nabla_sum, count, eta, lmbda, n_train)
 
 
 def descend(chunk_sums: ChunkSums, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
-            eta: float, lmbda: float = 0.0) -> None:
+            eta: float, lmbda: float = 0.0, add_and_update: AddAndUpdate = add_and_update) -> None:
     """Mini-batch steps ``first`` to ``last - 1`` of the epoch shuffled as ``order``, in place.
 
-    ``chunk_sums(network, batch)`` gives each chunk's (Σ_x ∂C_x/∂params, count), in chunk order;
-    they are added in that order, then the update. The compiled ``core.kernels.run_steps`` and
-    ``steps_from_chunk_sums`` are held to this bit for bit.
+    ``chunk_sums(network, batch)`` gives the mini-batch's chunk sums with their counts, in chunk order;
+    ``add_and_update`` ends the step with them (this module's, or its compiled twin
+    ``core.kernels.add_and_update_rows`` where the sums come as rows: Ray's driver). The compiled
+    ``core.kernels.run_steps`` is held to this bit for bit.
     """
     for step in range(first, last):
-        nabla_sum, count = add_in_order(chunk_sums(network, mini_batch(order, batch_size, step)))
-        update_in_place(network, nabla_sum, count, eta, lmbda, order.shape[0])
+        add_and_update(network, chunk_sums(network, mini_batch(order, batch_size, step)), eta, lmbda, order.shape[0])

@@ -1,8 +1,10 @@
 """The training loop: one loop for every backend.
 
-Each epoch: a seeded shuffle, mini-batches, the gradient sum through the backend,
-the update w ← (1 − ηλ/n) w − η ∂C/∂w, then evaluation. What happens around it
-(tracking, progress, checkpoints) is told through ``Hooks``.
+Each epoch: a seeded shuffle, then the backend's ``train_steps`` runs the mini-batch steps, then
+evaluation. A step is ``core.step.descend``: the chunks' gradient sums, added in chunk order, and
+the update w ← (1 − ηλ/n) w − η ∂C/∂w (``core.step.update_in_place``); its compiled twin, which
+the backends run, is ``core.kernels._add_and_update`` (the table in ``core/step.py``). What
+happens around the loop (tracking, progress, checkpoints) is told through ``Hooks``.
 """
 
 from __future__ import annotations

@@ -298,8 +298,8 @@ def test_compiled_workspace_reuse_and_an_empty_chunk():
 @pytest.mark.parametrize("lmbda", [0.0, 2.5])
 @pytest.mark.parametrize("batch_size, chunk_size, slots", [(10, None, 1), (23, 10, 2), (23, 5, 3), (23, 10, 1)])
 def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_size, chunk_size, slots):
-    """``run_steps`` (the single-process path) and ``steps_from_chunk_sums`` (the Ray driver's) against
-    the reference step, ``core.step.descend``: each step's chunk sums added in order, then numpy's
+    """``run_steps`` (the single-process path) and ``descend`` ending in ``add_and_update_rows`` (the Ray
+    driver's) against the reference step, ``core.step.descend``: each step's chunk sums added in order, then numpy's
     ``update_in_place``. The same bits, with a short last mini-batch. Mini-batches of 23 in chunks
     of 10 or 5 are computed on 1 to 3 workspace slots at once."""
     net, x, y = random_problem([12, 7, 5], "quadratic", "standard", 6, m=53, dtype=dtype)
@@ -330,7 +330,7 @@ def test_compiled_steps_give_the_bits_of_sums_then_updates(dtype, lmbda, batch_s
         return out, sum(counts)
 
     driven = net.copy()
-    kernels.steps_from_chunk_sums(chunk_rows, driven, order, 0, steps, batch_size, 0.7, lmbda)
+    core.descend(chunk_rows, driven, order, 0, steps, batch_size, 0.7, lmbda, kernels.add_and_update_rows)
     assert np.array_equal(driven.params, stepped.params)
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from cluster.blocks import load_blocks
 from conftest import CONFIGS
-from core.kernels import steps_from_chunk_sums
+from core.kernels import add_and_update_rows
 from core.plan import block_of, blocks_order, cut, epoch_cuts
-from core.step import mini_batch
+from core.step import descend, mini_batch
 from jobs import shards
 from jobs.backends import LocalBackend
 from jobs.config import load_config
@@ -114,11 +114,11 @@ def test_mnist_5k_sharded_in_float32_trains_a_float32_network_to_the_source_bits
 @pytest.mark.parametrize("threads", [1, 2])
 def test_compiled_blocks_steps_are_the_bits_of_the_chunk_by_chunk_steps(digits_folder, threads):
     """The local backend runs shuffle=blocks compiled (core.kernels.run_planned_steps); Ray's driver adds
-    chunk sums step by step (steps_from_chunk_sums): the same chunks, the same bits."""
+    chunk sums step by step (descend ending in add_and_update_rows): the same chunks, the same bits."""
 
     class StepByStep(LocalBackend):
         def train_steps(self, network, order, first, last, batch_size, eta, lmbda):
-            steps_from_chunk_sums(self.chunk_sums, network, order, first, last, batch_size, eta, lmbda)
+            descend(self.chunk_sums, network, order, first, last, batch_size, eta, lmbda, add_and_update_rows)
 
     cfg = digits_cfg(f"data={digits_folder}", "shuffle=blocks", "mix_blocks=3", "chunk_size=2", "lmbda=1.0")
     data = load_dataset(str(digits_folder), 200)
