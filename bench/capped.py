@@ -122,7 +122,7 @@ def main() -> None:
             super().close()
 
     cfg = load_config(None, [f"data={folder}", f"shuffle={shuffle}", *OVERRIDES])
-    backend = Capped(2, cfg.chunk_size, max_failures=0)
+    backend = Capped(2, cfg.chunk_size, max_worker_failures=0)
     report = {"cap": limit}
     try:
         state = train(cfg, load_dataset(folder, rows=False), backend)

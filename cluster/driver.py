@@ -132,7 +132,7 @@ class RayBackend:
     A worker that dies during a step (its process killed, its node lost, out of memory)
     is noticed when its result is awaited; its chunks are computed again by a new worker,
     or by the surviving ones when no new worker can be placed. The chunk sums, and so the
-    weights, are the same bits as without the failure. More than ``max_failures``
+    weights, are the same bits as without the failure. More than ``max_worker_failures``
     failures in one job stop it with ``WorkerFailuresError``. Under the compiled transport,
     any failure (a dead worker, a channel that times out) tears the graph down first and the
     job goes on with the tasks transport, again with the same bits.
@@ -140,13 +140,14 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, workers: int, chunk_size: int, num_cpus: float = 1.0, max_failures: int = 3,
+    def __init__(self, workers: int, chunk_size: int, num_cpus: float = 1.0, max_worker_failures: int = 3,
                  on_failure: Callable[[str], None] | None = None, replace_timeout: float = 20.0,
                  transport: str = "auto", step_floor: float = 60.0):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport}: one of {', '.join(TRANSPORTS)}")
         self.workers, self.chunk_size, self.num_cpus = workers, chunk_size, num_cpus
-        self.max_failures, self.on_failure, self.replace_timeout = max_failures, on_failure, replace_timeout
+        self.max_worker_failures = max_worker_failures
+        self.on_failure, self.replace_timeout = on_failure, replace_timeout
         self.requested = transport
         self.transport: str | None = None  # the transport in use, once started
         self.failures = 0
@@ -471,9 +472,9 @@ class RayBackend:
                 raise WorkerFailuresError(f"every Ray worker died and none could be placed again ({cause})")
             return self.actors[share % len(self.actors)]
         self.failures += 1
-        if self.failures > self.max_failures:
+        if self.failures > self.max_worker_failures:
             raise WorkerFailuresError(f"Ray workers failed {self.failures} times, more than max_worker_failures="
-                                      f"{self.max_failures} (last: {cause})")
+                                      f"{self.max_worker_failures} (last: {cause})")
         replacement = self._new_actor()
         try:
             pid = ray.get(replacement.pid.remote(), timeout=self.replace_timeout)
@@ -487,7 +488,7 @@ class RayBackend:
                 self._take_over(index, survivor if survivor < index else survivor + 1)
             self._tell(f"worker {index + 1} died ({cause}); no new worker could be placed, so the other "
                        f"{len(self.actors)} compute its chunks (failure {self.failures} of at most "
-                       f"{self.max_failures})")
+                       f"{self.max_worker_failures})")
             return self.actors[survivor]
         if self.blocks is not None:  # the new worker reads exactly the dead one's blocks
             try:
@@ -497,7 +498,7 @@ class RayBackend:
                                           f"blocks ({first_line(error, 160)})") from None
         self.actors[index], self.pids[index] = replacement, pid
         self._tell(f"worker {index + 1} died ({cause}); a new worker computes its chunks again "
-                   f"(failure {self.failures} of at most {self.max_failures})")
+                   f"(failure {self.failures} of at most {self.max_worker_failures})")
         return replacement
 
     def _take_over(self, dead: int, survivor: int) -> None:

@@ -85,12 +85,12 @@ class Network:
 
     @classmethod
     def create(cls, sizes, init: str = "standard", seed: int = 0, cost: str = "quadratic",
-               activation: str = "sigmoid", dtype: str = "float64", weight_scale: float = 1.0) -> "Network":
+               activation: str = "sigmoid", dtype: str = "float64", init_scale: float = 1.0) -> "Network":
         """Gaussian initialisation from an explicit seed.
 
         ``standard``: weights and biases N(0, 1), the book's chapter 1 network.
         ``scaled``: weights N(0, 1/n_in), biases N(0, 1), the book's chapter 3.
-        ``weight_scale`` multiplies the initial weights (large values start the network saturated).
+        ``init_scale`` multiplies the initial weights (large values start the network saturated).
         Draws happen in float64 (biases first, then weights, as the book does) so a
         float32 network starts from the same values, rounded.
         """
@@ -102,7 +102,7 @@ class Network:
         weights = [rng.standard_normal((n_out, n_in)) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
         if init == "scaled":
             weights = [w / np.sqrt(w.shape[1]) for w in weights]
-        weights = [w * weight_scale for w in weights]
+        weights = [w * init_scale for w in weights]
         params = join_params(weights, biases).astype(dtype_named(dtype))
         return cls(sizes, params, cost, activation)
 

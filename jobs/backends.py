@@ -80,13 +80,13 @@ class LocalBackend:
 
     def __init__(self, chunk_size: int, threads: int = 0):
         self.chunk_size = chunk_size
-        self.workers = threads or os.cpu_count() or 1
+        self.threads = threads or os.cpu_count() or 1
         self._engine: ChunkEngine | None = None
 
     def start(self, network: Network, x: np.ndarray, labels: np.ndarray, blocks: Blocks | None = None) -> None:
         """``blocks``: the training set is a sharded dataset's (this process holds all its rows, ``blocks.rows``);
         under ``shuffle=blocks`` chunks are cut at its blocks, as the Ray workers cut them."""
-        self._engine = ChunkEngine(x, labels, self.workers)  # one BLAS thread a chunk, as in every Ray worker
+        self._engine = ChunkEngine(x, labels, self.threads)  # one BLAS thread a chunk, as in every Ray worker
         self._sums = None  # the chunk sums' rows (core.chunks.sum_rows)
         self.blocks = blocks
         self._offsets = blocks.offsets("train") if blocks is not None and blocks.confined else None
@@ -94,7 +94,7 @@ class LocalBackend:
 
     @property
     def tags(self) -> dict[str, str]:
-        return {"backend": self.name, "threads": str(self.workers)}  # `workers` is a Ray key
+        return {"backend": self.name, "threads": str(self.threads)}
 
     def train_steps(self, network: Network, order: np.ndarray, first: int, last: int, batch_size: int,
                     eta: float, lmbda: float) -> None:
@@ -148,4 +148,4 @@ def make_backend(cfg, on_failure=None) -> Backend:
     from cluster.driver import RayBackend  # Ray is imported only when a job asks for it
 
     return RayBackend(workers=cfg.workers, chunk_size=cfg.chunk_size, num_cpus=cfg.num_cpus,
-                      max_failures=cfg.max_worker_failures, on_failure=on_failure, transport=cfg.transport)
+                      max_worker_failures=cfg.max_worker_failures, on_failure=on_failure, transport=cfg.transport)

@@ -35,12 +35,13 @@ class ConfigError(UserError, ValueError):
 
 
 def key(default: Any, help: str, valid: Callable[[Any], bool] | None = None, invalid: str = "",
-        result: bool = False) -> Any:
+        result: bool = False, not_swept: str = "") -> Any:
     """One config key. ``valid`` checks a value of the right type; ``invalid`` says what is valid
     when it fails (default: ``help``). ``result``: a changed value changes the numbers a run
-    computes, so a resumed run must keep it."""
+    computes, so a resumed run must keep it. ``not_swept``: why a sweep cannot vary it (where and
+    how trials run, their tracking), when it cannot."""
     return field(default=default, metadata={"help": help, "valid": valid, "invalid": invalid or help,
-                                            "result": result})
+                                            "result": result, "not_swept": not_swept})
 
 
 def one_of(names) -> Callable[[Any], bool]:
@@ -92,31 +93,37 @@ class JobConfig:
     mix_blocks: int = key(4, "shuffle=blocks: blocks whose rows are interleaved, so each mini-batch draws from "
                           "about this many, >= 1", at_least(1), "must be >= 1", result=True)
     # where gradients are computed
-    backend: str = key("local", f"one of {', '.join(BACKENDS)}", one_of(BACKENDS))
-    workers: int = key(1, "Ray workers (backend=ray), >= 1", at_least(1), "must be >= 1")
+    backend: str = key("local", f"one of {', '.join(BACKENDS)}", one_of(BACKENDS),
+                       not_swept="trials run on the local backend, one core each")
+    workers: int = key(1, "Ray workers (backend=ray), >= 1", at_least(1), "must be >= 1",
+                       not_swept="trials run on the local backend")
     chunk_size: int = key(500, "examples per gradient chunk, >= 1; results are bit-identical for a given "
                           "chunk_size", at_least(1), "must be >= 1", result=True)
     threads: int = key(0, "threads computing chunks in the local backend, 0 for one per core", at_least(0),
-                       "must be >= 0 (0: one per core)")
+                       "must be >= 0 (0: one per core)", not_swept="give it once, e.g. threads=2")
     num_cpus: float = key(1.0, "CPUs each Ray worker holds (and its BLAS threads), > 0",
-                          lambda v: 0 < v < math.inf, "must be > 0")
+                          lambda v: 0 < v < math.inf, "must be > 0", not_swept="trials run on the local backend")
     transport: str = key("auto", f"how Ray steps travel: one of {', '.join(TRANSPORTS)} (auto: a compiled graph "
-                         "where it works, else tasks; the results are the same bits)", one_of(TRANSPORTS))
+                         "where it works, else tasks; the results are the same bits)", one_of(TRANSPORTS),
+                         not_swept="trials run on the local backend")
     max_worker_failures: int = key(3, "Ray worker deaths a job survives before it stops (to be resumed), >= 0",
-                                   at_least(0), "must be >= 0")
+                                   at_least(0), "must be >= 0", not_swept="trials run on the local backend")
     # tracking and output
     experiment: str = key("gradavg", "MLflow experiment name", lambda v: bool(v.strip()) and len(v) <= 500,
-                          "must be a name of 1 to 500 characters (MLflow's limit)")
+                          "must be a name of 1 to 500 characters (MLflow's limit)",
+                          not_swept="a sweep's runs share one experiment")
     run_name: str | None = key(None, "MLflow run name (null: MLflow picks one)",
                                lambda v: v is None or 0 < len(v) <= 250,
-                               "must be a name of 1 to 250 characters, or null")
+                               "must be a name of 1 to 250 characters, or null",
+                               not_swept="each trial's run is named after its values")
     log_every: int = key(100, "log the mini-batch cost every this many steps, >= 1", at_least(1), "must be >= 1")
     diagnostics: bool = key(True, "log per-layer diagnostics (|δ|, gradient norms, saturation) every epoch")
     diagnostics_every: int = key(0, "also log them every this many steps, 0 for only once an epoch", at_least(0),
                                  "must be >= 0 (0: once an epoch)")
     checkpoint_every: int = key(1, "save a checkpoint every this many epochs, 0 for never", at_least(0),
                                 "must be >= 0 (0: never)")
-    track: bool = key(True, "track the run in MLflow (false: train without tracking)")
+    track: bool = key(True, "track the run in MLflow (false: train without tracking)",
+                      not_swept="every trial is tracked")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

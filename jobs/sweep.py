@@ -20,6 +20,7 @@ import numpy as np
 
 from jobs.config import (
     HELP,
+    KEYS,
     TYPES,
     ConfigError,
     JobConfig,
@@ -36,13 +37,9 @@ from jobs.config import (
 from jobs.errors import UsageError
 
 MAX_TRIALS = 500  # each trial is an MLflow run: a sweep larger than this is more likely a typo than a plan
-# Keys a trial does not take from the sweep: where and how it runs (one core each), and its tracking.
-NOT_SWEPT = {"backend": "trials run on the local backend, one core each",
-             "workers": "trials run on the local backend", "num_cpus": "trials run on the local backend",
-             "transport": "trials run on the local backend", "threads": "give it once, e.g. threads=2",
-             "max_worker_failures": "trials run on the local backend",
-             "track": "every trial is tracked", "experiment": "a sweep's runs share one experiment",
-             "run_name": "each trial's run is named after its values"}
+# Keys a trial does not take from the sweep (where and how it runs, one core each, and its tracking), and why:
+# each key's ``not_swept`` (jobs.config.key).
+NOT_SWEPT = {name: f.metadata["not_swept"] for name, f in KEYS.items() if f.metadata["not_swept"]}
 _RANGE = re.compile(r"^\s*(log)?\s*[\[(]\s*([^,\[\]()]+?)\s*,\s*([^,\[\]()]+?)\s*[\])]\s*$")
 
 

@@ -64,7 +64,7 @@ def independent_metrics(net: Network, x: np.ndarray, labels: np.ndarray) -> dict
 
 @pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
 def test_layer_metrics_equal_an_independent_computation(cost):
-    net = Network.create([20, 12, 8, 5], seed=4, cost=cost, weight_scale=2.0)  # a few saturate
+    net = Network.create([20, 12, 8, 5], seed=4, cost=cost, init_scale=2.0)  # a few saturate
     rng = np.random.default_rng(1)
     x = rng.random((40, 20)) * (rng.random((40, 20)) > 0.3)  # some inputs exactly 0
     labels = rng.integers(0, 5, 40)

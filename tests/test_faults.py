@@ -218,7 +218,7 @@ def test_worker_failures_surface_even_without_tracking():
     with pytest.raises(WorkerFailuresError, match="more than max_worker_failures=0"):
         cfg = digits_cfg()
         train(cfg, load_dataset("digits", cfg.validation_size),
-              KillingRayBackend(2, cfg.chunk_size, max_failures=0, after=3))
+              KillingRayBackend(2, cfg.chunk_size, max_worker_failures=0, after=3))
 
 
 

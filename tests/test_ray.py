@@ -126,7 +126,7 @@ def test_gradavg_run_digits_on_two_ray_workers(tracking_uri, capsys):
 
 
 def test_diagnostics_are_the_same_bits_on_ray(mnist_shaped):
-    network = Network.create([784, 30, 10], seed=5, weight_scale=2.0)
+    network = Network.create([784, 30, 10], seed=5, init_scale=2.0)
     rows = np.arange(0, 300, 2)
     local = LocalBackend(60, threads=2)
     local.start(network, mnist_shaped.x_train, mnist_shaped.y_train)
