@@ -11,10 +11,9 @@ from collections import defaultdict
 
 import numpy as np
 
-import cluster  # noqa: F401  (Ray's loopback and auth settings; Ray reads them when it is imported)
 from bench.ddp import ddp_seconds_per_step
 from cluster import RAY_SYSTEM_CONFIG
-from cluster.driver import RayBackend
+from cluster.driver import RayBackend  # (which puts Ray's settings in the environment: cluster.ray_settings)
 from core.kernels import add_and_update
 
 SIZES = [784, 30, 10]

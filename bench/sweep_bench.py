@@ -48,9 +48,10 @@ def sweep_figures() -> None:
     print(f"{'where':<14} {'trials at once':>15} {'wall s':>8} {'s/epoch in a trial':>19} {'speed-up':>9}")
     for where, on_ray in (("this machine", False), ("Ray", True)):
         if on_ray:
-            import ray
+            from cluster import ray_settings
 
-            import cluster  # noqa: F401  (Ray's loopback and auth settings)
+            ray_settings()
+            import ray
 
             ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level="ERROR",
                      log_to_driver=False)

@@ -2,10 +2,15 @@
 
 Everything that crosses a process boundary here is plain numpy.
 
-Ray reads these settings when it is imported, so they are set here, before any module of
-this package imports Ray: a local cluster listens on 127.0.0.1 only, reports no usage
-statistics, and keeps token authentication on (``ray.init`` writes ``~/.ray/auth_token``
-when there is none). Values already in the environment win.
+Ray reads its settings from the environment when it is imported: ``ray_settings()`` puts this
+project's there, and every module that imports Ray calls it first (``cluster.driver``,
+``jobs.local_cluster``, ``jobs.submit``, the benchmarks): a local cluster listens on 127.0.0.1
+only, reports no usage statistics, and keeps token authentication on. Importing this package
+changes nothing.
+
+Workarounds of Ray 2.60's behaviour, to retest on an upgrade, are marked ``Ray 2.60 workaround``
+where they are (``grep -rn "Ray 2.60 workaround"``): the driver's ``end_process``, the compiled
+graph's teardown in a thread of its own, and the spin-free wait before a compiled step's result.
 """
 
 import os
@@ -20,5 +25,9 @@ RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20, "task_rpc_inlined_b
 
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
 
-for _key, _value in LOCAL_RAY_ENV.items():
-    os.environ.setdefault(_key, _value)
+
+
+def ray_settings() -> None:
+    """``LOCAL_RAY_ENV`` into this process's environment, before Ray is imported; values already there win."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cluster import RAY_SYSTEM_CONFIG, TRANSPORTS
+from cluster import RAY_SYSTEM_CONFIG, TRANSPORTS, ray_settings
 from cluster.auth import ensure_token
 from cluster.blocks import SPLITS, BlockError, Blocks, add_evaluation_rows
 from cluster.errors import ClusterError, WorkerFailuresError
@@ -40,7 +40,9 @@ from core.plan import cut
 from core.step import descend
 from jobs.errors import first_line
 
-# Below this expected wait (seconds), the driver reads a compiled graph's result at once
+ray_settings()  # before any function here imports Ray
+
+# Ray 2.60 workaround: below this expected wait (seconds), the driver reads a compiled graph's result at once
 SPIN_FREE_WAIT = 5e-4
 # Seconds the workers may take to start (import numpy, numba and gradavg) before the job is given up
 START_SECONDS = 180.0
@@ -52,7 +54,7 @@ _graph_failed = False  # a compiled graph of this process failed (a worker or a 
 
 
 def end_process(code: int):
-    """Exit with ``code``. After a compiled graph failed, Ray 2.60 can crash the process while the
+    """Exit with ``code``. Ray 2.60 workaround: after a compiled graph failed, Ray 2.60 can crash the process while the
     interpreter shuts down (a segmentation fault, after every result was saved and Ray itself was
     shut down); such a process skips that shutdown: its output is flushed, then it exits."""
     if _graph_failed:
@@ -451,8 +453,8 @@ class RayBackend:
             graph, self._graph = self._graph, None
             if failed:  # Ray logs the dead worker's loop it cannot cancel, with tracebacks, from its threads too
                 logging.getLogger("ray.dag.compiled_dag_node").setLevel(logging.CRITICAL)
-            # Teardown waits for every worker's loop to end, without a limit: a hung worker would hang
-            # the driver here. Give it a bounded time in a thread of its own, then go on.
+            # Ray 2.60 workaround: teardown waits for every worker's loop to end, without a limit: a hung
+            # worker would hang the driver here. Give it a bounded time in a thread of its own, then go on.
             thread = threading.Thread(target=_quietly, args=(graph.teardown,), daemon=True,
                                       name="gradavg-graph-teardown")
             thread.start()

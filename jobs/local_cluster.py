@@ -22,10 +22,11 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cluster  # noqa: F401  (Ray's loopback and auth settings)
-from cluster import RAY_SYSTEM_CONFIG
+from cluster import RAY_SYSTEM_CONFIG, ray_settings
 from cluster.auth import ensure_token, read_token, token_warning
 from jobs.errors import UserError
+
+ray_settings()  # Ray's loopback and auth settings, before Ray is imported or started here
 
 
 class ClusterUpError(UserError, RuntimeError):

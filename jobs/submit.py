@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
-import cluster  # noqa: F401  (Ray's loopback and auth settings, before Ray is imported)
+from cluster import ray_settings
 from cluster.auth import read_token, token_warning
 from jobs.config import JobConfig, replace, show
 from jobs.errors import UserError, first_line
 from jobs.store import PROJECT_ROOT, TrackingError, check_reachable, git_commit
+
+ray_settings()  # Ray's loopback and auth settings, before Ray is imported or started here
 
 # Left behind: environments, tracking stores and caches are not part of the job.
 EXCLUDES = [".venv", "venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "*.db", "__pycache__", "*.egg-info",

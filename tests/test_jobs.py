@@ -431,3 +431,20 @@ def test_a_resume_must_reach_the_runs_own_end(tracking_uri, capsys):
     assert "this config changes what the run computes (validation_size: 200 -> 100;" in \
         error_line(capsys.readouterr().err)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_importing_cluster_changes_no_environment_until_asked(monkeypatch):
+    """Ray reads its settings when it is imported: ``cluster.ray_settings()`` puts them in the environment,
+    explicitly; importing the package does not."""
+    import importlib
+
+    import cluster
+
+    for name in cluster.LOCAL_RAY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a value already there wins
+    importlib.reload(cluster)
+    assert [n for n in cluster.LOCAL_RAY_ENV if n in os.environ] == ["RAY_AUTH_MODE"]
+    cluster.ray_settings()
+    assert {n: os.environ[n] for n in cluster.LOCAL_RAY_ENV} == {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
