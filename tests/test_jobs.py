@@ -86,29 +86,6 @@ def test_an_interrupted_run_ends_killed(tracking_uri, tmp_path):
     assert only_run(tracking_uri)[1].info.status == "KILLED"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("learning_rate=0.1", "unknown key 'learning_rate'"),
-    ("eta=fast", "eta=fast: must be a number"),
-    ("eta=0", "eta=0.0: the learning rate η must be a finite number > 0"),
-    ("eta=-1", "eta=-1.0: the learning rate η must be a finite number > 0"),
-    ("batch_size=0", "batch_size=0: the mini-batch size must be >= 1"),
-    ("batch_size=2.5", "batch_size=2.5: must be a whole number"),
-    ("sizes=[784,30,10]", "sizes=[784, 30, 10]: the input layer has 784 neurons but digits has 64 inputs"),
-    ("sizes=[64,30,5]", "sizes=[64, 30, 5]: the output layer has 5 neurons but digits has labels up to 9"),
-    ("data=no-such-dataset", "data='no-such-dataset': no such file or folder; use a bundled dataset"),
-    ("cost=hinge", "cost=hinge: one of quadratic, cross_entropy"),
-    ("backend=spark", "backend=spark: one of local, ray"),
-    ("transport=nccl", "transport=nccl: how Ray steps travel: one of auto, compiled, tasks"),
-    ("sizes=[64]", "sizes=[64]: needs at least two layer sizes"),
-    ("eta", "override 'eta': write key=value"),
-])
-def test_config_mistakes_exit_2_with_one_line(tracking_uri, capsys, override, message):
-    assert main(["run", str(CONFIGS / "digits.yaml"), override]) == 2
-    assert message in error_line(capsys.readouterr().err)
-    client = MlflowClient(tracking_uri)
-    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
-
-
 def test_unknown_key_in_yaml_suggests_the_right_one(tmp_path):
     (tmp_path / "job.yaml").write_text("data: digits\nbatchsize: 10\n")
     with pytest.raises(ConfigError, match="unknown key 'batchsize': did you mean 'batch_size'"):

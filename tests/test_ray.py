@@ -31,9 +31,9 @@ def final_weights(backend, data, overrides):
     return train(cfg, data, backend).network.params
 
 
-@pytest.mark.parametrize("transport", ["compiled", "tasks"])
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype, transport", [("float64", "compiled"), ("float32", "tasks")])
 def test_local_and_ray_1_to_4_workers_are_bit_identical(mnist_shaped, dtype, transport):
+    """Each dtype on one transport here; the other pairs in the test below (2 workers, with L2 decay)."""
     overrides = ["batch_size=250", "chunk_size=60", "epochs=2", "eta=0.5", f"dtype={dtype}"]
     local = final_weights(LocalBackend(60, threads=2), mnist_shaped, overrides)
     assert local.dtype == np.dtype(dtype)
