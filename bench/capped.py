@@ -95,7 +95,8 @@ def release(group: Path, seconds: float = 10.0) -> None:
 
 
 def main() -> None:
-    from cluster.driver import RayBackend, end_process
+    from cluster.connect import end_process
+    from cluster.driver import RayBackend
     from jobs.config import load_config
     from jobs.data import load_dataset
     from jobs.train import train

@@ -50,7 +50,8 @@ def synthetic_folder(out: Path, train_bytes: float, rows_per_block: int = ROWS_P
 
 DRIVER = """
 import json, sys, time
-from cluster.driver import RayBackend, end_process
+from cluster.connect import end_process
+from cluster.driver import RayBackend
 from jobs.config import load_config
 from jobs.data import load_dataset
 from jobs.train import train
@@ -165,8 +166,8 @@ def single_process(folder: Path) -> np.ndarray:
 
 def accuracy(seeds=(0, 1, 2, 3, 4)) -> None:
     from jobs.config import load_config, replace
+    from jobs.data import shard
     from jobs.run import run_job
-    from jobs.shards import shard
 
     print("\n## Accuracy of shuffle=blocks against shuffle=global: final test accuracy after the config's epochs, "
           f"mean of seeds {', '.join(map(str, seeds))} (the spread between seeds in brackets)")

@@ -154,3 +154,30 @@ def add_evaluation_rows(rows, n_classes: int) -> tuple[float, float, np.ndarray]
     if not n:
         raise ValueError("cannot evaluate on an empty dataset")
     return float(cost / n), float(correct / n), confusion.reshape(n_classes, n_classes).astype(np.int64)
+
+
+def place(blocks: Blocks, missing: list[set[int]], nodes: list[str]) -> list[dict]:
+    """Each worker's blocks, per split: every block on a worker whose node can read its files, the least
+    loaded (in rows) of them, the first on a tie; so evenly and the same every time. Under
+    ``shuffle=global`` every worker holds every training block."""
+    held = [{split: [] for split in SPLITS} for _ in missing]
+    load = [0] * len(missing)
+    for split in SPLITS:
+        for spec in blocks.specs[split]:
+            readers = [w for w, gone in enumerate(missing) if spec.block not in gone]
+            if split == "train" and not blocks.confined:
+                blind = next((w for w, gone in enumerate(missing) if spec.block in gone), None)
+                if blind is not None:
+                    raise BlockError(f"block {spec.block} on {nodes[blind]}: {spec.x_path} is missing; under "
+                                     "shuffle=global every worker reads every training block: copy the dataset's "
+                                     "folder to every node (or train with shuffle=blocks)")
+                for w in range(len(missing)):
+                    held[w][split].append(spec)
+                continue
+            if not readers:
+                raise BlockError(f"block {spec.block}: {spec.x_path} is missing on every node of the job "
+                                 f"({', '.join(sorted(set(nodes)))}); copy the dataset's folder to them")
+            w = min(readers, key=lambda r: (load[r], r))
+            held[w][split].append(spec)
+            load[w] += spec.rows
+    return held

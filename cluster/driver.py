@@ -1,35 +1,27 @@
 """The driver's side: start the workers, send each step's work, collect the chunk sums in order.
 
-``ray.init()`` is called without an address, so ``RAY_ADDRESS`` (set by ``ray job submit``)
-decides the cluster; with none, an embedded local cluster starts on 127.0.0.1.
+The cluster is joined (or an embedded one started) by ``cluster.connect``.
 
-Two transports carry a step: ``compiled``, a Ray Compiled Graph (the workers wait on
-shared-memory channels; a step is one write and one read, 0.1–0.3 ms on one node), and
-``tasks``, one actor call per worker (a few ms). ``auto`` takes the compiled graph when every
-worker shares the driver's node and the graph carries a first step, tasks otherwise. Both send
-the same work to the same worker method and collect the same chunk sums, so the bits do not
-depend on the transport.
+Two transports carry a step: ``compiled``, a Ray Compiled Graph (``cluster.compiled``: the workers
+wait on shared-memory channels; a step is one write and one read, 0.1–0.3 ms on one node), and
+``tasks``, one actor call per worker (a few ms). ``auto`` takes the compiled graph when every worker
+shares the driver's node and the graph carries a first step, tasks otherwise. Both send the same work
+to the same worker method and collect the same chunk sums, so the bits do not depend on the transport.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
-import os
-import signal
-import socket
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
 
 import numpy as np
 
-from cluster import RAY_SYSTEM_CONFIG, TRANSPORTS, ray_settings
-from cluster.auth import ensure_token
-from cluster.blocks import SPLITS, BlockError, Blocks, add_evaluation_rows
+from cluster import TRANSPORTS
+from cluster.blocks import BlockError, Blocks, add_evaluation_rows, place
+from cluster.compiled import CompiledTransport
+from cluster.connect import connect
 from cluster.errors import ClusterError, WorkerFailuresError
 from cluster.worker import owners_in_order
 from core.chunks import sum_rows
@@ -40,95 +32,11 @@ from core.plan import cut
 from core.step import descend
 from jobs.errors import first_line
 
-ray_settings()  # before any function here imports Ray
-
-# Ray 2.60 workaround: below this expected wait (seconds), the driver reads a compiled graph's result at once
-SPIN_FREE_WAIT = 5e-4
 # Seconds the workers may take to start (import numpy, numba and gradavg) before the job is given up
 START_SECONDS = 180.0
-# Seconds a compiled graph's teardown may take before the driver goes on without it
-TEARDOWN_SECONDS = 30.0
 
 
-_graph_failed = False  # a compiled graph of this process failed (a worker or a node lost while it ran)
-
-
-def end_process(code: int):
-    """Exit with ``code``. Ray 2.60 workaround: after a compiled graph failed, Ray 2.60 can crash the process while the
-    interpreter shuts down (a segmentation fault, after every result was saved and Ray itself was
-    shut down); such a process skips that shutdown: its output is flushed, then it exits."""
-    if _graph_failed:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-    sys.exit(code)
-
-
-def connect(cpus_needed: float) -> bool:
-    """Join the cluster that RAY_ADDRESS names, or start a local one. True if this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    with keeping_sigterm_handler():
-        _init(cpus_needed)
-    return True
-
-
-@contextlib.contextmanager
-def keeping_sigterm_handler():
-    """``ray.init`` replaces the SIGTERM handler with ``sys.exit`` (Ray 2.60); keep the caller's own, and its
-    SIGHUP handler too."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)} if main else {}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            if handler is not None:
-                signal.signal(s, handler)
-
-
-def _init(cpus_needed: float) -> None:
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        _check_reachable(os.environ["RAY_ADDRESS"])
-        try:
-            ray.init(logging_level="WARNING", log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ClusterError(f"cannot connect to the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
-                               f"({first_line(e)}); check that it runs (`ray status`) or unset "
-                               "RAY_ADDRESS to start a local one") from None
-    else:
-        cores = os.cpu_count() or 1
-        if cpus_needed > cores:  # an embedded cluster would offer them anyway, and start more processes than cores
-            raise ClusterError(f"the workers need {cpus_needed:g} CPUs (workers × num_cpus) but this machine has "
-                               f"{cores} cores, all that a local Ray cluster offers; lower workers or num_cpus, or "
-                               "submit the job to a larger cluster (gradavg submit)")
-        ensure_token()  # mode 0600: ray.init would write one every user can read
-        # "local": a new embedded cluster, never one a `ray start` elsewhere on this machine left behind
-        ray.init(address="local", num_cpus=max(1, math.ceil(cpus_needed)), include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Ray waits a long time for an address that does not answer; a plain connect fails fast."""
-    if address == "auto":
-        return
-    host_port = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"RAY_ADDRESS={address}: write HOST:PORT (the head's GCS port, 6379 by default)")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ClusterError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e.strerror or e}); check "
-                           "that it runs (`ray status`) or unset RAY_ADDRESS to start a local one") from None
-
-
-class RayBackend:
+class RayBackend(CompiledTransport):
     """Chunk sums computed by ``workers`` ShardWorker actors, carried by ``transport``.
 
     A worker that dies during a step (its process killed, its node lost, out of memory)
@@ -375,91 +283,6 @@ class RayBackend:
             self._record(time.perf_counter() - started)
         return results
 
-    # ------------------------------------------------------------------ the compiled transport
-
-    def _compile(self):
-        from ray.dag import InputNode, MultiOutputNode
-
-        shares = len(self.actors)
-        with InputNode() as work:
-            dag = MultiOutputNode([actor.chunk_sums.bind(work, k, shares) for k, actor in enumerate(self.actors)])
-        return dag.experimental_compile()
-
-    def _run_compiled(self, work: tuple) -> list:
-        import ray
-
-        started = time.perf_counter()
-        timeout = self._step_timeout()
-        try:
-            ref = self._graph.execute(work)
-            # Reading a compiled graph's result spins on a core: sleep through most of the workers'
-            # expected compute first, or on a machine with a core per worker the driver takes one
-            # of theirs (2 workers at mini-batch 10,000 on 2 cores: 37 ms a step, 21 ms with it).
-            expected = self._per_example * (0 if work[1] is None else work[1].shape[0]) / len(self.actors)
-            if expected > SPIN_FREE_WAIT:
-                time.sleep(0.8 * expected)
-            results = ray.get(ref, timeout=timeout)
-        except Exception as error:
-            # A worker died (the error names it, or only a channel it broke), a step took too long,
-            # or the graph itself failed. A graph compiled again after a worker's death was seen to
-            # hang two steps later (Ray 2.60), so the tasks transport carries the job on: it finds a
-            # dead worker when it awaits its result, and replaces or covers it.
-            from ray.exceptions import RayChannelTimeoutError
-
-            cause = (f"a step took longer than {timeout:.0f} s" if isinstance(error, RayChannelTimeoutError)
-                     else first_line(error, 160))
-            self._teardown()
-            self.transport = "tasks"
-            self._tell(f"the compiled graph stopped: {cause}; the job goes on with transport=tasks, "
-                       "with the same results")
-            return self._run_tasks(work)
-        self._record(time.perf_counter() - started)
-        if work[5] == "train":  # a training step (diagnostics take the slower numpy path)
-            rates = [seconds / sum(counts) for _, counts, _, seconds in results if sum(counts)]
-            self._per_example = min(rates, default=self._per_example)
-        return results
-
-    def _choose_transport(self, network: Network) -> str:
-        """``tasks`` when asked for; else the compiled graph, if it compiles and carries a first
-        (empty) step. ``auto`` takes it only when every worker shares the driver's node: between
-        two real nodes its steps measured slower than tasks' (4–11 ms against 2 ms at mini-batch
-        10, 48–63 ms against 21 ms at 10,000), and on nodes simulated on one machine
-        (``ray.cluster_utils.Cluster``) a second step hangs and takes the raylet down."""
-        import ray
-
-        if self.requested == "tasks":
-            return "tasks"
-        here = ray.get_runtime_context().get_node_id()
-        if self.requested == "auto" and set(ray.get([a.node_id.remote() for a in self.actors])) != {here}:
-            return "tasks"
-        try:
-            self._graph = self._compile()
-            empty = np.zeros(0, np.int64)
-            ray.get(self._graph.execute((network.params, empty, [], empty, None, "train")), timeout=30)
-        except Exception as error:
-            self._teardown()
-            if self.requested == "compiled":
-                self.close()
-                raise ClusterError(f"transport=compiled does not work on this cluster ({first_line(error, 160)}); "
-                                   "use transport=auto or transport=tasks") from None
-            return "tasks"
-        return "compiled"
-
-    def _teardown(self, failed: bool = True) -> None:
-        global _graph_failed
-
-        if self._graph is not None:
-            _graph_failed = _graph_failed or failed
-            graph, self._graph = self._graph, None
-            if failed:  # Ray logs the dead worker's loop it cannot cancel, with tracebacks, from its threads too
-                logging.getLogger("ray.dag.compiled_dag_node").setLevel(logging.CRITICAL)
-            # Ray 2.60 workaround: teardown waits for every worker's loop to end, without a limit: a hung
-            # worker would hang the driver here. Give it a bounded time in a thread of its own, then go on.
-            thread = threading.Thread(target=_quietly, args=(graph.teardown,), daemon=True,
-                                      name="gradavg-graph-teardown")
-            thread.start()
-            thread.join(min(TEARDOWN_SECONDS, max(self.step_floor, 1.0)))
-
     # ------------------------------------------------------------------ failures
 
     def _recover(self, dead, share: int, cause: str):
@@ -547,33 +370,3 @@ class RayBackend:
             self._started_ray = False
 
 
-def place(blocks: Blocks, missing: list[set[int]], nodes: list[str]) -> list[dict]:
-    """Each worker's blocks, per split: every block on a worker whose node can read its files, the least
-    loaded (in rows) of them, the first on a tie; so evenly and the same every time. Under
-    ``shuffle=global`` every worker holds every training block."""
-    held = [{split: [] for split in SPLITS} for _ in missing]
-    load = [0] * len(missing)
-    for split in SPLITS:
-        for spec in blocks.specs[split]:
-            readers = [w for w, gone in enumerate(missing) if spec.block not in gone]
-            if split == "train" and not blocks.confined:
-                blind = next((w for w, gone in enumerate(missing) if spec.block in gone), None)
-                if blind is not None:
-                    raise BlockError(f"block {spec.block} on {nodes[blind]}: {spec.x_path} is missing; under "
-                                     "shuffle=global every worker reads every training block: copy the dataset's "
-                                     "folder to every node (or train with shuffle=blocks)")
-                for w in range(len(missing)):
-                    held[w][split].append(spec)
-                continue
-            if not readers:
-                raise BlockError(f"block {spec.block}: {spec.x_path} is missing on every node of the job "
-                                 f"({', '.join(sorted(set(nodes)))}); copy the dataset's folder to them")
-            w = min(readers, key=lambda r: (load[r], r))
-            held[w][split].append(spec)
-            load[w] += spec.rows
-    return held
-
-
-def _quietly(action: Callable[[], object]) -> None:
-    with contextlib.suppress(Exception):
-        action()

@@ -15,9 +15,10 @@ import numpy as np
 
 from core.backprop import gradient_sum
 from core.blas import one_thread
-from core.kernels import Workspace, chunk_gradient_sum, run_planned_steps, run_steps
+from core.kernels import chunk_gradient_sum, run_planned_steps, run_steps
 from core.network import Network
 from core.step import piece_count
+from core.workspace import Workspace
 
 
 def sum_rows(buffer: np.ndarray | None, chunks: int, network: Network) -> np.ndarray:

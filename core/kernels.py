@@ -4,21 +4,12 @@
 update of ``core/step.py`` say what is computed; this module computes the same with the same
 products, compiled by numba so that a mini-batch of 10 is not paid for in interpreter overhead:
 at [784, 30, 10] the arithmetic of a step takes about 20 µs and numpy's calls around it took
-three times that. Each part and the reference it copies (``tests/test_core.py`` holds each to it):
-
-- ``_chunk_sum`` (``chunk_gradient_sum``): ``gradient_sum`` over a chunk's rows ``x[rows]``,
-  which it copies out of the training set itself (``_copy_rows``, faster here than ``np.take``),
-  the input layer's products a block of ``INPUT_BLOCK`` examples at a time (``core.blas.gemm``),
-  into the buffers of a ``Workspace``; held to ``per_example_gradient_sum`` and to finite
-  differences;
-- ``_piece``, ``_piece_count``: ``core.step``'s cuts, of an epoch into mini-batches and of a
-  mini-batch into chunks; held to them bit for bit;
-- ``_add_and_update`` (``add_and_update``): ``add_in_order``, then ``update_in_place``
-  (x ← x − dtype(η/m)·∇, after the decay, never a fused multiply-add); bit for bit;
-- ``run_steps``: ``core.step.descend`` over the chunk sums above, whole stretches of steps
-  without returning to Python, a mini-batch's chunks at once on numba's threads, one workspace
-  slot each; ``add_and_update_rows``: what ``core.step.descend`` ends each step in over chunk sums
-  computed elsewhere (Ray's workers), the same ``_add_and_update``; both bit for bit.
+three times that. Each part, and the reference it copies, is in the table of ``core/step.py``;
+``tests/test_core.py`` holds each to its reference, bit for bit (``_chunk_sum`` also to
+``per_example_gradient_sum`` and finite differences). ``_chunk_sum`` copies a chunk's rows out of the
+training set itself (``_copy_rows``, faster here than ``np.take``) and multiplies the input layer a
+block of ``INPUT_BLOCK`` examples at a time (``core.blas.gemm``), in the buffers of a ``Workspace``;
+``_add_and_update`` subtracts dtype(η/m)·∇ after the decay, never as a fused multiply-add.
 
 Every gradient sum of a training run, on every backend and every Ray worker, comes from the
 same chunk kernel and every step ends in the same ``_add_and_update``, so the bits do not depend
@@ -38,6 +29,7 @@ import numpy as np
 from core.blas import N, T, gemm, gemm_scratch
 from core.network import Network
 from core.step import piece_count
+from core.workspace import Workspace
 
 # BP1 for each cost with sigmoid output (the only activation): δ^L = (a − y) ⊙ σ'(z^L), or a − y
 COST_CODES = {"quadratic": 0, "cross_entropy": 1}
@@ -48,27 +40,6 @@ COST_CODES = {"quadratic": 0, "cross_entropy": 1}
 # rows stays in the core's cache from copying it to multiplying it. A fixed size, so the bits
 # depend only on the chunk.
 INPUT_BLOCK = 32
-
-
-class Workspace:
-    """The compiled backward pass's buffers, reused across steps: at a mini-batch of 10 the
-    arithmetic is tiny and allocation would be a large share of the time.
-
-    ``slots`` sets of them, one for each chunk computed at once on its own thread, each for
-    chunks of up to ``rows`` examples: the chunk's rows copied out of the training set, and
-    a^l and δ^l of every layer kept as the book writes them, one column per example, (n_l, m):
-    the products then run on contiguous operands, which OpenBLAS does faster.
-    """
-
-    def __init__(self, sizes: list[int], rows: int, dtype, slots: int = 1):
-        self.sizes, self.rows, self.dtype, self.slots = list(sizes), rows, np.dtype(dtype), slots
-        self.x_slots = np.empty((slots, rows * sizes[0]), dtype)  # a chunk's rows, (m, n_0) flat
-        self.activation_slots = tuple(np.empty((slots, n * rows), dtype) for n in sizes[1:])  # a^l, (n_l, m) flat
-        self.delta_slots = tuple(np.empty((slots, n * rows), dtype) for n in sizes[1:])  # δ^l, (n_l, m) flat
-
-    def fits(self, network: Network, rows: int, slots: int = 1) -> bool:
-        return (self.sizes == network.sizes and self.dtype == network.dtype and rows <= self.rows
-                and slots <= self.slots)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -164,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train neural networks by backpropagation, averaging gradient sums exactly, "
                     "in one process or on a Ray cluster, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_training, _add_sweep, _add_cluster, _add_data):
+        add(sub)
+    parser.commands = sub.choices  # for _parse
+    return parser
 
+
+def _add_training(sub) -> None:
+    """run, gradcheck, evaluate, submit."""
     run = sub.add_parser("run", help="train a network from a YAML config", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", help="a YAML job config, e.g. configs/digits.yaml ('-' for none: "
@@ -207,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "if it SUCCEEDED")
     submit.set_defaults(handler=cmd_submit)
 
+
+def _add_sweep(sub) -> None:
     sweep = sub.add_parser(
         "sweep", help="train a config with several values of some keys, as one MLflow parent run",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SWEEP_EPILOG)
@@ -235,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--trials-on-ray", action="store_true", help=argparse.SUPPRESS)  # a submitted sweep's driver
     sweep.set_defaults(handler=cmd_sweep)
 
+
+def _add_cluster(sub) -> None:
+    """jobs, cluster, runs."""
     jobs = sub.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
     jobs.add_argument("action", choices=("list", "status", "logs", "stop"))
     jobs.add_argument("job_id", nargs="?", help="the id `gradavg submit` printed")
@@ -258,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--tracking-uri")
     runs.set_defaults(handler=cmd_runs)
 
+
+def _add_data(sub) -> None:
+    """data, keys."""
     data = sub.add_parser("data", help="write a dataset as a folder of blocks (a sharded dataset), or check one",
                           description="shard: write SOURCE (a bundled name, an .npz, an IDX folder, ...) as a folder "
                                       "of blocks that Ray workers load one share each (train it with data=OUT, "
@@ -280,12 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="list the config keys, their defaults and what is valid")
     keys.set_defaults(handler=cmd_keys)
-    parser.commands = sub.choices  # for _parse
-    return parser
 
 
 def entry() -> None:
-    """The ``gradavg`` command. A Ray job ends as Ray's compiled graphs need (``cluster.driver.end_process``),
+    """The ``gradavg`` command. A Ray job ends as Ray's compiled graphs need (``cluster.connect.end_process``),
     also when an error escapes."""
     try:
         try:
@@ -301,12 +314,12 @@ def entry() -> None:
         _say(f"gradavg: error: the output cannot be written ({e.strerror or e}); write it where there is room")
         code = 1
     except Exception:
-        if "cluster.driver" not in sys.modules:
+        if "cluster.connect" not in sys.modules:
             raise
         traceback.print_exc()
         code = 1
-    if "cluster.driver" in sys.modules:
-        sys.modules["cluster.driver"].end_process(code)
+    if "cluster.connect" in sys.modules:
+        sys.modules["cluster.connect"].end_process(code)
     sys.exit(code)
 
 

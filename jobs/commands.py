@@ -257,7 +257,7 @@ def cmd_runs(args) -> int:
 def cmd_data(args) -> int:
     from cluster.blocks import BlockError, read_block
     from jobs import shards
-    from jobs.data import DataError
+    from jobs.data import DataError, shard
 
     if args.action == "check":
         if args.out:
@@ -284,8 +284,8 @@ def cmd_data(args) -> int:
 
     stop_on_signals()  # a stopped or hung-up shard removes what it began, as Ctrl-C does
     try:
-        manifest = shards.shard(args.source, args.out, args.rows_per_block, args.validation_size, args.test_size,
-                                args.dtype, args.allow_pickle)
+        manifest = shard(args.source, args.out, args.rows_per_block, args.validation_size, args.test_size,
+                         args.dtype, args.allow_pickle)
     except shards.ShardError as e:
         raise DataError(str(e)) from None
     out = Path(args.out)

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,11 +160,11 @@ def _plain_name(name) -> bool:
 
 
 def load_sharded(folder, validation_size: int | None, test_size: int | None, rows: bool | tuple[str, ...] = True):
-    """The folder as a ``jobs.data.Dataset``. With ``rows``, every block is read (a single process
+    """The folder as a ``Dataset``. With ``rows``, every block is read (a single process
     trains on them all), or those of the splits it names; without, only the manifest and the first test
     block (a sample for plots and a model's input example): what a Ray driver holds. A
     ``validation_size`` of None takes the folder's."""
-    from jobs.data import DataError, Dataset
+    from jobs.formats import DataError, Dataset
 
     manifest = read_manifest(folder)
     n_validation, n_test = manifest.rows("validation"), manifest.rows("test")
@@ -193,31 +193,6 @@ def load_sharded(folder, validation_size: int | None, test_size: int | None, row
 
 
 # ---------------------------------------------------------------- writing a folder
-
-
-def shard(source: str, out: str | os.PathLike, rows_per_block: int = ROWS_PER_BLOCK, validation_size: int | None = 0,
-          test_size: int | None = None, dtype: str = "float64", allow_pickle: bool = False) -> Manifest:
-    """Write ``source`` (anything ``load_dataset`` reads) as a sharded folder ``out``, split as a job with
-    these ``validation_size`` and ``test_size`` splits it (``validation_size`` None: a sharded source's own)."""
-    from jobs.data import load_dataset
-
-    if validation_size is None:  # a sharded source keeps its split; another holds out none
-        validation_size = None if is_sharded(source) else 0
-    data = load_dataset(source, validation_size, test_size, allow_pickle)
-    order = np.random.default_rng(SHARD_SEED).permutation(data.y_train.size)
-    pieces = {
-        "train": ((data.x_train[order[lo : lo + rows_per_block]], data.y_train[order[lo : lo + rows_per_block]])
-                  for lo in range(0, order.size, rows_per_block)),
-        "validation": _pieces(data.x_validation, data.y_validation, rows_per_block),
-        "test": _pieces(data.x_test, data.y_test, rows_per_block),
-    }
-    max_label = int(max(data.y_train.max(initial=0), data.y_test.max(initial=0), data.y_validation.max(initial=0)))
-    return write_folder(out, data.name, data.n_inputs, dtype, data.n_classes, max_label, data.image_shape, pieces,
-                        source_rows=order)
-
-
-def _pieces(x: np.ndarray, y: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    return ((x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, y.size, rows))
 
 
 def write_folder(out, name: str, width: int, dtype: str, n_classes: int, max_label: int,

@@ -212,7 +212,7 @@ class RayTrials:
     def __init__(self, uri: str, parent_id: str, scheduler: SuccessiveHalving | None):
         import ray
 
-        from cluster.driver import keeping_sigterm_handler  # and Ray's loopback and auth settings
+        from cluster.connect import keeping_sigterm_handler  # and Ray's loopback and auth settings
 
         self._ray = ray
         if not ray.is_initialized():

@@ -124,7 +124,7 @@ def sharded_folders(d: Path) -> None:
     import shutil
 
     from cluster.blocks import block_digest
-    from jobs.shards import shard
+    from jobs.data import shard
 
     shard("digits", d / "shard-ok", rows_per_block=300)
     for name in ("shard-digest", "shard-width", "shard-dtype", "shard-escape", "shard-nothing", "shard-classes"):

@@ -7,7 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from jobs.data import DataError, load_dataset, read_idx, save_npz, synthetic
+from jobs.data import DataError, load_dataset, save_npz, synthetic
+from jobs.formats import read_idx
 
 
 def write_idx(path, array: np.ndarray, gz=False):

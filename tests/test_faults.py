@@ -101,7 +101,8 @@ def test_two_workers_dying_in_one_step_with_no_room_for_new_ones_change_no_bit(t
 KILLED_WORKER_DRIVER = """
 import os, signal, sys
 import numpy as np
-from cluster.driver import RayBackend, end_process
+from cluster.connect import end_process
+from cluster.driver import RayBackend
 from jobs.config import load_config
 from jobs.data import load_dataset
 from jobs.train import train
@@ -176,7 +177,7 @@ def test_workers_that_keep_dying_stop_the_job_with_a_checkpoint_to_resume(tracki
     made = []
 
     def dying_backend(cfg, on_failure=None):
-        made.append(KillingRayBackend(cfg.workers, cfg.chunk_size, max_failures=cfg.max_worker_failures,
+        made.append(KillingRayBackend(cfg.workers, cfg.chunk_size, max_worker_failures=cfg.max_worker_failures,
                                       on_failure=on_failure, after=20, times=3))
         return made[-1]
 

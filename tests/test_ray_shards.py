@@ -20,6 +20,7 @@ from jobs.backends import LocalBackend, make_backend
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.data import load_dataset
+from jobs.data import shard as data_shard
 from jobs.train import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]  # one cluster for the module
@@ -29,7 +30,7 @@ DIGITS = str(CONFIGS / "digits.yaml")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "digits"
-    shards.shard("digits", out, rows_per_block=100, validation_size=200)
+    data_shard("digits", out, rows_per_block=100, validation_size=200)
     return out
 
 

@@ -51,3 +51,10 @@ def test_the_readme_python_snippet_runs(tracking_uri, capsys):
     exec(compile(snippet.replace("model.predict(pixels)", "labels = model.predict(pixels)"), "README", "exec"),
          scope)
     assert scope["labels"].shape == (pixels.shape[0],) and set(scope["labels"]) <= set(range(10))
+
+
+def test_ci_runs_the_readmes_test_command_and_every_tier():
+    section = README[README.index("## Tests\n"):]
+    command = section[section.index("```sh\n") + len("```sh\n"):].split("\n", 1)[0]
+    assert command.endswith("pytest --all")  # CI runs every tier, not the fast one
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()

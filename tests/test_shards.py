@@ -16,6 +16,7 @@ from jobs import shards
 from jobs.backends import LocalBackend
 from jobs.config import load_config
 from jobs.data import load_dataset
+from jobs.data import shard as data_shard
 from jobs.train import train
 
 OFFSETS = np.array([0, 7, 14, 21, 25, 33])  # five blocks of 7, 7, 7, 4 and 8 rows
@@ -24,7 +25,7 @@ OFFSETS = np.array([0, 7, 14, 21, 25, 33])  # five blocks of 7, 7, 7, 4 and 8 ro
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "digits"
-    shards.shard("digits", out, rows_per_block=100, validation_size=200)
+    data_shard("digits", out, rows_per_block=100, validation_size=200)
     return out
 
 
@@ -104,7 +105,7 @@ def test_shuffle_global_on_the_folder_is_the_bits_of_its_source(digits_folder):
 
 def test_mnist_5k_sharded_in_float32_trains_a_float32_network_to_the_source_bits(tmp_path):
     out = tmp_path / "m5"
-    shards.shard("mnist-5k", out, rows_per_block=700, dtype="float32")
+    data_shard("mnist-5k", out, rows_per_block=700, dtype="float32")
     cfg = load_config(CONFIGS / "nielsen-ch1.yaml", ["epochs=1", "dtype=float32"])
     original = train(cfg, load_dataset("mnist-5k"), LocalBackend(cfg.chunk_size))
     sharded = train(cfg, load_dataset(str(out)), LocalBackend(cfg.chunk_size))
@@ -155,7 +156,7 @@ def test_a_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "save", failing)
     with pytest.raises(OSError):
-        shards.shard("digits", tmp_path / "out", rows_per_block=100)
+        data_shard("digits", tmp_path / "out", rows_per_block=100)
     assert list(tmp_path.iterdir()) == []  # no folder named out, no staging folder left
 
 
@@ -179,13 +180,12 @@ def test_parquet_written_elsewhere_reads_as_the_same_arrays_and_shards(tmp_path)
         data = load_dataset(str(path), 200, test_size=359)
         for key in ("x_train", "y_train", "x_validation", "y_validation", "x_test", "y_test"):
             assert np.array_equal(getattr(data, key), getattr(source, key)), (path, key)
-    manifest = shards.shard(str(tmp_path / "parts"), tmp_path / "sharded", 500, 200, 359)
+    manifest = data_shard(str(tmp_path / "parts"), tmp_path / "sharded", 500, 200, 359)
     assert (manifest.rows("train"), manifest.rows("test")) == (1238, 359)
 
 
 def test_placement_is_even_deterministic_and_goes_where_a_node_can_read_the_files(digits_folder):
-    from cluster.blocks import BlockError
-    from cluster.driver import place
+    from cluster.blocks import BlockError, place
     from jobs.shards import backend_blocks
 
     data = load_dataset(str(digits_folder), 200, rows=False)
@@ -246,7 +246,7 @@ def test_a_folder_is_readable_as_a_folder_made_with_mkdir(tmp_path):
 
     umask = os.umask(0o022)
     try:
-        shards.shard("digits", tmp_path / "out", rows_per_block=500)
+        data_shard("digits", tmp_path / "out", rows_per_block=500)
     finally:
         os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

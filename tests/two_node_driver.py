@@ -10,7 +10,8 @@ import sys
 import numpy as np
 
 from bench.two_nodes import kill_everything_in
-from cluster.driver import RayBackend, end_process
+from cluster.connect import end_process
+from cluster.driver import RayBackend
 from jobs.config import load_config
 from jobs.data import load_dataset
 from jobs.train import train
