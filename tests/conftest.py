@@ -159,6 +159,22 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [i for i in items if not any(i.get_closest_marker(m) for m in SLOW_TIERS)]
 
 
+LEFT_BEHIND = ("mlruns", "mlartifacts", "mlflow.db")  # what a test run in the project's folder would leave
+
+
+def pytest_sessionstart(session):
+    session.config._gradavg_before = {name for name in LEFT_BEHIND if (ROOT / name).exists()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test that tracks to the project's folder (not its own temporary one) fails the session."""
+    left = {name for name in LEFT_BEHIND if (ROOT / name).exists()} - getattr(session.config, "_gradavg_before", set())
+    if left:
+        session.config.get_terminal_writer().line(f"tests left {', '.join(sorted(left))} in {ROOT}: a test tracked "
+                                                  "outside its temporary folder", red=True)
+        session.exitstatus = 1
+
+
 def pytest_report_header(config):
     if not (config.getoption("--all") or config.option.markexpr):
         return "tiers: a bare `pytest` runs the fast tier (no Ray, store, process or server); `pytest --all` runs all"

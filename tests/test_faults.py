@@ -1,4 +1,5 @@
-"""Faults change nothing: a dead worker, a killed and resumed driver, bit for bit; bad input is refused."""
+"""Ray workers that fail change nothing: a killed worker, two dying in one step, a failed compiled graph, a
+hung worker, bit for bit; workers that keep dying stop the job resumable; too many to place are refused."""
 
 from __future__ import annotations
 

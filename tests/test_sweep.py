@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, ROOT, holding_at
+from conftest import CONFIGS, holding_at
 from core import Network
 from jobs.cli import main
 from jobs.config import ConfigError, load_config
@@ -256,7 +256,7 @@ def test_the_books_eta_experiment(tracking_uri):
 def _start_sweep(uri: str, *args: str, hold: int) -> subprocess.Popen:
     """A sweep's driver whose trials hold after epoch ``hold`` until killed (``conftest.holding_at``)."""
     env = {**holding_at(hold), "MLFLOW_TRACKING_URI": uri}
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", *args], cwd=os.getcwd(), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # a group of its own, as a terminal's job is
 
