@@ -197,13 +197,18 @@ def test_a_path_only_this_machine_has_fails_on_the_cluster(servers, capsys, tmp_
     assert runs_of(servers, "e2e-fail")[1] == []  # refused before any run was opened
 
 
-def test_stopping_a_job_ends_its_run_killed(servers, capsys):
+def long_job(servers, capsys, experiment: str) -> str:
+    """A submitted job that trains for minutes, once its MLflow run is open (it is, past the job's set-up)."""
     code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
-                          "experiment=e2e-stop")
+                          f"experiment={experiment}")
     assert code == 0
-    # the run exists once the job is past its set-up
-    wait_for_runs(servers, "e2e-stop", lambda runs: runs and runs[0].info.status == "RUNNING", 90,
+    wait_for_runs(servers, experiment, lambda runs: runs and runs[0].info.status == "RUNNING", 90,
                   "the job never opened its MLflow run")
+    return job_id
+
+
+def test_stopping_a_job_ends_its_run_killed(servers, capsys):
+    job_id = long_job(servers, capsys, "e2e-stop")
     assert main(["jobs", "stop", job_id, "--address", servers.dashboard]) == 0
     assert capsys.readouterr().out.strip() == f"job {job_id} STOPPED"
     deadline = time.monotonic() + 30
@@ -259,11 +264,7 @@ def test_stopping_a_submitted_sweep_leaves_no_run_running(servers, capsys):
 
 def test_cluster_down_stops_the_jobs_first_and_their_runs_end_killed(servers, capsys):
     """Last in this module: it stops the module's servers."""
-    code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
-                          "experiment=e2e-down")
-    assert code == 0
-    wait_for_runs(servers, "e2e-down", lambda runs: runs and runs[0].info.status == "RUNNING", 90,
-                  "the job never opened its MLflow run")
+    long_job(servers, capsys, "e2e-down")
     assert main(["cluster", "down", "--state-dir", servers.state_dir]) == 0
     assert capsys.readouterr().out.strip() == ("stopped: 1 running job (each ends its run KILLED), Ray head, "
                                                "MLflow server")
