@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from jobs.cli import main as gradavg
+from jobs.runs import SWEEP_KEYS
 from jobs.store import open_store
 from jobs.sweep_run import latest_children
 
@@ -26,7 +27,7 @@ def main() -> int:
             return code
         client = open_store(uri, create=False)
         parent = client.search_runs([client.get_experiment_by_name("sweep-eta").experiment_id],
-                                    filter_string="tags.sweep_keys = 'eta'")[0]
+                                    filter_string=f"tags.{SWEEP_KEYS} = 'eta'")[0]
         for _, child in sorted(latest_children(client, parent.info.run_id).items()):
             costs = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "cost/train"),
                                              key=lambda m: m.step)]

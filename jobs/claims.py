@@ -1,4 +1,5 @@
-"""A run has at most one driver: the process that trains it (or drives a sweep) claims it with tags.
+"""A run has at most one driver: the process that trains it (or drives a sweep) claims it with tags
+(``jobs.runs`` names them, and writes them as it reopens a run: ``jobs.runs.reopen``).
 
 MLflow has no compare-and-set, so a claim is a write read back: a driver that resumes a run
 (1) refuses if the run is RUNNING under a live claim of another process, (2) writes its own claim
@@ -21,12 +22,11 @@ import socket
 import time
 
 from jobs.errors import UserError
+from jobs.runs import DRIVER_CLAIM, DRIVER_HOST, DRIVER_PID, DRIVER_SEEN, DRIVER_STARTED
 
 SETTLE_SECONDS = 1.0
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 300.0
-
-HOST, PID, STARTED, TOKEN, SEEN = "driver_host", "driver_pid", "driver_started", "driver_claim", "driver_seen"
 
 
 class DriverConflict(UserError, RuntimeError):
@@ -45,31 +45,26 @@ def _process_started(pid: int) -> float | None:
 def driver_tags(claim: bool = True) -> dict[str, str]:
     """Where this process runs (so that `gradavg runs repair` can tell a dead driver) and, with ``claim``,
     a claim of the run these tags go to."""
-    tags = {HOST: socket.gethostname(), PID: str(os.getpid())}
+    tags = {DRIVER_HOST: socket.gethostname(), DRIVER_PID: str(os.getpid())}
     if claim:
-        tags.update({STARTED: str(_process_started(os.getpid())), TOKEN: secrets.token_hex(8),
-                     SEEN: str(int(time.time()))})
+        tags.update({DRIVER_STARTED: str(_process_started(os.getpid())), DRIVER_CLAIM: secrets.token_hex(8),
+                     DRIVER_SEEN: str(int(time.time()))})
     return tags
-
-
-def heartbeat(client, run_id: str) -> None:
-    """Renew this process's claim of ``run_id``: it was seen now."""
-    client.set_tag(run_id, SEEN, str(int(time.time())))
 
 
 def alive(tags: dict[str, str]) -> bool | None:
     """Whether the process that ``tags`` name still runs: True, False, or None where this host cannot
     tell (another host's driver that sent no heartbeat)."""
-    host, pid = tags.get(HOST), tags.get(PID, "")
+    host, pid = tags.get(DRIVER_HOST), tags.get(DRIVER_PID, "")
     if host == socket.gethostname():
         if not pid.isdigit():
             return False
         started = _process_started(int(pid))
         if started is None:
             return False
-        claimed = tags.get(STARTED, "None")
+        claimed = tags.get(DRIVER_STARTED, "None")
         return claimed == "None" or abs(float(claimed) - started) < 1.0
-    seen = tags.get(SEEN, "")
+    seen = tags.get(DRIVER_SEEN, "")
     if not seen.isdigit():
         return None
     return time.time() - int(seen) < STALE_SECONDS
@@ -78,15 +73,15 @@ def alive(tags: dict[str, str]) -> bool | None:
 def live_driver(run) -> str | None:
     """The live driver of ``run`` other than this process, described, or None."""
     tags = run.data.tags
-    if run.info.status != "RUNNING" or TOKEN not in tags:
+    if run.info.status != "RUNNING" or DRIVER_CLAIM not in tags:
         return None
-    if tags.get(HOST) == socket.gethostname() and tags.get(PID) == str(os.getpid()):
+    if tags.get(DRIVER_HOST) == socket.gethostname() and tags.get(DRIVER_PID) == str(os.getpid()):
         return None  # this process: a driver of an earlier attempt in it has ended
     if not alive(tags):
         return None
-    seen = tags.get(SEEN, "")
+    seen = tags.get(DRIVER_SEEN, "")
     since = f", seen {int(time.time()) - int(seen)} s ago" if seen.isdigit() else ""
-    return f"pid {tags.get(PID)} on {tags.get(HOST)}{since}"
+    return f"pid {tags.get(DRIVER_PID)} on {tags.get(DRIVER_HOST)}{since}"
 
 
 def refuse_if_driven(run, what: str) -> None:
@@ -95,19 +90,3 @@ def refuse_if_driven(run, what: str) -> None:
         raise DriverConflict(f"{what}: its driver ({driver}) is still running; wait for it to end or stop it "
                              "(Ctrl-C, `gradavg jobs stop`, or kill that pid): a second driver would log every "
                              "step twice")
-
-
-def take(client, run_id: str, what: str, tags: dict[str, str] | None = None) -> None:
-    """Claim ``run_id`` for this process and mark it RUNNING, with ``tags`` besides; a DriverConflict when
-    another live process drives it or claims it at the same moment."""
-    from mlflow.entities import RunTag
-
-    refuse_if_driven(client.get_run(run_id), what)
-    mine = driver_tags()
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {**mine, **(tags or {})}.items()])
-    client.update_run(run_id, status="RUNNING")
-    time.sleep(SETTLE_SECONDS)
-    now = client.get_run(run_id).data.tags
-    if now.get(TOKEN) != mine[TOKEN]:
-        raise DriverConflict(f"{what}: another driver (pid {now.get(PID)} on {now.get(HOST)}) took this run at the "
-                             "same moment, and drives it; this one stops")

@@ -181,7 +181,7 @@ def cmd_sweep(args) -> int:
 
 
 def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
-    from jobs import submit
+    from jobs import runs, submit
     from jobs.store import open_store
 
     try:
@@ -189,7 +189,7 @@ def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
         job_id = submit.send(command, args.address, uri, {"gradavg_sweep": parent_id})
     except Exception:
         if not args.resume:  # the parent run of a sweep that never started
-            open_store(uri).set_terminated(parent_id, "FAILED")
+            runs.close(open_store(uri), parent_id, "FAILED")
         raise
     print(job_id)
     print(f"sweep run {parent_id}; follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)

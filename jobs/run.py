@@ -17,6 +17,7 @@ from cluster.errors import WorkerFailuresError
 from core.kernels import cached as kernels_cached
 from core.network import parameter_count
 from core.step import batch_count, piece_count
+from jobs import runs
 from jobs.backends import make_backend
 from jobs.claims import refuse_if_driven
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
@@ -141,7 +142,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         confusion = None
         try:
             if tracker and resume:
-                tracker.resume(resume, int(previous.data.tags.get("resumed", "0")) + 1, state.epoch, backend.tags)
+                tracker.resume(resume, int(previous.data.tags.get(runs.RESUMED, "0")) + 1, state.epoch, backend.tags)
             elif tracker:
                 tracker.start(data, backend.tags)
             hooks.hooks.extend([tracker] if tracker else [])
@@ -226,7 +227,7 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
 def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,
                      force: bool) -> None:
     """A resume continues the run it names: the same computation (or --force), to at least its own end."""
-    digest = run.data.tags.get("dataset_digest")
+    digest = run.data.tags.get(runs.DATASET_DIGEST)
     changed_data = [f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)"] \
         if digest and digest != data.digest else []
     changes = check_resume_config(run_id, state, saved, cfg, force, changed_data)

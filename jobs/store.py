@@ -21,8 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
-from jobs import claims
-from jobs.claims import driver_tags
+from jobs import claims, runs
 from jobs.errors import UserError, reason
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -270,30 +269,6 @@ def ui_command(uri: str) -> str:
     return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
-def run_tags(source: str, claim: bool = True) -> dict[str, str]:
-    """The tags every run gradavg opens starts with: what opened it, the code's version and commit, the driver
-    (and its claim of the run, ``jobs.claims``, unless another process will drive it)."""
-    from jobs import __version__
-
-    tags = {"gradavg_version": __version__, **driver_tags(claim), "mlflow.source.name": source}
-    if commit := git_commit():
-        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
-    return tags
-
-
-def experiment_id_of(client, name: str) -> str:
-    """The id of the experiment called ``name``, created if there is none."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another job created it a moment ago
-        return client.get_experiment_by_name(name).experiment_id
-
-
 def logged_models(uri: str, experiment_id: str, run_id: str) -> list:
     """The models a run logged (MLflow 3's logged models, READY or not)."""
     import mlflow
@@ -311,7 +286,7 @@ def fetch_checkpoint(uri: str, run_id: str):
 
     client = open_store(uri, create=False)
     run = _get_run(client, run_id, uri, "--resume")
-    if "sweep_keys" in run.data.tags:
+    if runs.SWEEP_KEYS in run.data.tags:
         raise TrackingError(f"--resume {run_id}: that run is a sweep's; continue it with `gradavg sweep --resume "
                             f"{run_id}`")
     try:
@@ -343,17 +318,17 @@ def repair(uri: str, run_ids: list[str] | None = None) -> list[tuple[str, str]]:
     """End RUNNING runs whose driver is gone as KILLED; return (run id, what was done)."""
     client = open_store(uri, create=False)
     if run_ids:
-        runs = [_get_run(client, r, uri, "gradavg runs repair") for r in run_ids]
+        found = [_get_run(client, r, uri, "gradavg runs repair") for r in run_ids]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") if ids else []
+        found = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") if ids else []
     done = []
-    for run in runs:
+    for run in found:
         if run.info.status != "RUNNING":
             done.append((run.info.run_id, f"left as {run.info.status}"))
             continue
         tags = run.data.tags
-        host, pid, alive = tags.get(claims.HOST), tags.get(claims.PID), claims.alive(tags)
+        host, pid, alive = tags.get(runs.DRIVER_HOST), tags.get(runs.DRIVER_PID), claims.alive(tags)
         if alive and host == socket.gethostname():
             done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid}) is still running"))
         elif host != socket.gethostname() and not run_ids:
@@ -362,6 +337,6 @@ def repair(uri: str, run_ids: list[str] | None = None) -> list[tuple[str, str]]:
             done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid} on {host}) was seen within "
                                           f"{claims.STALE_SECONDS:.0f} s"))
         else:
-            client.set_terminated(run.info.run_id, "KILLED")
+            runs.close(client, run.info.run_id, "KILLED")
             done.append((run.info.run_id, "ended KILLED (its driver is gone)"))
     return done

@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs import runs
 from jobs.config import show
 from jobs.store import TrackingError, logged_models, process_uri
 from jobs.sweep import Plan, Trial
-from jobs.trials import TRIAL_TAG, Outcome
+from jobs.trials import Outcome
 
 
 @dataclass
@@ -55,9 +56,9 @@ def read_row(client, trial: Trial, child, outcome: Outcome | None = None) -> Row
     costs = curves["cost/train"]
     cause = ""  # a failure's cause, while the run stays failed (a resumed trial may finish after all)
     if child.info.status == "FAILED":
-        cause = outcome.cause if outcome is not None and outcome.status == "FAILED" else tags.get("failure", "")
+        cause = outcome.cause if outcome is not None and outcome.status == "FAILED" else tags.get(runs.FAILURE, "")
     return Row(trial, child.info.status, run_id, best_accuracy, best_epoch, costs[-1][1] if costs else None,
-               costs[-1][0] if costs else 0, tags.get("stopped_reason", ""), cause, curves)
+               costs[-1][0] if costs else 0, tags.get(runs.STOPPED_REASON, ""), cause, curves)
 
 
 def describe(row: Row) -> str:
@@ -78,26 +79,26 @@ def best_of(rows: list[Row]) -> Row | None:
 
 def log_report(client, plan: Plan, parent_id: str, rows: list[Row], best: Row | None) -> None:
     """The table, the plots and the best trial, to the parent run."""
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric
 
     with tempfile.TemporaryDirectory(prefix="gradavg-sweep-") as folder:
         (Path(folder) / "trials.csv").write_text(table_csv(plan, rows))
         _plots(plan, rows, Path(folder) / "plots")
         client.log_artifacts(parent_id, folder)
     counts = {s: sum(r.status == s for r in rows) for s in ("FINISHED", "FAILED", "KILLED")}
-    tags = {"sweep_finished": str(counts["FINISHED"]), "sweep_failed": str(counts["FAILED"])}
+    tags = {runs.SWEEP_FINISHED: str(counts["FINISHED"]), runs.SWEEP_FAILED: str(counts["FAILED"])}
     metrics = []
     if best is not None:
-        tags.update({"best_run_id": best.run_id, "best_trial": str(best.trial.number),
-                     **{f"best.{k}": show(v) for k, v in best.trial.values.items()}})
+        tags.update({runs.BEST_RUN_ID: best.run_id, runs.BEST_TRIAL: str(best.trial.number),
+                     **{runs.BEST_VALUE + k: show(v) for k, v in best.trial.values.items()}})
         metrics.append(Metric("best_validation_accuracy", best.best_accuracy, int(time.time() * 1000), 0))
-    client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+    runs.set_tags(client, parent_id, tags, metrics)
 
 
 def register_once(client, uri: str, parent_id: str, name: str | None, best_id: str | None, stream) -> None:
     """``--register NAME``: the best trial's model, once a sweep (a resumed sweep's may be registered already)."""
     parent = client.get_run(parent_id)
-    registered = parent.data.tags.get("registered_model")
+    registered = parent.data.tags.get(runs.REGISTERED_MODEL)
     if registered:
         if name:
             stream.write(f"gradavg: the best trial's model is registered already, as {registered}\n")
@@ -105,8 +106,8 @@ def register_once(client, uri: str, parent_id: str, name: str | None, best_id: s
     if not name or best_id is None:
         return
     version = register_best(client, uri, name, best_id)
-    client.set_tag(parent_id, "registered_model", f"models:/{name}/{version}")
-    number = parent.data.tags.get("best_trial") or client.get_run(best_id).data.tags.get(TRIAL_TAG)
+    runs.set_tag(client, parent_id, runs.REGISTERED_MODEL, f"models:/{name}/{version}")
+    number = parent.data.tags.get(runs.BEST_TRIAL) or client.get_run(best_id).data.tags.get(runs.TRIAL)
     stream.write(f"gradavg: registered trial {number}'s model as models:/{name}/{version}\n")
 
 
@@ -151,7 +152,7 @@ def table_text(plan: Plan, rows: list[Row]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
     if any(r.stopped for r in rows):
-        text += "\n* stopped early (the run's stopped_reason tag says why)"
+        text += f"\n* stopped early (the run's {runs.STOPPED_REASON} tag says why)"
     return text
 
 

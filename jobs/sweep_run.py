@@ -19,12 +19,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs import claims
+from jobs import claims, runs
 from jobs.errors import reason
-from jobs.store import TrackingError, experiment_id_of, open_store, run_tags
+from jobs.store import TrackingError, open_store
 from jobs.sweep import Plan, SuccessiveHalving, Trial, scheduler_for
 from jobs.sweep_report import Row, SweepResult, best_of, describe, log_report, read_row, register_once
-from jobs.trials import PARENT_TAG, SOURCE, TRIAL_TAG, LocalTrials, Outcome, RayTrials
+from jobs.trials import LocalTrials, Outcome, RayTrials
 
 PLAN_ARTIFACT = "sweep/plan.json"
 
@@ -32,27 +32,22 @@ PLAN_ARTIFACT = "sweep/plan.json"
 def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
     """Open the sweep's parent run: the swept keys as params, the plan and base config as files. Unless
     ``driven_here``, the run is not claimed by this process (a submitted sweep's job drives it)."""
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking.context.registry import resolve_tags
-
     client = open_store(uri)
     keys = [a.key for a in plan.axes]
     try:
-        experiment_id = experiment_id_of(client, plan.base.experiment)
-        tags = {**run_tags(SOURCE, claim=driven_here), "sweep_keys": ", ".join(keys),
-                "sweep_trials": str(len(plan.trials))}
+        tags = {**runs.run_tags(runs.FROM_SWEEP, claim=driven_here), runs.SWEEP_KEYS: ", ".join(keys),
+                runs.SWEEP_TRIALS: str(len(plan.trials))}
         name = plan.base.run_name or f"sweep {' × '.join(keys)}"
-        run = client.create_run(experiment_id, run_name=name[:250], tags=resolve_tags(tags))
         params = {**{a.key: a.text for a in plan.axes}, "trials": len(plan.trials), "scheduler": _scheduler_text(plan),
                   **({"samples": plan.samples} if plan.samples else {})}
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
-        client.log_text(run.info.run_id, json.dumps(plan.to_dict(), indent=1), PLAN_ARTIFACT)
-        client.log_text(run.info.run_id, plan.base.to_yaml(), "config.yaml")
+        run_id, _ = runs.open_run(client, plan.base.experiment, name[:250], tags,
+                                  {k: str(v)[:6000] for k, v in params.items()})
+        client.log_text(run_id, json.dumps(plan.to_dict(), indent=1), PLAN_ARTIFACT)
+        client.log_text(run_id, plan.base.to_yaml(), "config.yaml")
     except Exception as e:
         raise TrackingError(f"tracking store {uri} failed while opening the sweep's run ({reason(e)}); check the "
                             "store") from None
-    return run.info.run_id
+    return run_id
 
 
 def _scheduler_text(plan: Plan) -> str:
@@ -110,17 +105,14 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
             children.get(t.number) is not None and children[t.number].info.status == "FINISHED" for t in plan.trials):
         stream.write(f"gradavg: sweep {parent_id} is already complete: every trial FINISHED\n")
         rows = [read_row(client, t, children[t.number]) for t in plan.trials]
-        best_id = parent.data.tags.get("best_run_id")
+        best_id = parent.data.tags.get(runs.BEST_RUN_ID)
         register_once(client, uri, parent_id, register, best_id, stream)
         return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None))
-    claims.take(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
+    runs.reopen(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
     try:
         pending = _pending(client, plan, children)
     except Exception as e:  # nothing was deleted: the sweep is as it was, for a resume once the store answers
-        try:
-            client.set_terminated(parent_id, parent.info.status if parent.info.status != "RUNNING" else "KILLED")
-        except Exception:
-            pass
+        runs.try_close(client, parent_id, parent.info.status if parent.info.status != "RUNNING" else "KILLED")
         raise TrackingError(f"tracking store {uri} failed while the sweep's trials were read ({reason(e)}); nothing "
                             f"was changed: run `gradavg sweep --resume {parent_id}` again when it answers") from None
     scheduler = scheduler_for(plan)
@@ -141,11 +133,7 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
     except Exception as e:
         from jobs.tracking import TrackingLostError
 
-        try:  # one bounded try: a parent left RUNNING would look driven
-            client.set_terminated(parent_id, "FAILED")
-        except Exception:
-            pass
-
+        runs.try_close(client, parent_id, "FAILED")  # a parent left RUNNING would look driven
         raise TrackingLostError(f"the tracking store {uri} failed while the sweep's results were logged "
                                 f"({reason(e)}); each trial's run holds its own; when the store answers again, "
                                 f"`gradavg sweep --resume {parent_id}` logs the sweep's table and plots") from None
@@ -166,7 +154,7 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> t
             if time.monotonic() - beaten >= claims.HEARTBEAT_SECONDS:  # the driver's claim of the parent run
                 beaten = time.monotonic()
                 try:
-                    claims.heartbeat(client, parent_id)
+                    runs.renew_claim(client, parent_id)
                 except Exception:  # the store is away: the trials go on, and the sweep's end says so
                     pass
             for future in finished:
@@ -203,20 +191,20 @@ def _end_killed(client, parent_id: str) -> None:
     """The sweep was stopped: no run of it is left RUNNING."""
     for child in _children(client, parent_id):
         if child.info.status == "RUNNING":
-            client.set_terminated(child.info.run_id, "KILLED")
-    client.set_terminated(parent_id, "KILLED")
+            runs.close(client, child.info.run_id, "KILLED")
+    runs.close(client, parent_id, "KILLED")
 
 
 def _children(client, parent_id: str) -> list:
     experiment_id = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+    return client.search_runs([experiment_id], filter_string=f"tags.`{runs.PARENT}` = '{parent_id}'",
                               max_results=50000, order_by=["attributes.start_time ASC"])
 
 
 def latest_children(client, parent_id: str) -> dict[int, Any]:
     """Each trial's child run (the latest, where a trial started over), by trial number."""
-    return {int(run.data.tags[TRIAL_TAG]): run for run in _children(client, parent_id)
-            if run.data.tags.get(TRIAL_TAG, "").isdigit()}
+    return {int(run.data.tags[runs.TRIAL]): run for run in _children(client, parent_id)
+            if run.data.tags.get(runs.TRIAL, "").isdigit()}
 
 
 def _pending(client, plan: Plan, children: dict[int, Any]) -> list[tuple[Trial, str | None]]:
@@ -230,7 +218,7 @@ def _pending(client, plan: Plan, children: dict[int, Any]) -> list[tuple[Trial, 
             continue
         resume_id = child.info.run_id if child is not None and _has_checkpoint(client, child.info.run_id) else None
         if child is not None and resume_id is None:
-            client.delete_run(child.info.run_id)
+            runs.delete(client, child.info.run_id)
         pending.append((trial, resume_id))
     return pending
 
@@ -254,9 +242,9 @@ def _settle_trial(client, parent_id: str, trial: Trial, outcome: Outcome) -> Row
     child = latest_children(client, parent_id).get(trial.number)
     if child is not None and outcome.status != "FINISHED":
         if child.info.status == "RUNNING":
-            client.set_terminated(child.info.run_id, outcome.status)
+            runs.close(client, child.info.run_id, outcome.status)
         if outcome.status == "FAILED":
-            client.set_tag(child.info.run_id, "failure", outcome.cause[:4000])
+            runs.set_tag(client, child.info.run_id, runs.FAILURE, outcome.cause[:4000])
         child = client.get_run(child.info.run_id)
     return read_row(client, trial, child, outcome)
 
@@ -271,5 +259,5 @@ def _finish(client, uri: str, plan: Plan, parent_id: str, outcomes: dict[int, Ou
     best = best_of(rows)
     log_report(client, plan, parent_id, rows, best)
     register_once(client, uri, parent_id, register, best.run_id if best else None, stream)
-    client.set_terminated(parent_id, "FINISHED")
+    runs.close(client, parent_id, "FINISHED")
     return SweepResult(parent_id, uri, rows, best)

@@ -22,20 +22,11 @@ from typing import TextIO
 
 import numpy as np
 
-from jobs import claims
+from jobs import claims, runs
 from jobs.config import JobConfig
 from jobs.data import Dataset
 from jobs.errors import JobFailed, reason
-from jobs.store import (
-    PROJECT_ROOT,
-    TrackingError,
-    experiment_id_of,
-    logged_models,
-    open_store,
-    process_uri,
-    retry_locked,
-    run_tags,
-)
+from jobs.store import PROJECT_ROOT, TrackingError, logged_models, open_store, retry_locked
 from jobs.train import EpochResult, Hooks, TrainingState
 
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
@@ -116,19 +107,16 @@ class RunTracker(Hooks):
         return self.run_id
 
     def _create(self, data: Dataset) -> None:
-        from mlflow.entities import DatasetInput, InputTag, Param, RunTag
-        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.entities import DatasetInput, InputTag
 
-        experiment_id = experiment_id_of(self.client, self.cfg.experiment)
-        tags = {**self._backend_tags, "dataset": data.name, "dataset_digest": data.digest,
-                **run_tags(os.environ.get("GRADAVG_SOURCE") or "gradavg run"), **self._tags}
-        run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=resolve_tags(tags))
-        self.run_id, self.experiment_id = run.info.run_id, experiment_id
-        params = [Param(k, str(v)) for k, v in self.cfg.to_dict().items()]
-        self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
+        tags = {**self._backend_tags, runs.DATASET: data.name, runs.DATASET_DIGEST: data.digest,
+                **runs.run_tags(os.environ.get("GRADAVG_SOURCE") or runs.FROM_RUN), **self._tags}
+        params = {k: str(v) for k, v in self.cfg.to_dict().items()}
+        self.run_id, self.experiment_id = runs.open_run(self.client, self.cfg.experiment, self.cfg.run_name, tags,
+                                                        params)
         self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")
         dataset = self._describe(data)._to_mlflow_entity()
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(runs.DATA_CONTEXT, "training")])])
 
     def _describe(self, data: Dataset):
         from mlflow.exceptions import MlflowException
@@ -155,7 +143,7 @@ class RunTracker(Hooks):
 
         self._backend_tags = dict(backend_tags)
         try:
-            claims.take(self.client, run_id, f"--resume {run_id}", {"resumed": str(times_resumed),
+            runs.reopen(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
                                                                     **self._backend_tags})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
@@ -174,7 +162,7 @@ class RunTracker(Hooks):
         an epoch can take longer than the claim's bound."""
         def beat():
             while not self._ended.wait(claims.HEARTBEAT_SECONDS):
-                self._call("renewing the driver's claim", claims.heartbeat, self.client, self.run_id)
+                self._call("renewing the driver's claim", runs.renew_claim, self.client, self.run_id)
 
         threading.Thread(target=beat, daemon=True, name="gradavg-heartbeat").start()
 
@@ -198,15 +186,12 @@ class RunTracker(Hooks):
         """After training: the backend's final tags, plots, weights and model. A job that trained
         nothing (it resumed a run whose driver died while finishing) logs the model only if it is missing.
         Raises TrackingLostError, after keeping the results on local disk, if the store was lost."""
-        from mlflow.entities import RunTag
-
         self.flush()
         changed = {k: v for k, v in backend_tags.items() if self._backend_tags.get(k) != v}
         if state.stopped:  # early stopping, or a sweep's scheduler
-            changed.update({"stopped_epoch": str(state.epoch), "stopped_reason": state.stopped[:4000]})
+            changed.update({runs.STOPPED_EPOCH: str(state.epoch), runs.STOPPED_REASON: state.stopped[:4000]})
         if changed:  # a transport that fell back during the run; where training stopped early
-            self._call("tagging the run", self.client.log_batch, self.run_id,
-                       tags=[RunTag(k, v) for k, v in changed.items()])
+            self._call("tagging the run", runs.set_tags, self.client, self.run_id, changed)
         # plots and weights are files by name: logged again, they replace what an earlier attempt left
         self._call("logging the plots", self.log_plots, state.network, data, confusion)
         weights = self._staging / "weights.npz"
@@ -266,12 +251,10 @@ class RunTracker(Hooks):
                 self.flush()
                 if self._monitor is not None:
                     self._call("logging system metrics", self._stop_monitor)
-                self._call("closing the run", self.client.set_terminated, self.run_id, status)
+                self._call("closing the run", runs.close, self.client, self.run_id, status)
             if self.run_id is not None and self.lost:  # lost before or while closing: one bounded try (a store
-                try:  # that lost only its artifacts still answers), so that the run is not left RUNNING
-                    self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status)
-                except Exception:
-                    pass
+                # that lost only its artifacts still answers), so that the run is not left RUNNING
+                runs.try_close(self.client, self.run_id, "FAILED" if status == "FINISHED" else status)
         finally:
             self._sender.shutdown(wait=not self.lost)
             shutil.rmtree(self._staging, ignore_errors=True)
@@ -336,10 +319,8 @@ class RunTracker(Hooks):
         self._buffered.extend(Metric(f"steps/{k}", v, now, step) for k, v in metrics.items())
 
     def on_worker_failure(self, failures: int, text: str) -> None:
-        from mlflow.entities import RunTag
-
-        tags = [RunTag("worker_failures", str(failures)), RunTag("last_worker_failure", text[:4000])]
-        self._in_background("tagging a worker failure", self.client.log_batch, self.run_id, [], [], tags)
+        tags = {runs.WORKER_FAILURES: str(failures), runs.LAST_WORKER_FAILURE: text[:4000]}
+        self._in_background("tagging a worker failure", runs.set_tags, self.client, self.run_id, tags)
 
     def flush(self) -> None:
         """Send what is held back, and wait for every metric batch and checkpoint still on its way."""
@@ -402,7 +383,7 @@ class RunTracker(Hooks):
     def _log_model(self, weights_path: Path, signature, example: np.ndarray) -> None:
         import mlflow.pyfunc
 
-        with process_uri(self.uri), mlflow.start_run(run_id=self.run_id):  # the model is linked to the active run
+        with runs.active(self.uri, self.run_id):  # the model is linked to the active run
             mlflow.pyfunc.log_model(
                 name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
                 artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,

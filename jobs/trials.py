@@ -16,15 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import runs
 from jobs.config import build_config
 from jobs.errors import one_line, reason
 from jobs.sweep import SuccessiveHalving, Trial
 from jobs.train import Hooks
 
-# How a sweep's runs are tagged: their source, and a trial's parent run and number
-SOURCE = "gradavg sweep"
-TRIAL_TAG = "sweep_trial"
-PARENT_TAG = "mlflow.parentRunId"
 CLEANUP_SECONDS = 20  # how long stopped trials get to close their runs before they are killed
 
 
@@ -57,7 +54,7 @@ def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: st
     from jobs.run import run_job
 
     started = time.perf_counter()
-    tags = {PARENT_TAG: parent_id, TRIAL_TAG: str(number), "mlflow.source.name": SOURCE}
+    tags = {runs.PARENT: parent_id, runs.TRIAL: str(number), runs.SOURCE: runs.FROM_SWEEP}
     try:
         run_job(build_config(config), uri, quiet=True, resume=resume_id, tags=tags,
                 hooks=((_Asked(ask),) if ask else ()) + hooks)

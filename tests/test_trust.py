@@ -263,7 +263,7 @@ def test_a_store_failing_once_during_a_sweep_resume_deletes_nothing(tracking_uri
     parent = sweep_run.start(plan, tracking_uri)
     client = MlflowClient(tracking_uri)
     child = client.create_run(client.get_run(parent).info.experiment_id,
-                              tags={sweep_run.PARENT_TAG: parent, sweep_run.TRIAL_TAG: "1"})
+                              tags={"mlflow.parentRunId": parent, "sweep_trial": "1"})
     (tmp_path / "checkpoint.npz").write_bytes(b"a checkpoint")
     client.log_artifact(child.info.run_id, str(tmp_path / "checkpoint.npz"), "checkpoints")
     client.set_terminated(child.info.run_id, "KILLED")

@@ -1,0 +1,162 @@
+"""A run's life and its tags. Every MLflow run gradavg makes is opened (``open_run``), reopened
+(``reopen``, which claims it for this process; ``active``, for MLflow's calls that log to the active
+run), closed (``close``, ``try_close``) or deleted (``delete``) by a function of this module, and
+every tag gradavg writes or reads is named here, once; tags are written with ``set_tags``,
+``set_tag`` and ``renew_claim``.
+
+A job's run is opened by ``jobs.tracking`` (a sweep's trial is a job's run with its parent and its
+number), a sweep's parent run by ``jobs.sweep_run``; ``jobs.store.repair`` closes the runs a dead
+driver left RUNNING. A backend names its own tags (``Backend.tags``: backend, threads or workers,
+transport): ``cluster`` never imports ``jobs``.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+# What started a run: its mlflow.source.name
+FROM_RUN = "gradavg run"
+FROM_SWEEP = "gradavg sweep"
+
+# Every run: where it came from
+SOURCE = "mlflow.source.name"
+VERSION = "gradavg_version"
+GIT_COMMIT = "git_commit"
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+
+# Its driver, and the driver's claim of it (jobs.claims)
+DRIVER_HOST = "driver_host"
+DRIVER_PID = "driver_pid"
+DRIVER_STARTED = "driver_started"
+DRIVER_CLAIM = "driver_claim"
+DRIVER_SEEN = "driver_seen"
+
+# A job's run: its data, and how its training went
+DATASET = "dataset"
+DATASET_DIGEST = "dataset_digest"
+DATA_CONTEXT = "mlflow.data.context"  # a tag of the run's dataset input, not of the run
+RESUMED = "resumed"  # how many times
+STOPPED_EPOCH = "stopped_epoch"
+STOPPED_REASON = "stopped_reason"
+WORKER_FAILURES = "worker_failures"
+LAST_WORKER_FAILURE = "last_worker_failure"
+
+# A sweep's trial: its parent run, its number, and why it failed
+PARENT = "mlflow.parentRunId"
+TRIAL = "sweep_trial"
+FAILURE = "failure"
+
+# A sweep's parent run: what it sweeps, how its trials ended, the best one and its registered model
+SWEEP_KEYS = "sweep_keys"
+SWEEP_TRIALS = "sweep_trials"
+SWEEP_FINISHED = "sweep_finished"
+SWEEP_FAILED = "sweep_failed"
+BEST_RUN_ID = "best_run_id"
+BEST_TRIAL = "best_trial"
+BEST_VALUE = "best."  # and the key: the best trial's value of each swept key
+REGISTERED_MODEL = "registered_model"
+
+
+def run_tags(source: str, claim: bool = True) -> dict[str, str]:
+    """The tags every run gradavg opens starts with: what opened it (``source``), the code's version and
+    commit, the driver (and its claim of the run, ``jobs.claims``, unless another process will drive it)."""
+    from jobs import __version__
+    from jobs.claims import driver_tags
+    from jobs.store import git_commit
+
+    tags = {VERSION: __version__, **driver_tags(claim), SOURCE: source}
+    if commit := git_commit():
+        tags.update({GIT_COMMIT: commit, MLFLOW_GIT_COMMIT: commit})
+    return tags
+
+
+def experiment_id_of(client, name: str) -> str:
+    """The id of the experiment called ``name``, created if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another job created it a moment ago
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def open_run(client, experiment: str, name: str | None, tags: dict[str, str],
+             params: dict[str, str]) -> tuple[str, str]:
+    """A new run in ``experiment`` (created if there is none) with its ``tags`` (over MLflow's own) and
+    ``params``: (run id, experiment id)."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking.context.registry import resolve_tags
+
+    experiment_id = experiment_id_of(client, experiment)
+    run = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags))
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    return run.info.run_id, experiment_id
+
+
+def reopen(client, run_id: str, what: str, tags: dict[str, str] | None = None) -> None:
+    """Claim ``run_id`` for this process and mark it RUNNING, with ``tags`` besides; a DriverConflict when
+    another live process drives it or claims it at the same moment (``jobs.claims`` says how)."""
+    from jobs import claims
+
+    claims.refuse_if_driven(client.get_run(run_id), what)
+    mine = claims.driver_tags()
+    set_tags(client, run_id, {**mine, **(tags or {})})
+    client.update_run(run_id, status="RUNNING")
+    time.sleep(claims.SETTLE_SECONDS)
+    now = client.get_run(run_id).data.tags
+    if now.get(DRIVER_CLAIM) != mine[DRIVER_CLAIM]:
+        raise claims.DriverConflict(f"{what}: another driver (pid {now.get(DRIVER_PID)} on {now.get(DRIVER_HOST)}) "
+                                    "took this run at the same moment, and drives it; this one stops")
+
+
+def renew_claim(client, run_id: str) -> None:
+    """This process, the driver of ``run_id``, was seen now (``jobs.claims``)."""
+    client.set_tag(run_id, DRIVER_SEEN, str(int(time.time())))
+
+
+@contextmanager
+def active(uri: str, run_id: str):
+    """``run_id`` as the process's active run, for MLflow's calls that log to it (a model is linked to the
+    active run). MLflow marks the run RUNNING as it enters and ends it as it leaves (FINISHED, or FAILED on
+    an error); its driver then closes it with the job's own status."""
+    import mlflow
+
+    from jobs.store import process_uri
+
+    with process_uri(uri), mlflow.start_run(run_id=run_id):
+        yield
+
+
+def set_tags(client, run_id: str, tags: dict[str, str], metrics=()) -> None:
+    """Write ``tags`` (and ``metrics``) to the run, in one request."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, metrics=list(metrics), tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def set_tag(client, run_id: str, key: str, value: str) -> None:
+    client.set_tag(run_id, key, value)
+
+
+def close(client, run_id: str, status: str) -> None:
+    """End the run with ``status``: FINISHED, FAILED or KILLED."""
+    client.set_terminated(run_id, status)
+
+
+def try_close(client, run_id: str, status: str) -> None:
+    """One try to end the run with ``status`` where the store has been failing: if it answers, the run is
+    not left RUNNING (which would look driven); if not, ``gradavg runs repair`` ends it later."""
+    try:
+        client.set_terminated(run_id, status)
+    except Exception:
+        pass
+
+
+def delete(client, run_id: str) -> None:
+    """Delete the run (a sweep's trial stopped before its first checkpoint, for a new run to take its place)."""
+    client.delete_run(run_id)
