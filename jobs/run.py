@@ -116,6 +116,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
     data = prepare_data(cfg)
     state, tracker, previous = initial_state(cfg), None, None
     if cfg.track or resume:
+        from jobs import artifacts
         from jobs.store import fetch_checkpoint, resolve_uri
         from jobs.tracking import RunTracker
 
@@ -153,7 +154,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             backend.close()
         if tracker:
             progress.stage("logging the plots, the weights and the model")
-            tracker.finish(state, data, backend.tags, trained=state.epoch > first_epoch, confusion=confusion)
+            artifacts.finish(tracker, state, data, backend.tags, trained=state.epoch > first_epoch, confusion=confusion)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from a stopped job
         status = "KILLED"

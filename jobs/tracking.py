@@ -1,10 +1,13 @@
-"""Tracking a running job in MLflow: one run per job, opened and closed here and nowhere else.
+"""Tracking a running job in MLflow: its one run, opened (``RunTracker.start``) or reopened
+(``resume``) and closed (``end``) through ``jobs.runs``, and what the training loop reports, sent
+to the store in order.
 
 While training, metrics and checkpoints go to the store on one background thread, in order,
 at most every ``SEND_EVERY_SECONDS``, so the loop never waits on it; the first call that fails
-marks the store lost, nothing more is sent, training goes on, and the final weights and
-checkpoint are kept on local disk with one line that says where and how to resume. Which
-store, and the runs in it, are ``jobs.store``'s.
+marks the store lost, nothing more is sent, and training goes on. What the run ends with (its
+plots, weights and model; with the store lost, the final weights and checkpoint kept on local
+disk, with one line that says where and how to resume) is ``jobs.artifacts``'s. Which store is
+``jobs.store``'s.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
 from jobs import claims, runs
 from jobs.config import JobConfig
 from jobs.data import Dataset
 from jobs.errors import JobFailed, reason
-from jobs.store import PROJECT_ROOT, TrackingError, logged_models, open_store, retry_locked
+from jobs.store import TrackingError, open_store, retry_locked
 from jobs.train import EpochResult, Hooks, TrainingState
 
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
@@ -41,11 +42,11 @@ class TrackingLostError(JobFailed, RuntimeError):
 
 
 class RunTracker(Hooks):
-    """Opens the run, logs what the loop reports, and closes it with the right status.
+    """Opens the run (or reopens it), sends what the loop reports, and closes it with the right status.
 
-    Every call to the store goes through ``_call``: the first one that fails sets ``lost`` (why),
-    and no later call is tried. Files are staged in a temporary folder, removed at the end
-    unless the store was lost, when the results are kept (``keep``).
+    Every call to the store goes through ``call``: the first one that fails sets ``lost`` (why),
+    and no later call is tried. Files are staged in a temporary folder (``staging``), removed as
+    the run is closed.
     """
 
     def __init__(self, cfg: JobConfig, uri: str, stream: TextIO | None = None, tags: dict[str, str] | None = None):
@@ -56,7 +57,7 @@ class RunTracker(Hooks):
         self._mlflow = mlflow
         self.client = open_store(uri)
         self.stream = stream or sys.stderr
-        self._backend_tags: dict[str, str] = {}  # backend, workers or threads and, on Ray, the transport
+        self.backend_tags: dict[str, str] = {}  # backend, workers or threads and, on Ray, the transport
         self._buffered: list = []  # batch costs and step diagnostics, sent with the epoch's metrics
         self._logged: dict[str, set[int]] = {}  # steps already in the store, when resuming
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="gradavg-tracking")  # in order, one at a time
@@ -65,17 +66,17 @@ class RunTracker(Hooks):
         self._unsent_epochs: list[int] = []
         self._checkpoint = None  # the newest checkpoint not yet sent: (arrays, epoch)
         self._last_sent = time.monotonic()
-        self._staging = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
+        self.staging = Path(tempfile.mkdtemp(prefix="gradavg-run-"))
         self._monitor = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.lost: str | None = None  # why the store stopped answering
         self._warned = False
         self.stored_epoch = 0  # the last epoch whose checkpoint the store holds
-        self.kept: Path | None = None
         self._ended = threading.Event()  # stops the heartbeat
 
     # -- calls to the store
-    def _call(self, what: str, fn, *args, **kwargs):
+    def call(self, what: str, fn, *args, **kwargs):
         """One call to the store, unless it is lost; the first failure loses it."""
         if self.lost:
             return None
@@ -88,13 +89,13 @@ class RunTracker(Hooks):
             return None
 
     def _in_background(self, what: str, fn, *args) -> None:
-        self._sent.append(self._sender.submit(self._call, what, fn, *args))
+        self._sent.append(self._sender.submit(self.call, what, fn, *args))
 
     # -- opening and closing
     def start(self, data: Dataset, backend_tags: dict[str, str]) -> str:
         """Create the run with its params, tags, config and dataset. Any failure here is a
         TrackingError: nothing has been trained yet."""
-        self._backend_tags = dict(backend_tags)
+        self.backend_tags = dict(backend_tags)
         try:
             self._create(data)
         except TrackingError:
@@ -109,7 +110,7 @@ class RunTracker(Hooks):
     def _create(self, data: Dataset) -> None:
         from mlflow.entities import DatasetInput, InputTag
 
-        tags = {**self._backend_tags, runs.DATASET: data.name, runs.DATASET_DIGEST: data.digest,
+        tags = {**self.backend_tags, runs.DATASET: data.name, runs.DATASET_DIGEST: data.digest,
                 **runs.run_tags(os.environ.get("GRADAVG_SOURCE") or runs.FROM_RUN), **self._tags}
         params = {k: str(v) for k, v in self.cfg.to_dict().items()}
         self.run_id, self.experiment_id = runs.open_run(self.client, self.cfg.experiment, self.cfg.run_name, tags,
@@ -141,10 +142,10 @@ class RunTracker(Hooks):
     def resume(self, run_id: str, times_resumed: int, stored_epoch: int, backend_tags: dict[str, str]) -> None:
         """Continue an existing run: the same run id, no metric logged twice at one step."""
 
-        self._backend_tags = dict(backend_tags)
+        self.backend_tags = dict(backend_tags)
         try:
             runs.reopen(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
-                                                                    **self._backend_tags})
+                                                                    **self.backend_tags})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         except claims.DriverConflict:
@@ -162,7 +163,7 @@ class RunTracker(Hooks):
         an epoch can take longer than the claim's bound."""
         def beat():
             while not self._ended.wait(claims.HEARTBEAT_SECONDS):
-                self._call("renewing the driver's claim", runs.renew_claim, self.client, self.run_id)
+                self.call("renewing the driver's claim", runs.renew_claim, self.client, self.run_id)
 
         threading.Thread(target=beat, daemon=True, name="gradavg-heartbeat").start()
 
@@ -181,68 +182,6 @@ class RunTracker(Hooks):
                                              resume_logging=resume, tracking_uri=self.uri)
         self._monitor.start()
 
-    def finish(self, state: TrainingState, data: Dataset, backend_tags: dict[str, str], trained: bool = True,
-               confusion: np.ndarray | None = None) -> None:
-        """After training: the backend's final tags, plots, weights and model. A job that trained
-        nothing (it resumed a run whose driver died while finishing) logs the model only if it is missing.
-        Raises TrackingLostError, after keeping the results on local disk, if the store was lost."""
-        self.flush()
-        changed = {k: v for k, v in backend_tags.items() if self._backend_tags.get(k) != v}
-        if state.stopped:  # early stopping, or a sweep's scheduler
-            changed.update({runs.STOPPED_EPOCH: str(state.epoch), runs.STOPPED_REASON: state.stopped[:4000]})
-        if changed:  # a transport that fell back during the run; where training stopped early
-            self._call("tagging the run", runs.set_tags, self.client, self.run_id, changed)
-        # plots and weights are files by name: logged again, they replace what an earlier attempt left
-        self._call("logging the plots", self.log_plots, state.network, data, confusion)
-        weights = self._staging / "weights.npz"
-        self._call("saving the weights", state.network.save, weights)
-        self._call("logging the weights", self.client.log_artifact, self.run_id, str(weights))
-        if trained or not self._has_model():  # a model is a new entity each time: log it once
-            self._call("logging the model", self.log_model, weights, data)
-        if self.lost:
-            self.keep(state)
-
-    def _has_model(self) -> bool:
-        """Whether an earlier attempt to finish this run (a resumed run's) logged its model. A model the
-        attempt began but did not finish (still PENDING, without its files) is removed, to log it again."""
-        from mlflow.entities import LoggedModelStatus
-
-        models = self._call("listing the run's models", logged_models, self.uri, self.experiment_id,
-                            self.run_id) or []
-        for model in models:
-            if model.status != LoggedModelStatus.READY:
-                self._call("removing an unfinished model", self.client.delete_logged_model, model.model_id)
-        return any(model.status == LoggedModelStatus.READY for model in models)
-
-    def keep(self, state: TrainingState) -> None:
-        """The store is lost: keep the final weights and checkpoint on local disk, and say so."""
-        from jobs import checkpoint
-
-        why = ""
-        for folder in (Path.cwd() / "gradavg-unsaved", Path(tempfile.gettempdir()) / "gradavg-unsaved"):
-            try:
-                kept = folder / (self.run_id or "run")
-                kept.mkdir(parents=True, exist_ok=True)
-                state.network.save(kept / "weights.npz")
-                checkpoint.save(state, self.cfg, kept / "checkpoint.npz")
-                self.kept = kept
-                break
-            except OSError as e:
-                why = e.strerror or type(e).__name__
-                continue
-        where = (f"the final weights and checkpoint are kept in {self.kept} (`gradavg evaluate "
-                 f"{self.kept / 'weights.npz'}` reads them)" if self.kept else
-                 f"no local folder could be written to keep the final weights in ({why}), so the weights of epoch "
-                 f"{state.epoch} are lost")
-        if self.stored_epoch:
-            complete = (f"when the store answers again, `gradavg run CONFIG --resume {self.run_id}` completes the run "
-                        f"from its last stored checkpoint (epoch {self.stored_epoch}), to the same bits")
-        else:
-            complete = (f"the store holds no checkpoint of this run, so a new run starts over (once the store "
-                        f"answers, `gradavg runs repair {self.run_id}` ends this one)")
-        raise TrackingLostError(f"the tracking store {self.uri} stopped answering: {self.lost}; training finished; "
-                                f"{where}; {complete}")
-
     def end(self, status: str) -> None:
         """Close the run with ``status``; always stops the background thread and removes staged files."""
         self._ended.set()
@@ -250,14 +189,14 @@ class RunTracker(Hooks):
             if self.run_id is not None and not self.lost:
                 self.flush()
                 if self._monitor is not None:
-                    self._call("logging system metrics", self._stop_monitor)
-                self._call("closing the run", runs.close, self.client, self.run_id, status)
+                    self.call("logging system metrics", self._stop_monitor)
+                self.call("closing the run", runs.close, self.client, self.run_id, status)
             if self.run_id is not None and self.lost:  # lost before or while closing: one bounded try (a store
                 # that lost only its artifacts still answers), so that the run is not left RUNNING
                 runs.try_close(self.client, self.run_id, "FAILED" if status == "FINISHED" else status)
         finally:
             self._sender.shutdown(wait=not self.lost)
-            shutil.rmtree(self._staging, ignore_errors=True)
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     # -- hooks from the training loop
     def on_batch_cost(self, step: int, cost: float) -> None:
@@ -298,7 +237,7 @@ class RunTracker(Hooks):
             (arrays, epoch), self._checkpoint = self._checkpoint, None
 
             def upload():
-                path = checkpoint.write(arrays, self._staging / "checkpoint.npz")
+                path = checkpoint.write(arrays, self.staging / "checkpoint.npz")
                 self.client.log_artifact(self.run_id, str(path), "checkpoints")
                 self.stored_epoch = epoch
 
@@ -328,65 +267,3 @@ class RunTracker(Hooks):
         for sent in self._sent:
             sent.result()
         self._sent = []
-
-    # -- artifacts
-    def log_plots(self, network, data: Dataset, confusion: np.ndarray | None = None) -> None:
-        """Every plot, drawn from the run's whole metric history (so a resumed run's too). ``confusion``: the
-        test set's counts where the driver does not hold the test set (a sharded dataset on Ray), whose
-        misclassified examples are then drawn from the sample it holds."""
-        from jobs import plots
-
-        out = self._staging / "plots"
-        out.mkdir(exist_ok=True)
-        history = self.epoch_history()
-        if history:
-            plots.curves(history, out / "curves.png")
-        layers = range(2, len(network.sizes) + 1)
-        if f"layer{layers[0]}/grad_w_norm" in self.client.get_run(self.run_id).data.metrics:
-            for name, title, ylabel, log in (
-                    ("grad_w_norm", plots.GRADIENT_NORMS_TITLE, "gradient norm (log scale)", True),
-                    ("saturated_fraction", "saturated neurons per layer (σ'(z) < 0.01)", "fraction", False)):
-                series = {f"layer {l}": [(m.step, m.value) for m in
-                                         self.client.get_metric_history(self.run_id, f"layer{l}/{name}")]
-                          for l in layers}
-                plots.per_layer(series, out / f"{name.replace('grad_w_norm', 'gradient_norms')}.png", title,
-                                ylabel, log)
-        predicted = network.predict(np.asarray(data.x_test, dtype=network.dtype))
-        plots.confusion(data.y_test, predicted, network.sizes[-1], out / "confusion_matrix.png", counts=confusion)
-        if data.image_shape:
-            plots.misclassified(data.x_test, data.y_test, predicted, data.image_shape, out / "misclassified.png")
-            plots.first_layer_weights(network.weights[0], data.image_shape, out / "first_layer_weights.png")
-        self.client.log_artifacts(self.run_id, str(out), "plots")
-
-    def epoch_history(self) -> list:
-        """The per-epoch results logged so far, rebuilt from the run's metric history."""
-        from types import SimpleNamespace
-
-        from jobs.train import EPOCH_METRICS
-
-        by_epoch: dict[int, dict[str, float]] = {}
-        for key in EPOCH_METRICS:
-            for m in self.client.get_metric_history(self.run_id, EPOCH_METRICS[key]):
-                by_epoch.setdefault(m.step, {})[key] = m.value
-        return [SimpleNamespace(epoch=epoch, **{k: values.get(k) for k in EPOCH_METRICS})
-                for epoch, values in sorted(by_epoch.items())]
-
-    def log_model(self, weights_path: Path, data: Dataset) -> None:
-        from mlflow.models import infer_signature
-
-        from core import Network
-
-        example = np.asarray(data.x_test[:5], dtype=np.float64)
-        signature = infer_signature(example, Network.load(weights_path).predict(example))
-        self._log_model(weights_path, signature, example)
-
-    def _log_model(self, weights_path: Path, signature, example: np.ndarray) -> None:
-        import mlflow.pyfunc
-
-        with runs.active(self.uri, self.run_id):  # the model is linked to the active run
-            mlflow.pyfunc.log_model(
-                name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
-                artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,
-                code_paths=[str(PROJECT_ROOT / "core")],
-                pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={self._mlflow.__version__}"],
-            )

@@ -250,10 +250,10 @@ def test_resuming_a_finished_run_says_it_is_complete(tracking_uri, capsys):
 
 def run_killed_logging_the_model(monkeypatch, tracking_uri, args, kill):
     """``gradavg ARGS`` whose driver ``kill(tracker)`` stops as it logs the model: (client, the run)."""
-    from jobs.tracking import RunTracker
+    from jobs import artifacts
 
     with monkeypatch.context() as patched:
-        patched.setattr(RunTracker, "log_model", lambda tracker, weights_path, data: kill(tracker))
+        patched.setattr(artifacts, "log_model", lambda tracker, weights_path, data: kill(tracker))
         assert main(args) == 130
     return only_run(tracking_uri)
 

@@ -305,12 +305,12 @@ def test_a_process_without_the_memory_it_needs_says_so_at_once(tmp_path):
 
 
 def test_running_out_of_memory_is_named_as_such(tracking_uri, monkeypatch, capsys):
-    from jobs.tracking import RunTracker
+    from jobs import artifacts
 
     def no_memory(self, *args):
         raise MemoryError
 
-    monkeypatch.setattr(RunTracker, "log_plots", no_memory)
+    monkeypatch.setattr(artifacts, "log_plots", no_memory)
     assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=1", "--quiet"]) == 1
     line = error_line(capsys.readouterr().err)
     assert "ran out of memory (MemoryError)" in line and "tracking store" not in line
