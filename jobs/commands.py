@@ -111,7 +111,7 @@ def cmd_submit(args) -> int:
     if args.resume:  # what can be checked here is, before the job is sent
         from jobs.claims import refuse_if_driven
         from jobs.run import check_resume_config
-        from jobs.store import fetch_checkpoint
+        from jobs.runs import fetch_checkpoint
 
         submit.check_tracking_uri(uri, submit.resolve_address(args.address))
         run, state, saved = fetch_checkpoint(uri, args.resume)
@@ -247,7 +247,8 @@ def cmd_cluster(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from jobs.store import repair, resolve_uri
+    from jobs.claims import repair
+    from jobs.store import resolve_uri
 
     for run_id, what in repair(resolve_uri(args.tracking_uri), args.run_ids):
         print(f"{run_id}: {what}")

@@ -117,13 +117,13 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
     state, tracker, previous = initial_state(cfg), None, None
     if cfg.track or resume:
         from jobs import artifacts
-        from jobs.store import fetch_checkpoint, resolve_uri
+        from jobs.store import resolve_uri
         from jobs.tracking import RunTracker
 
         tracking_uri = resolve_uri(tracking_uri)
         progress.stage(f"opening the MLflow store {tracking_uri}")
         if resume:
-            previous, state, saved_cfg = fetch_checkpoint(tracking_uri, resume)
+            previous, state, saved_cfg = runs.fetch_checkpoint(tracking_uri, resume)
             refuse_if_driven(previous, f"--resume {resume}")  # at once; RunTracker.resume claims it for good
             _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
             if previous.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):

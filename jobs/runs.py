@@ -1,11 +1,11 @@
 """A run's life and its tags. Every MLflow run gradavg makes is opened (``open_run``), reopened
-(``reopen``, which claims it for this process; ``active``, for MLflow's calls that log to the active
-run), closed (``close``, ``try_close``) or deleted (``delete``) by a function of this module, and
-every tag gradavg writes or reads is named here, once; tags are written with ``set_tags``,
-``set_tag`` and ``renew_claim``.
+(``reopen``, by a driver that claims it, ``jobs.claims.take``; ``active``, for MLflow's calls that
+log to the active run), closed (``close``, ``try_close``) or deleted (``delete``) by a function of
+this module, and every tag gradavg writes or reads is named here, once; tags are written with
+``set_tags``, ``set_tag`` and ``renew_claim``. A run to resume is read here too (``fetch_checkpoint``).
 
 A job's run is opened by ``jobs.tracking`` (a sweep's trial is a job's run with its parent and its
-number), a sweep's parent run by ``jobs.sweep_run``; ``jobs.store.repair`` closes the runs a dead
+number), a sweep's parent run by ``jobs.sweep_run``; ``jobs.claims.repair`` closes the runs a dead
 driver left RUNNING. A backend names its own tags (``Backend.tags``: backend, threads or workers,
 transport): ``cluster`` never imports ``jobs``.
 """
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+
+from jobs.errors import reason
+from jobs.store import TrackingError, git_commit, open_store, process_uri
 
 # What started a run: its mlflow.source.name
 FROM_RUN = "gradavg run"
@@ -58,14 +61,13 @@ BEST_VALUE = "best."  # and the key: the best trial's value of each swept key
 REGISTERED_MODEL = "registered_model"
 
 
-def run_tags(source: str, claim: bool = True) -> dict[str, str]:
+def run_tags(source: str, driver: dict[str, str]) -> dict[str, str]:
     """The tags every run gradavg opens starts with: what opened it (``source``), the code's version and
-    commit, the driver (and its claim of the run, ``jobs.claims``, unless another process will drive it)."""
+    commit, and its ``driver`` (``jobs.claims.driver_tags``: where it runs and, unless another process will
+    drive the run, its claim)."""
     from jobs import __version__
-    from jobs.claims import driver_tags
-    from jobs.store import git_commit
 
-    tags = {VERSION: __version__, **driver_tags(claim), SOURCE: source}
+    tags = {VERSION: __version__, **driver, SOURCE: source}
     if commit := git_commit():
         tags.update({GIT_COMMIT: commit, MLFLOW_GIT_COMMIT: commit})
     return tags
@@ -98,20 +100,11 @@ def open_run(client, experiment: str, name: str | None, tags: dict[str, str],
     return run.info.run_id, experiment_id
 
 
-def reopen(client, run_id: str, what: str, tags: dict[str, str] | None = None) -> None:
-    """Claim ``run_id`` for this process and mark it RUNNING, with ``tags`` besides; a DriverConflict when
-    another live process drives it or claims it at the same moment (``jobs.claims`` says how)."""
-    from jobs import claims
-
-    claims.refuse_if_driven(client.get_run(run_id), what)
-    mine = claims.driver_tags()
-    set_tags(client, run_id, {**mine, **(tags or {})})
+def reopen(client, run_id: str, tags: dict[str, str]) -> None:
+    """Mark the run RUNNING again, with ``tags``: its new driver's claim (a driver reopens a run only by
+    claiming it, ``jobs.claims.take``, which calls this) and what else the driver says."""
+    set_tags(client, run_id, tags)
     client.update_run(run_id, status="RUNNING")
-    time.sleep(claims.SETTLE_SECONDS)
-    now = client.get_run(run_id).data.tags
-    if now.get(DRIVER_CLAIM) != mine[DRIVER_CLAIM]:
-        raise claims.DriverConflict(f"{what}: another driver (pid {now.get(DRIVER_PID)} on {now.get(DRIVER_HOST)}) "
-                                    "took this run at the same moment, and drives it; this one stops")
 
 
 def renew_claim(client, run_id: str) -> None:
@@ -125,8 +118,6 @@ def active(uri: str, run_id: str):
     active run). MLflow marks the run RUNNING as it enters and ends it as it leaves (FINISHED, or FAILED on
     an error); its driver then closes it with the job's own status."""
     import mlflow
-
-    from jobs.store import process_uri
 
     with process_uri(uri), mlflow.start_run(run_id=run_id):
         yield
@@ -160,3 +151,40 @@ def try_close(client, run_id: str, status: str) -> None:
 def delete(client, run_id: str) -> None:
     """Delete the run (a sweep's trial stopped before its first checkpoint, for a new run to take its place)."""
     client.delete_run(run_id)
+
+
+def fetch_checkpoint(uri: str, run_id: str):
+    """The run that ``--resume RUN_ID`` names and its last checkpoint: (run, TrainingState, JobConfig)."""
+    from mlflow.exceptions import MlflowException
+
+    from jobs import checkpoint
+
+    client = open_store(uri, create=False)
+    run = get_run(client, run_id, uri, "--resume")
+    if SWEEP_KEYS in run.data.tags:
+        raise TrackingError(f"--resume {run_id}: that run is a sweep's; continue it with `gradavg sweep --resume "
+                            f"{run_id}`")
+    try:
+        path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
+    except (MlflowException, OSError):
+        raise TrackingError(f"--resume {run_id}: the store holds no checkpoint of this run (it ran with "
+                            "checkpoint_every=0, or stopped, or lost its store, before its first checkpoint was "
+                            "sent); start a new run (`gradavg runs repair` ends this one if it is left "
+                            "RUNNING)") from None
+    try:
+        state, cfg = checkpoint.load(path)
+    except Exception as e:  # a damaged file, or one that is not a checkpoint: never taken for a good one
+        raise TrackingError(f"--resume {run_id}: its checkpoint cannot be used ({reason(e)}); "
+                            "start a new run instead") from None
+    return run, state, cfg
+
+
+def get_run(client, run_id: str, uri: str, what: str):
+    """The run ``run_id``, or a TrackingError that says ``what`` named no run in the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"{what} {run_id}: no such run in {uri}; check the id (`gradavg run` prints it) "
+                            "and the tracking URI") from None

@@ -1,5 +1,6 @@
-"""The MLflow store a job tracks to: its URI, whether it can be used, and the runs in it that are
-resumed or settled (`--resume`, `gradavg runs repair`). Tracking a running job is ``jobs.tracking``.
+"""The MLflow store a job tracks to: its URI, whether it can be used, and how it is called
+(``open_store``, ``retry_locked``, ``process_uri``). The runs in it, and their tags, are
+``jobs.runs``'s; tracking a running job is ``jobs.tracking``.
 
 The tracking URI is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's own
 default (``sqlite:///mlflow.db`` in the working directory). Every call to a tracking server
@@ -12,7 +13,6 @@ import fcntl
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
-from jobs import claims, runs
 from jobs.errors import UserError, reason
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -276,67 +275,3 @@ def logged_models(uri: str, experiment_id: str, run_id: str) -> list:
     with process_uri(uri):  # the fluent search takes no other store
         return mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
                                            filter_string=f"source_run_id = '{run_id}'")
-
-
-def fetch_checkpoint(uri: str, run_id: str):
-    """The run and its last checkpoint: (run, TrainingState, JobConfig)."""
-    from mlflow.exceptions import MlflowException
-
-    from jobs import checkpoint
-
-    client = open_store(uri, create=False)
-    run = _get_run(client, run_id, uri, "--resume")
-    if runs.SWEEP_KEYS in run.data.tags:
-        raise TrackingError(f"--resume {run_id}: that run is a sweep's; continue it with `gradavg sweep --resume "
-                            f"{run_id}`")
-    try:
-        path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
-    except (MlflowException, OSError):
-        raise TrackingError(f"--resume {run_id}: the store holds no checkpoint of this run (it ran with "
-                            "checkpoint_every=0, or stopped, or lost its store, before its first checkpoint was "
-                            "sent); start a new run (`gradavg runs repair` ends this one if it is left "
-                            "RUNNING)") from None
-    try:
-        state, cfg = checkpoint.load(path)
-    except Exception as e:  # a damaged file, or one that is not a checkpoint: never taken for a good one
-        raise TrackingError(f"--resume {run_id}: its checkpoint cannot be used ({reason(e)}); "
-                            "start a new run instead") from None
-    return run, state, cfg
-
-
-def _get_run(client, run_id: str, uri: str, what: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"{what} {run_id}: no such run in {uri}; check the id (`gradavg run` prints it) "
-                            "and the tracking URI") from None
-
-
-def repair(uri: str, run_ids: list[str] | None = None) -> list[tuple[str, str]]:
-    """End RUNNING runs whose driver is gone as KILLED; return (run id, what was done)."""
-    client = open_store(uri, create=False)
-    if run_ids:
-        found = [_get_run(client, r, uri, "gradavg runs repair") for r in run_ids]
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
-        found = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") if ids else []
-    done = []
-    for run in found:
-        if run.info.status != "RUNNING":
-            done.append((run.info.run_id, f"left as {run.info.status}"))
-            continue
-        tags = run.data.tags
-        host, pid, alive = tags.get(runs.DRIVER_HOST), tags.get(runs.DRIVER_PID), claims.alive(tags)
-        if alive and host == socket.gethostname():
-            done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid}) is still running"))
-        elif host != socket.gethostname() and not run_ids:
-            done.append((run.info.run_id, f"left RUNNING: its driver ran on {host}; name the run to end it"))
-        elif alive:  # named, on another host, heard from lately
-            done.append((run.info.run_id, f"left RUNNING: its driver (pid {pid} on {host}) was seen within "
-                                          f"{claims.STALE_SECONDS:.0f} s"))
-        else:
-            runs.close(client, run.info.run_id, "KILLED")
-            done.append((run.info.run_id, "ended KILLED (its driver is gone)"))
-    return done

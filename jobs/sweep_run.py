@@ -35,8 +35,8 @@ def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
     client = open_store(uri)
     keys = [a.key for a in plan.axes]
     try:
-        tags = {**runs.run_tags(runs.FROM_SWEEP, claim=driven_here), runs.SWEEP_KEYS: ", ".join(keys),
-                runs.SWEEP_TRIALS: str(len(plan.trials))}
+        tags = {**runs.run_tags(runs.FROM_SWEEP, claims.driver_tags(claim=driven_here)),
+                runs.SWEEP_KEYS: ", ".join(keys), runs.SWEEP_TRIALS: str(len(plan.trials))}
         name = plan.base.run_name or f"sweep {' × '.join(keys)}"
         params = {**{a.key: a.text for a in plan.axes}, "trials": len(plan.trials), "scheduler": _scheduler_text(plan),
                   **({"samples": plan.samples} if plan.samples else {})}
@@ -59,10 +59,8 @@ def load_plan(uri: str, parent_id: str, allow_pickle: bool = False) -> Plan:
     """A sweep's plan, from its parent run (``--resume PARENT_RUN_ID``). Its configs' ``allow_pickle`` is
     the resuming command's own (``--allow-pickle``), never the stored one: a store may not widen what a
     command does."""
-    from jobs.store import _get_run
-
     client = open_store(uri, create=False)
-    _get_run(client, parent_id, uri, "--resume")
+    runs.get_run(client, parent_id, uri, "--resume")
     try:
         path = client.download_artifacts(parent_id, PLAN_ARTIFACT)
     except Exception:
@@ -108,7 +106,7 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         best_id = parent.data.tags.get(runs.BEST_RUN_ID)
         register_once(client, uri, parent_id, register, best_id, stream)
         return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None))
-    runs.reopen(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
+    claims.take(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
     try:
         pending = _pending(client, plan, children)
     except Exception as e:  # nothing was deleted: the sweep is as it was, for a resume once the store answers

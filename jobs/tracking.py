@@ -111,7 +111,7 @@ class RunTracker(Hooks):
         from mlflow.entities import DatasetInput, InputTag
 
         tags = {**self.backend_tags, runs.DATASET: data.name, runs.DATASET_DIGEST: data.digest,
-                **runs.run_tags(os.environ.get("GRADAVG_SOURCE") or runs.FROM_RUN), **self._tags}
+                **runs.run_tags(os.environ.get("GRADAVG_SOURCE") or runs.FROM_RUN, claims.driver_tags()), **self._tags}
         params = {k: str(v) for k, v in self.cfg.to_dict().items()}
         self.run_id, self.experiment_id = runs.open_run(self.client, self.cfg.experiment, self.cfg.run_name, tags,
                                                         params)
@@ -144,7 +144,7 @@ class RunTracker(Hooks):
 
         self.backend_tags = dict(backend_tags)
         try:
-            runs.reopen(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
+            claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
                                                                     **self.backend_tags})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
