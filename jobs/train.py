@@ -101,7 +101,7 @@ class Hooks:
 
 def initial_state(cfg: JobConfig) -> TrainingState:
     network = Network.create(cfg.sizes, init=cfg.init, seed=cfg.seed, cost=cfg.cost,
-                             activation=cfg.activation, dtype=cfg.dtype, weight_scale=cfg.init_scale)
+                             activation=cfg.activation, dtype=cfg.dtype, init_scale=cfg.init_scale)
     return TrainingState(network, shuffle=np.random.default_rng([cfg.seed, 1]))
 
 
