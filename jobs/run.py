@@ -105,10 +105,11 @@ def _gib(n: int) -> str:
 
 def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | None = None, quiet: bool = False,
             resume: str | None = None, force: bool = False, tags: dict[str, str] | None = None,
-            hooks: tuple[Hooks, ...] = ()) -> JobResult:
+            hooks: tuple[Hooks, ...] = (), source: str = runs.FROM_RUN) -> JobResult:
     """Train and track one job. Every check that can fail runs before the MLflow run is opened
     (or reopened): the config, the data, the tracking store, the checkpoint, the cluster. A sweep's
-    trial adds ``tags`` to its new run and ``hooks`` to the loop (its scheduler's)."""
+    trial adds ``tags`` to its new run (its parent and number), ``hooks`` to the loop (its scheduler's),
+    and names itself as the run's ``source`` (``jobs.runs.FROM_SWEEP``)."""
     stream = stream or sys.stderr
     progress = Progress(cfg.epochs, stream, quiet)
     started = time.perf_counter()
@@ -130,7 +131,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
                 return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True)
             progress.stage(f"resuming run {resume} ({previous.info.status}) from its checkpoint of epoch "
                            f"{state.epoch}, step {state.step}")
-        tracker = RunTracker(cfg, tracking_uri, stream, tags)
+        tracker = RunTracker(cfg, tracking_uri, stream, tags, source)
     _note_idle_workers(cfg, progress)
     first_epoch = state.epoch
     hooks = HookChain(progress, *hooks)

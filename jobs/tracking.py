@@ -12,7 +12,6 @@ disk, with one line that says where and how to resume) is ``jobs.artifacts``'s. 
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -49,11 +48,13 @@ class RunTracker(Hooks):
     the run is closed.
     """
 
-    def __init__(self, cfg: JobConfig, uri: str, stream: TextIO | None = None, tags: dict[str, str] | None = None):
+    def __init__(self, cfg: JobConfig, uri: str, stream: TextIO | None = None, tags: dict[str, str] | None = None,
+                 source: str = runs.FROM_RUN):
         import mlflow
 
         self.cfg, self.uri = cfg, uri
         self._tags = dict(tags or {})  # a sweep's trial: its parent run and its number
+        self.source = source  # what started the job: `gradavg run`, or a sweep (jobs.runs.FROM_*)
         self._mlflow = mlflow
         self.client = open_store(uri)
         self.stream = stream or sys.stderr
@@ -111,7 +112,7 @@ class RunTracker(Hooks):
         from mlflow.entities import DatasetInput, InputTag
 
         tags = {**self.backend_tags, runs.DATASET: data.name, runs.DATASET_DIGEST: data.digest,
-                **runs.run_tags(os.environ.get("GRADAVG_SOURCE") or runs.FROM_RUN, claims.driver_tags()), **self._tags}
+                **runs.run_tags(self.source, claims.driver_tags()), **self._tags}
         params = {k: str(v) for k, v in self.cfg.to_dict().items()}
         self.run_id, self.experiment_id = runs.open_run(self.client, self.cfg.experiment, self.cfg.run_name, tags,
                                                         params)

@@ -54,10 +54,10 @@ def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: st
     from jobs.run import run_job
 
     started = time.perf_counter()
-    tags = {runs.PARENT: parent_id, runs.TRIAL: str(number), runs.SOURCE: runs.FROM_SWEEP}
+    tags = {runs.PARENT: parent_id, runs.TRIAL: str(number)}
     try:
         run_job(build_config(config), uri, quiet=True, resume=resume_id, tags=tags,
-                hooks=((_Asked(ask),) if ask else ()) + hooks)
+                hooks=((_Asked(ask),) if ask else ()) + hooks, source=runs.FROM_SWEEP)
     except KeyboardInterrupt:  # stopped: run_job ended the run KILLED
         return Outcome("KILLED", "stopped", time.perf_counter() - started)
     except Exception as e:  # a diverged trial, a failed worker, a lost store: the sweep goes on

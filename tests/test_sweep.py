@@ -174,11 +174,13 @@ def test_a_local_grid_of_four_trials(tracking_uri, capsys):
     assert sorted(children) == [1, 2, 3, 4] and len(runs) == 5
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children.values())
     assert parent.data.params["eta"] == "0.5,3.0" and parent.data.params["trials"] == "4"
+    assert parent.data.tags["mlflow.source.name"] == "gradavg sweep"
     plan = plan_from(DIGITS, args[2:], None)
     best, table = None, []
     for trial in plan.trials:
         child = children[trial.number]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["mlflow.source.name"] == "gradavg sweep"  # a trial says the sweep started it
         assert (float(child.data.params["eta"]), float(child.data.params["lmbda"])) == \
             (trial.values["eta"], trial.values["lmbda"])
         # each child is what a solo run of its config computes, to the bit
