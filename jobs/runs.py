@@ -1,8 +1,9 @@
 """A run's life and its tags. Every MLflow run gradavg makes is opened (``open_run``), reopened
 (``reopen``, by a driver that claims it, ``jobs.claims.take``; ``active``, for MLflow's calls that
 log to the active run), closed (``close``, ``try_close``) or deleted (``delete``) by a function of
-this module, and every tag gradavg writes or reads is named here, once; tags are written with
-``set_tags``, ``set_tag`` and ``renew_claim``. A run to resume is read here too (``fetch_checkpoint``).
+this module, and every tag gradavg writes or reads is named here, once, and written here (as a run
+is opened or reopened, and by ``set_tags``, ``set_tag`` and ``renew_claim``). A run to resume is
+read here too (``fetch_checkpoint``).
 
 A job's run is opened by ``jobs.tracking`` (a sweep's trial is a job's run with its parent and its
 number), a sweep's parent run by ``jobs.sweep_run``; ``jobs.claims.repair`` closes the runs a dead
@@ -131,6 +132,7 @@ def set_tags(client, run_id: str, tags: dict[str, str], metrics=()) -> None:
 
 
 def set_tag(client, run_id: str, key: str, value: str) -> None:
+    """Write one tag to the run."""
     client.set_tag(run_id, key, value)
 
 

@@ -1,4 +1,5 @@
-"""A sweep's driver and its parent run's life: one MLflow parent run, one child run per trial.
+"""A sweep's driver and its parent run's life: one MLflow parent run, one child run per trial, each
+opened, reopened and closed through ``jobs.runs``.
 
 ``start`` opens the parent run; ``run_sweep`` hands out the trials not yet FINISHED, at most
 ``at_once`` at a time, to processes on this machine or Ray tasks (``jobs.trials``), settles each

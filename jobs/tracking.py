@@ -1,6 +1,6 @@
-"""Tracking a running job in MLflow: its one run, opened (``RunTracker.start``) or reopened
-(``resume``) and closed (``end``) through ``jobs.runs``, and what the training loop reports, sent
-to the store in order.
+"""Tracking a running job in MLflow: its one run, opened (``RunTracker.start``), reopened
+(``resume``, which claims it: ``jobs.claims.take``) and closed (``end``) through ``jobs.runs``,
+and what the training loop reports, sent to the store in order.
 
 While training, metrics and checkpoints go to the store on one background thread, in order,
 at most every ``SEND_EVERY_SECONDS``, so the loop never waits on it; the first call that fails

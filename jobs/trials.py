@@ -1,8 +1,9 @@
 """Running a sweep's trials: each is ``jobs.run.run_job`` of its config in a process of its own (a new
 process on this machine, ``LocalTrials``, or a Ray task on the cluster a submitted sweep runs on,
 ``RayTrials``), so it computes and logs what ``gradavg run`` would, tagged with its parent
-(``mlflow.parentRunId``) and its number. A trial asks the sweep's scheduler, after each epoch, whether
-it goes on; a stopped sweep stops its trials, and each ends its run KILLED.
+(``mlflow.parentRunId``), its number and its source (``gradavg sweep``). A trial asks the sweep's
+scheduler, after each epoch, whether it goes on; a stopped sweep stops its trials, and each ends
+its run KILLED.
 """
 
 from __future__ import annotations
