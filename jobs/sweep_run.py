@@ -75,21 +75,13 @@ def load_plan(uri: str, parent_id: str, allow_pickle: bool = False) -> Plan:
 
 
 def check_data(plan: Plan) -> None:
-    """Every trial's config against its data and this machine's memory, before anything runs."""
-    from jobs.config import check_against_data
-    from jobs.data import load_dataset
-    from jobs.run import check_memory, check_shuffle
+    """Every trial's config against its data and this machine's memory, before anything runs: as a job
+    checks its own (``jobs.run.prepare_data``), a sharded folder's manifest being enough here."""
+    from jobs.run import prepare_data
 
     loaded = {}
     for trial in plan.trials:
-        cfg = trial.config
-        check_memory(cfg)
-        check_shuffle(cfg)
-        split = (cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle)
-        if split not in loaded:
-            data = load_dataset(*split, rows=False)  # a sharded folder's manifest is enough here
-            loaded[split] = (data.n_inputs, data.n_classes, data.max_label)
-        check_against_data(cfg, *loaded[split])
+        prepare_data(trial.config, rows=False, loaded=loaded)
 
 
 def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, on_ray: bool = False,
