@@ -8,7 +8,7 @@ read here too (``fetch_checkpoint``).
 A job's run is opened by ``jobs.tracking`` (a sweep's trial is a job's run with its parent and its
 number), a sweep's parent run by ``jobs.sweep_run``; ``jobs.claims.repair`` closes the runs a dead
 driver left RUNNING. A backend names its own tags (``Backend.tags``: backend, threads or workers,
-transport): ``cluster`` never imports ``jobs``.
+transport): ``cluster`` imports nothing of ``jobs`` but its error kinds (``jobs.errors``).
 """
 
 from __future__ import annotations
