@@ -94,14 +94,13 @@ def _main(argv: list[str] | None) -> int:
         _say(f"gradavg: error: {problem}")
         return 2
     from jobs.errors import JobFailed, UserError
-    from jobs.train import DivergedError  # not yet a JobFailed
 
     try:
         return args.handler(args)
     except UserError as e:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except (JobFailed, DivergedError) as e:
+    except JobFailed as e:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

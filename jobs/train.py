@@ -22,10 +22,11 @@ from core.plan import blocks_order
 from jobs.backends import Backend
 from jobs.config import JobConfig
 from jobs.data import Dataset
+from jobs.errors import JobFailed
 from jobs.stopping import STOPPING
 
 
-class DivergedError(RuntimeError):
+class DivergedError(JobFailed, RuntimeError):
     """The cost became NaN or Inf: training cannot go on from here."""
 
 
