@@ -12,7 +12,8 @@ from jobs.errors import UsageError
 
 def cmd_run(args) -> int:
     from jobs.config import load_config
-    from jobs.run import run_job, stop_on_signals, summary
+    from jobs.run import run_job, summary
+    from jobs.stopping import stop_on_signals
     from jobs.store import ui_command
 
     _check_force(args)
@@ -129,7 +130,7 @@ def cmd_submit(args) -> int:
 
 def cmd_sweep(args) -> int:
     from jobs import sweep_report, sweep_run
-    from jobs.run import default_stop_signals, stop_on_signals
+    from jobs.stopping import default_stop_signals, stop_on_signals
     from jobs.store import resolve_uri
     from jobs.sweep import check_options
 
@@ -281,7 +282,7 @@ def cmd_data(args) -> int:
                              ("--test-size", args.test_size, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} {value}: must be at least {low}")
-    from jobs.run import stop_on_signals
+    from jobs.stopping import stop_on_signals
 
     stop_on_signals()  # a stopped or hung-up shard removes what it began, as Ctrl-C does
     try:

@@ -24,7 +24,7 @@ from jobs.config import ConfigError, JobConfig, check_against_data, result_chang
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
-from jobs.stopping import STOP_SIGNALS, STOPPING, default_stop_signals, stop_on_signals  # noqa: F401
+from jobs.stopping import STOP_SIGNALS, STOPPING
 from jobs.store import TrackingError
 from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
 

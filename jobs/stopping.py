@@ -1,7 +1,7 @@
 """How a job is stopped: the signals that stop it as Ctrl-C does, and the flag that says it is stopping.
 
 A leaf: the training loop, the job and the sweep's trials read ``STOPPING``; the commands that run jobs
-install the handler (``stop_on_signals``).
+install its handler (``stop_on_signals``), a sweep's trial its own (``stop_once_on_signals``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,24 @@ def default_stop_signals() -> None:
     """Every run has ended: a stop signal has nothing left to close."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+
+
+def stop_once_on_signals(signals: tuple = (signal.SIGINT, *STOP_SIGNALS)) -> None:
+    """From now on, the first SIGINT or stop signal interrupts this process (a sweep's trial); later ones are
+    ignored, the run closing.
+
+    Not ``stop_on_signals``'s handler, which interrupts at every signal, on purpose: one stop of a sweep
+    reaches a trial's process more than once (Ctrl-C's SIGINT reaches the whole process group, then the
+    driver SIGTERMs each trial), and a second interrupt would cut the closing of its run short."""
+    for s in signals:
+        signal.signal(s, _interrupt_once)
+
+
+def _interrupt_once(signum, frame):
+    if STOPPING.is_set():
+        return
+    STOPPING.set()
+    raise KeyboardInterrupt
 
 
 def _on_stop_signal(signum, frame):

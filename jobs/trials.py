@@ -20,6 +20,7 @@ from typing import Any
 from jobs import runs
 from jobs.config import build_config
 from jobs.errors import one_line, reason
+from jobs.stopping import STOPPING, stop_once_on_signals
 from jobs.sweep import SuccessiveHalving, Trial
 from jobs.train import Hooks
 
@@ -69,10 +70,7 @@ def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: st
 def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -> None:
     """A local trial's process: ends its run KILLED on SIGINT or a stop signal (a closed terminal's SIGHUP
     reaches it as well as the driver), and dies with the sweep's driver."""
-    from jobs.run import STOP_SIGNALS
-
-    for s in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(s, _interrupt_once)
+    stop_once_on_signals()
     sys.unraisablehook = _quiet_interrupts  # an interrupt inside a finalizer is no traceback for the user
     _die_with_parent()
 
@@ -88,21 +86,6 @@ def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -
         pass
 
 
-def _interrupt_once(signum, frame):
-    """The first SIGINT or stop signal interrupts the trial; later ones are ignored (the run is closing).
-
-    Not the handler ``stop_on_signals`` installs (beside ``STOPPING``), which interrupts at every signal, on
-    purpose: one stop of a sweep reaches a trial's process more than once (Ctrl-C's SIGINT reaches the whole
-    process group, then the driver SIGTERMs each trial), and a second interrupt would cut the closing of its
-    run short."""
-    from jobs.run import STOPPING
-
-    if STOPPING.is_set():
-        return
-    STOPPING.set()
-    raise KeyboardInterrupt
-
-
 def _quiet_interrupts(unraisable) -> None:
     if not isinstance(unraisable.exc_value, KeyboardInterrupt):
         sys.__unraisablehook__(unraisable)
@@ -113,8 +96,6 @@ class _StillInterrupted(Hooks):
     next epoch's end instead."""
 
     def on_epoch_end(self, result, state):
-        from jobs.run import STOPPING
-
         if STOPPING.is_set():
             raise KeyboardInterrupt
 
@@ -196,7 +177,7 @@ def _ray_trial(config, uri, parent_id, number, resume_id, rungs) -> Outcome:
     import ray
 
     if threading.current_thread() is threading.main_thread():  # Ray cancels a task by interrupting it (SIGINT)
-        signal.signal(signal.SIGINT, _interrupt_once)
+        stop_once_on_signals((signal.SIGINT,))
     ask = (lambda epoch, accuracy: ray.get(rungs.report.remote(number, epoch, accuracy))) if rungs else None
     return run_trial(config, uri, parent_id, number, resume_id, ask, hooks=(_StillInterrupted(),))
 
