@@ -78,6 +78,9 @@ class SharedLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator
         finally:
             os.umask(old)
         if not _owners_alone(path):
+            _warn_once("shared", str(path), f"the compiled kernels' cache {path} can be written by other users, so "
+                       "it is not used (the kernels are cached beside the code instead); make it yours alone "
+                       f"(chmod 700) or name another folder with {KERNEL_CACHE}")
             raise PermissionError(f"{path} can be written by others")
         super().ensure_cache_path()
 

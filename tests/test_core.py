@@ -500,3 +500,25 @@ def test_a_damaged_or_full_kernel_cache_is_compiled_around(tmp_path, monkeypatch
             warnings.simplefilter("always")
             assert _load_kernel(tmp_path / "kern.py", f"kern_c_{damage[0]}")(21) == 42
         assert not [w for w in caught if issubclass(w.category, kernel_cache.KernelCacheWarning)]
+
+
+def test_the_kernel_cache_is_its_owners_alone_or_not_used(tmp_path, monkeypatch):
+    """Cached kernels are code: the shared folder is made 0700, and one that others can write is passed over,
+    with one warning line, for the clone's own (numba's next locator)."""
+    from core import kernel_cache, kernels
+
+    monkeypatch.setattr(kernel_cache, "_said", set())
+    monkeypatch.setenv(kernel_cache.KERNEL_CACHE, str(tmp_path / "cache"))
+    kernel_cache.kernels_folder.cache_clear()
+    try:
+        kernel = kernels._chunk_sum.py_func
+        locator = kernel_cache.SharedLocator.from_function(kernel, kernels.__file__)
+        folder = kernel_cache.kernels_folder()
+        assert locator.get_cache_path() == str(folder) and folder.parent == tmp_path / "cache"
+        assert {oct(p.stat().st_mode & 0o777) for p in (folder, folder.parent)} == {"0o700"}
+        assert kernel_cache.SharedLocator.from_function(np.sum, np.__file__) is None  # not core's: numba's own
+        folder.chmod(0o777)
+        with pytest.warns(kernel_cache.KernelCacheWarning, match="can be written by other users, so it is not used"):
+            assert kernel_cache.SharedLocator.from_function(kernel, kernels.__file__) is None
+    finally:
+        kernel_cache.kernels_folder.cache_clear()
