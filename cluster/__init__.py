@@ -10,7 +10,8 @@ changes nothing.
 
 Workarounds of Ray 2.60's behaviour, to retest on an upgrade, are marked ``Ray 2.60 workaround``
 where they are (``grep -rn "Ray 2.60 workaround"``): the driver's ``end_process``, the compiled
-graph's teardown in a thread of its own, and the spin-free wait before a compiled step's result.
+graph's teardown in a thread of its own, the spin-free wait before a compiled step's result, and the
+traceback frames cleared before Ray shuts down (``RayBackend.close``).
 """
 
 import os

@@ -355,7 +355,7 @@ class RayBackend(CompiledTransport):
     def close(self) -> None:
         import ray
 
-        # Ray 2.60: an interrupt in a compiled graph's read leaves its channel buffers in the frames of the
+        # Ray 2.60 workaround: an interrupt in a compiled graph's read leaves its channel buffers in the frames of the
         # exception's traceback; freed after ray.shutdown, they crash the process (a segmentation fault). Free
         # them now, while Ray still runs: the traceback keeps its lines, its finished frames lose their locals.
         in_flight = sys.exc_info()[1]
