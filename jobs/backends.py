@@ -28,7 +28,6 @@ from core.plan import cut, epoch_cuts
 
 class Backend(Protocol):
     name: str
-    workers: int
     failures: int  # workers that died and whose chunks were computed again
 
     def start(self, network: Network, x: np.ndarray | None, labels: np.ndarray | None,

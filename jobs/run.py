@@ -39,18 +39,14 @@ class JobResult:
     already_complete: bool = False  # --resume of a run that had finished: nothing was done
 
 
-def prepare_data(cfg: JobConfig, rows: bool | None = None, loaded: dict | None = None) -> Dataset:
+def prepare_data(cfg: JobConfig, rows: bool | None = None) -> Dataset:
     """Load the data and check the config against it: every mistake surfaces before training. ``rows``:
     whether a sharded dataset's rows are read (default: not by a Ray driver, which reads its manifest, never
-    its rows: the workers read their blocks). ``loaded``: data already loaded by split, reused (a sweep's
-    trials share theirs)."""
+    its rows: the workers read their blocks)."""
     check_memory(cfg)
     check_shuffle(cfg)
-    rows = cfg.backend != "ray" if rows is None else rows
-    split = (cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle)
-    data = (loaded or {}).get(split) or load_dataset(*split, rows=rows)
-    if loaded is not None:
-        loaded[split] = data
+    data = load_dataset(cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle,
+                        rows=cfg.backend != "ray" if rows is None else rows)
     check_against_data(cfg, data.n_inputs, data.n_classes, data.max_label)
     return data
 

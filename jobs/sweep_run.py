@@ -76,12 +76,22 @@ def load_plan(uri: str, parent_id: str, allow_pickle: bool = False) -> Plan:
 
 def check_data(plan: Plan) -> None:
     """Every trial's config against its data and this machine's memory, before anything runs: as a job
-    checks its own (``jobs.run.prepare_data``), a sharded folder's manifest being enough here."""
-    from jobs.run import prepare_data
+    checks its own (``jobs.run.prepare_data``), a sharded folder's manifest being enough here. Data that
+    several trials share is loaded once, and only what the checks need of it is kept."""
+    from jobs.config import check_against_data
+    from jobs.run import check_memory, check_shuffle, prepare_data
 
-    loaded = {}
+    shapes = {}
     for trial in plan.trials:
-        prepare_data(trial.config, rows=False, loaded=loaded)
+        cfg = trial.config
+        split = (cfg.data, cfg.validation_size, cfg.test_size, cfg.allow_pickle)
+        if split not in shapes:
+            data = prepare_data(cfg, rows=False)
+            shapes[split] = (data.n_inputs, data.n_classes, data.max_label)
+        else:  # an earlier trial's data: the same checks, without loading it again
+            check_memory(cfg)
+            check_shuffle(cfg)
+            check_against_data(cfg, *shapes[split])
 
 
 def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, on_ray: bool = False,

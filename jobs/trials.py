@@ -191,7 +191,7 @@ class RayTrials:
     def __init__(self, uri: str, parent_id: str, scheduler: SuccessiveHalving | None):
         import ray
 
-        from cluster.connect import keeping_sigterm_handler  # and Ray's loopback and auth settings
+        from cluster.connect import keeping_sigterm_handler  # (which puts Ray's settings in the environment)
 
         self._ray = ray
         if not ray.is_initialized():
