@@ -101,9 +101,8 @@ def _code_uses(function, module_globals, seen) -> tuple[set[str], set[str]]:
     classes of the tests' own modules that it names."""
     names, strings = set(), set()
     codes = []
-    if isinstance(function, type):
-        codes = [f.__code__ for f in vars(function).values() if hasattr(f, "__code__")]
-        codes += [c.__code__ for c in function.__mro__[1:] if hasattr(c, "__code__")]
+    if isinstance(function, type):  # its methods, and those of the classes of the tests' modules it derives from
+        codes = [f.__code__ for c in function.__mro__ if _ours(c) for f in vars(c).values() if hasattr(f, "__code__")]
     elif hasattr(function, "__code__"):
         codes = [function.__code__]
     while codes:
@@ -119,25 +118,31 @@ def _code_uses(function, module_globals, seen) -> tuple[set[str], set[str]]:
                 codes.append(const)
         for name in code.co_names:
             target = module_globals.get(name)
-            if getattr(target, "__module__", "").startswith(("test_", "conftest", "tests.")) and target is not function:
+            if _ours(target) and target is not function:
                 more_names, more_strings = _code_uses(target, vars(sys.modules[target.__module__]), seen)
                 names |= more_names
                 strings |= more_strings
     return names, strings
 
 
+def _ours(thing) -> bool:
+    """Whether ``thing`` (a function, class or fixture) is defined in the tests' own modules."""
+    return getattr(thing, "__module__", "").startswith(("test_", "conftest", "tests."))
+
+
+GUARD = "_fast_tier_starts_no_process"  # the autouse fixture below: it names processes, and uses none
+
+
 def tiers_of(item) -> set[str]:
     functions = [item.function]
-    for name in set(item.fixturenames) - {"_fast_tier_starts_no_process"}:
-        for definition in item._fixtureinfo.name2fixturedefs.get(name, ()):
-            if getattr(definition.func, "__module__", "").startswith(("test_", "conftest")):
-                functions.append(definition.func)
+    for name in set(item.fixturenames) - {GUARD}:
+        functions += [d.func for d in item._fixtureinfo.name2fixturedefs.get(name, ()) if _ours(d.func)]
     names, strings, seen = set(), set(), set()
     for function in functions:
         more_names, more_strings = _code_uses(function, vars(sys.modules[function.__module__]), seen)
         names |= more_names
         strings |= more_strings
-    names |= set(item.fixturenames) - {"_fast_tier_starts_no_process"}
+    names |= set(item.fixturenames) - {GUARD}
     marks = {m.name for m in item.iter_markers()}
     for mark, (fixtures, words, phrases) in TIERS.items():
         if names & (fixtures | words) or any(p in s for s in strings for p in phrases):
@@ -156,7 +161,8 @@ def pytest_collection_modifyitems(config, items):
     config._gradavg_fast = len(slow)
     if slow:
         config.hook.pytest_deselected(items=slow)
-        items[:] = [i for i in items if not any(i.get_closest_marker(m) for m in SLOW_TIERS)]
+        slow = set(slow)
+        items[:] = [i for i in items if i not in slow]
 
 
 LEFT_BEHIND = ("mlruns", "mlartifacts", "mlflow.db")  # what a test run in the project's folder would leave
