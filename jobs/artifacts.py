@@ -75,8 +75,9 @@ def keep(tracker: RunTracker, state: TrainingState) -> None:
              f"no local folder could be written to keep the final weights in ({why}), so the weights of epoch "
              f"{state.epoch} are lost")
     if tracker.stored_epoch:
-        complete = (f"when the store answers again, `gradavg run CONFIG --resume {tracker.run_id}` completes the "
-                    f"run from its last stored checkpoint (epoch {tracker.stored_epoch}), to the same bits")
+        complete = (f"when the store answers again, `{runs.continue_command(tracker.run_id, tracker.uri)}` "
+                    f"completes the run from its last stored checkpoint (epoch {tracker.stored_epoch}), to the same "
+                    "bits")
     else:
         complete = (f"the store holds no checkpoint of this run, so a new run starts over (once the store "
                     f"answers, `gradavg runs repair {tracker.run_id}` ends this one)")

@@ -35,7 +35,7 @@ EPILOG = """examples:
   gradavg evaluate runs:/RUN_ID --data digits
   gradavg sweep configs/digits.yaml validation_size=300 eta=0.5,3.0
   gradavg cluster up
-  gradavg submit configs/digits.yaml workers=2 --address http://127.0.0.1:8265 \
+  gradavg submit configs/digits.yaml workers=2 --address http://127.0.0.1:8265 \\
       --tracking-uri http://127.0.0.1:5000 --follow
 
 Any config key can be overridden with key=value; `gradavg keys` lists them."""
@@ -103,9 +103,12 @@ def _main(argv: list[str] | None) -> int:
     except JobFailed as e:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        _say("gradavg: interrupted (" + ("the folder was not written)" if args.command == "data" else
-                                         "a run in progress ends KILLED)"))
+    except KeyboardInterrupt as e:
+        if hint := getattr(e, "hint", ""):  # jobs.stopping.Interrupted: what was stopped, and how to continue it
+            _say(f"gradavg: interrupted: {hint}")
+        else:
+            _say("gradavg: interrupted (" + ("the folder was not written)" if args.command == "data" else
+                                             "a run in progress ends KILLED)"))
         return 130
     except MemoryError:  # a run in progress has ended FAILED
         _say("gradavg: error: this process ran out of memory (MemoryError); free some, raise its limit (ulimit -v), "
@@ -174,12 +177,14 @@ def _add_training(sub) -> None:
     run = sub.add_parser("run", help="train a network from a YAML config", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", help="a YAML job config, e.g. configs/digits.yaml ('-' for none: "
-                                                "defaults and overrides only)")
+                                                "defaults and overrides only; with --resume: optional, the run's "
+                                                "own config by default)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                             "sqlite:///mlflow.db here)")
     run.add_argument("--quiet", action="store_true", help="print only the summary")
-    run.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint, with "
+                                                        "its own config (and any key=value overrides)")
     run.add_argument("--force", action="store_true", help="with --resume: accept a config that changes the result")
     run.set_defaults(handler=cmd_run)
 
@@ -192,7 +197,8 @@ def _add_training(sub) -> None:
     check.set_defaults(handler=cmd_gradcheck)
 
     evaluate = sub.add_parser("evaluate", help="accuracy and cost of a saved model on a dataset")
-    evaluate.add_argument("model", help="a weights.npz file or runs:/RUN_ID")
+    evaluate.add_argument("model", help="a weights.npz file; a run's weights, runs:/RUN_ID; a logged model, "
+                                        "models:/m-ID; or a registered one, models:/NAME/VERSION")
     evaluate.add_argument("--data", default=None, help="dataset (default: the run's own, or digits)")
     evaluate.add_argument("--split", choices=("test", "validation", "train"), default="test")
     evaluate.add_argument("--tracking-uri")
@@ -202,7 +208,8 @@ def _add_training(sub) -> None:
     evaluate.set_defaults(handler=cmd_evaluate)
 
     submit = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs)")
-    submit.add_argument("config")
+    submit.add_argument("config", nargs="?", help="a YAML job config (with --resume: optional, the run's own by "
+                                                  "default)")
     submit.add_argument("overrides", nargs="*", metavar="key=value")
     submit.add_argument("--address", help="the cluster's dashboard, http://HOST:8265 (default: $RAY_ADDRESS)")
     submit.add_argument("--tracking-uri", help="MLflow tracking URI the cluster can reach (default: "

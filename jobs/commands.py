@@ -7,35 +7,69 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.errors import UsageError
+from jobs.errors import UsageError, plural
 
 
 def cmd_run(args) -> int:
     from jobs.config import load_config
     from jobs.run import run_job, summary
     from jobs.stopping import stop_on_signals
-    from jobs.store import ui_command
+    from jobs.store import resolve_uri, run_path, ui_hint
 
     _check_force(args)
-    if args.config is None:
+    if args.resume:
+        cfg = job_config(args, resolve_uri(args.tracking_uri))
+    elif args.config is None:
         raise UsageError("gradavg run needs a config, e.g. gradavg run configs/digits.yaml ('-' for the defaults "
-                         "and key=value overrides alone)")
-    cfg = load_config(None if args.config == "-" else args.config, args.overrides)
+                         "and key=value overrides alone), or --resume RUN_ID")
+    else:
+        cfg = named(load_config(None if args.config == "-" else args.config, args.overrides), args)
     stop_on_signals()  # a stopped job, or one whose terminal closed, ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
+    look = f"look at it: {ui_hint(result.tracking_uri, run_path(result.experiment_id, result.run_id))}" \
+        if result.run_id else ""
     if result.already_complete:
         if result.state.stopped:
-            print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs "
-                  f"(stopped: {result.state.stopped}); nothing is left to do")
+            print(f"run {result.run_id} is already complete: it FINISHED after "
+                  f"{plural(result.state.epoch, 'epoch')} ({result.state.stopped}); nothing is left to do")
         else:
-            print(f"run {result.run_id} is already complete: it FINISHED after {result.state.epoch} epochs, and "
+            print(f"run {result.run_id} is already complete: it FINISHED after "
+                  f"{plural(result.state.epoch, 'epoch')}, and "
                   f"nothing is left to do; to train it longer, pass epochs=N (more than {result.state.epoch})")
+        print(look)
         return 0
     print(summary(result, cfg))
     if result.run_id:
         print(f"MLflow run {result.run_id} in {result.tracking_uri}")
-        print(f"look at it: {ui_command(result.tracking_uri)}")
+        print(look)
     return 0
+
+
+def job_config(args, uri: str, fetched=None):
+    """The config of ``--resume RUN_ID``: the config file and overrides given, checked against the run's
+    as before; or, with no file (overrides alone, or nothing), the run's own config from its checkpoint,
+    then the overrides. Never the stored ``allow_pickle``: a store may not widen what a command does, so
+    data the book's pickle holds needs ``allow_pickle=true`` on the command line again."""
+    from jobs.config import load_config, with_overrides
+
+    overrides = list(args.overrides)
+    if args.config is not None and args.config != "-" and "=" in args.config and not Path(args.config).exists():
+        args.config, overrides = None, [args.config, *overrides]  # `--resume ID epochs=40`: an override
+    if args.config is not None:
+        return load_config(None if args.config == "-" else args.config, overrides)
+    if fetched is None:
+        from jobs.runs import fetch_checkpoint
+
+        fetched = fetch_checkpoint(uri, args.resume)
+    return with_overrides({**fetched[2].to_dict(), "allow_pickle": False}, overrides)
+
+
+def named(cfg, args):
+    """``cfg`` with a run name from its config file and overrides (``jobs.config.default_name``), unless it
+    has one: the run list and the Overview then say what each run is."""
+    from jobs.config import default_name, replace
+
+    return cfg if cfg.run_name else replace(cfg, run_name=default_name(args.config, args.overrides))
 
 
 def _check_force(args) -> None:
@@ -102,36 +136,43 @@ def cmd_submit(args) -> int:
     from jobs.config import load_config
     from jobs.store import resolve_uri
 
-    cfg = load_config(args.config, args.overrides)  # validated here, before anything is sent
+    _check_force(args)
+    if args.config is None and not args.resume:
+        raise UsageError("gradavg submit needs a config, e.g. gradavg submit configs/digits.yaml --address "
+                         "http://HOST:8265, or --resume RUN_ID")
+    if not args.resume:
+        cfg = named(load_config(args.config, args.overrides), args)  # validated here, before anything is sent
     if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise UsageError("a job on a cluster needs a tracking server it can reach: pass --tracking-uri "
                          "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
     uri = resolve_uri(args.tracking_uri)
-    _check_force(args)
-    submit.check_data(cfg)
+    address = submit.resolve_address(args.address)
     if args.resume:  # what can be checked here is, before the job is sent
         from jobs.claims import refuse_if_driven
         from jobs.run import check_resume_config
         from jobs.runs import fetch_checkpoint
 
-        submit.check_tracking_uri(uri, submit.resolve_address(args.address))
-        run, state, saved = fetch_checkpoint(uri, args.resume)
+        submit.check_tracking_uri(uri, address)
+        fetched = run, state, saved = fetch_checkpoint(uri, args.resume)
+        cfg = job_config(args, uri, fetched)
         refuse_if_driven(run, f"--resume {args.resume}")
         check_resume_config(args.resume, state, saved, cfg, args.force)
-    job_id = submit.submit(cfg, args.address, uri, resume=args.resume, force=args.force)
+    submit.check_data(cfg)
+    described = " ".join([args.config or f"--resume {args.resume}", *args.overrides])
+    job_id = submit.submit(cfg, address, uri, resume=args.resume, force=args.force, described=described)
     print(job_id)
     if not args.follow:
-        print(f"follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
+        print(f"follow it: gradavg jobs logs {job_id} --follow --address {address}", file=sys.stderr)
         return 0
-    state = submit.follow(args.address, job_id)
+    state = submit.follow(address, job_id)
     print(f"job {job_id} {state}", file=sys.stderr)
     return 0 if state == "SUCCEEDED" else 1
 
 
 def cmd_sweep(args) -> int:
-    from jobs import sweep_report, sweep_run
+    from jobs import runs, sweep_report, sweep_run
     from jobs.stopping import default_stop_signals, stop_on_signals
-    from jobs.store import resolve_uri
+    from jobs.store import resolve_uri, run_path, ui_hint
     from jobs.sweep import check_options
 
     check_options(args)
@@ -173,11 +214,12 @@ def cmd_sweep(args) -> int:
     print(sweep_report.table_text(plan, result.rows))
     print(sweep_report.best_line(result))
     print(f"MLflow sweep run {parent_id} in {uri}")
+    print(f"look at it: {ui_hint(uri, run_path(result.experiment_id, parent_id))}")
     failed = [r for r in result.rows if r.status != "FINISHED"]
     if failed:
+        again = runs.continue_command(parent_id, uri, sweep=True)
         print(f"gradavg: {len(failed)} of {len(result.rows)} trials did not finish (the table's status column); "
-              f"`gradavg sweep --resume {parent_id}` runs them again (from their checkpoints, where they have one)",
-              file=sys.stderr)
+              f"`{again}` runs them again (from their checkpoints, where they have one)", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -187,13 +229,17 @@ def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
 
     try:
         command = submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register, allow_pickle)
-        job_id = submit.send(command, args.address, uri, {"gradavg_sweep": parent_id})
+        described = " ".join([args.config or f"--resume {parent_id}", *args.overrides])
+        job_id = submit.send(command, args.address, uri, {submit.KIND: "sweep", submit.DESCRIBED: described,
+                                                          submit.RUN: parent_id})
     except Exception:
         if not args.resume:  # the parent run of a sweep that never started
             runs.close(open_store(uri), parent_id, "FAILED")
         raise
     print(job_id)
-    print(f"sweep run {parent_id}; follow it: gradavg jobs logs {job_id} --follow", file=sys.stderr)
+    address = submit.resolve_address(args.address)
+    print(f"sweep run {parent_id}; follow it: gradavg jobs logs {job_id} --follow --address {address}",
+          file=sys.stderr)
     if not args.follow:
         return 0
     state = submit.follow(args.address, job_id)
@@ -305,7 +351,10 @@ def cmd_keys(args) -> int:
 
     from jobs.config import HELP, JobConfig
 
-    for f in fields(JobConfig):
-        default = f.default if not isinstance(f.default, tuple) else list(f.default)
-        print(f"{f.name:<17} {str(default):<14} {HELP[f.name]}")
+    rows = [(f.name, str(list(f.default) if isinstance(f.default, tuple) else f.default), HELP[f.name])
+            for f in fields(JobConfig)]
+    widths = [max(len(row[i]) for row in rows) for i in (0, 1)]
+    print(f"{'key':<{widths[0]}}  {'default':<{widths[1]}}  meaning")
+    for name, default, meaning in rows:
+        print(f"{name:<{widths[0]}}  {default:<{widths[1]}}  {meaning}")
     return 0

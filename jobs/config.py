@@ -138,6 +138,19 @@ KEYS = {f.name: f for f in fields(JobConfig)}
 TYPES = typing.get_type_hints(JobConfig)
 HELP = {name: f.metadata["help"] for name, f in KEYS.items()}
 RESULT_KEYS = tuple(name for name, f in KEYS.items() if f.metadata["result"])
+# What a run logs as MLflow params: the inputs of its computation (what it computes, and for how long), so that
+# a compare view plots nothing else; where and how it ran are tags, the whole config is its config.yaml
+INPUT_KEYS = (*RESULT_KEYS, "epochs")
+# Overrides that say nothing of what a run computes, left out of the name it is given (``default_name``)
+_UNNAMED = {"experiment", "run_name", "track", "log_every", "checkpoint_every", "diagnostics", "diagnostics_every"}
+
+
+def default_name(path: str | os.PathLike | None, overrides: list[str] = ()) -> str:
+    """A run's name where its config gives none: the config file's name, then the overrides that change
+    what it computes or where, as given: ``digits eta=0.5 workers=2``."""
+    stem = Path(path).stem if path not in (None, "-") else "defaults"
+    shown = [text for text in overrides if text.partition("=")[0].strip() not in _UNNAMED]
+    return " ".join([stem, *shown])[:250]
 
 
 def _check(key: str, value: Any, ok: bool, valid: str) -> None:

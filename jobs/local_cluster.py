@@ -25,6 +25,7 @@ from pathlib import Path
 from cluster import RAY_SYSTEM_CONFIG, ray_settings
 from cluster.auth import ensure_token, read_token, token_warning
 from jobs.errors import UserError
+from jobs.store import free_port
 
 ray_settings()  # Ray's loopback and auth settings, before Ray is imported or started here
 
@@ -41,12 +42,6 @@ class Servers:
     dashboard: str  # http://127.0.0.1:PORT, the address for `gradavg submit --address`
     mlflow_pgid: int
     tracking_uri: str  # http://127.0.0.1:PORT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_free(port: int, option: str) -> None:

@@ -30,14 +30,14 @@ def curves(history, path) -> None:
 
 
 def curves_figure(history) -> Figure:
-    """Cost and accuracy against epoch, training, validation and test side by side."""
+    """Cost and accuracy (%, as logged) against epoch, training, validation and test side by side."""
     epochs = [r.epoch for r in history]
     fig, (ax_cost, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for name in ("train", "validation", "test"):
         costs = [getattr(r, f"{name}_cost") for r in history]
         if costs and costs[0] is not None:
             ax_cost.plot(epochs, costs, marker=".", label=name)
-            ax_acc.plot(epochs, [100 * getattr(r, f"{name}_accuracy") for r in history], marker=".", label=name)
+            ax_acc.plot(epochs, [getattr(r, f"{name}_accuracy") for r in history], marker=".", label=name)
     ax_cost.set(ylabel="mean cost C", title="cost")
     ax_acc.set(ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_cost, ax_acc):
@@ -132,12 +132,12 @@ def against_key(key: str, points: list[tuple], path) -> None:
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x, _ in points)
     if numeric:
         xs = [x for x, _ in points]
-        ax.scatter(xs, [100 * y for _, y in points])
+        ax.scatter(xs, [y for _, y in points])
         if xs and min(xs) > 0 and max(xs) >= 20 * min(xs):
             ax.set_xscale("log")
     else:
         names = sorted({str(x) for x, _ in points})
-        ax.scatter([names.index(str(x)) for x, _ in points], [100 * y for _, y in points])
+        ax.scatter([names.index(str(x)) for x, _ in points], [y for _, y in points])
         ax.set_xticks(range(len(names)), names)
     ax.set(xlabel=key, ylabel="best validation accuracy (%)", title=f"validation accuracy against {key}")
     ax.grid(alpha=0.3)

@@ -22,9 +22,10 @@ from jobs.backends import make_backend
 from jobs.claims import refuse_if_driven
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
+from jobs.errors import plural
 from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
-from jobs.stopping import STOP_SIGNALS, STOPPING
+from jobs.stopping import STOP_SIGNALS, STOPPING, Interrupted
 from jobs.store import TrackingError
 from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
 
@@ -37,6 +38,7 @@ class JobResult:
     tracking_uri: str | None
     seconds: float
     already_complete: bool = False  # --resume of a run that had finished: nothing was done
+    experiment_id: str | None = None
 
 
 def prepare_data(cfg: JobConfig, rows: bool | None = None) -> Dataset:
@@ -124,14 +126,15 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             refuse_if_driven(previous, f"--resume {resume}")  # at once; RunTracker.resume claims it for good
             _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
             if previous.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):
-                return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True)
+                return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True,
+                                 previous.info.experiment_id)
             progress.stage(f"resuming run {resume} ({previous.info.status}) from its checkpoint of epoch "
                            f"{state.epoch}, step {state.step}")
         tracker = RunTracker(cfg, tracking_uri, stream, tags, source)
     _note_idle_workers(cfg, progress)
     first_epoch = state.epoch
     hooks = HookChain(progress, *hooks)
-    status = "FAILED"
+    status, interrupted = "FAILED", False
     try:
         backend = make_backend(cfg, on_failure=lambda text: hooks.on_worker_failure(backend.failures, text))
         progress.stage("starting the backend" + ("" if kernels_cached() else "; compiling the training kernels "
@@ -153,19 +156,31 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             progress.stage("logging the plots, the weights and the model")
             artifacts.finish(tracker, state, data, backend.tags, trained=state.epoch > first_epoch, confusion=confusion)
         status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from a stopped job
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM from a stopped job
         status = "KILLED"
+        interrupted = isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted)
         raise
     except WorkerFailuresError as e:
         if tracker and tracker.run_id:
-            raise WorkerFailuresError(f"{e}; the last checkpoint is saved: continue with `gradavg run CONFIG "
-                                      f"--resume {tracker.run_id}`") from None
+            raise WorkerFailuresError(f"{e}; the last checkpoint is saved: continue with "
+                                      f"`{runs.continue_command(tracker.run_id, tracker.uri)}`") from None
         raise
     finally:
         if tracker:
             with _no_interrupts():
                 tracker.end("KILLED" if status == "FAILED" and STOPPING.is_set() else status)
-    return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started)
+            if interrupted and tracker.run_id:  # the interrupt goes on, saying how to continue the run
+                raise Interrupted(_continue_hint(tracker)) from None
+    return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started,
+                     experiment_id=tracker.experiment_id if tracker else None)
+
+
+def _continue_hint(tracker) -> str:
+    """What an interrupted run's last line says: it ended KILLED, and how to continue it."""
+    if not tracker.stored_epoch:
+        return f"run {tracker.run_id} ended KILLED before its first checkpoint; run the job again to start over"
+    return (f"run {tracker.run_id} ended KILLED; continue it from its checkpoint of epoch {tracker.stored_epoch}: "
+            f"{runs.continue_command(tracker.run_id, tracker.uri)}")
 
 
 @contextlib.contextmanager
@@ -215,11 +230,9 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
         accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1] \
             if data.n_validation else None
     validation = "" if accuracy is None else f", validation {100 * accuracy:.2f}%"
-    epochs = f"{result.state.epoch} epoch{'' if result.state.epoch == 1 else 's'}"
-    if result.state.stopped:
-        epochs += f" ({result.state.stopped})"
-    return (f"test accuracy {100 * test:.2f}%{validation} after {epochs} ({data.name}, {cfg.backend} backend) "
-            f"in {result.seconds:.1f} s")
+    stopped = f"; {result.state.stopped}" if result.state.stopped else ""
+    return (f"test accuracy {100 * test:.2f}%{validation} after {plural(result.state.epoch, 'epoch')} ({data.name}, "
+            f"{cfg.backend} backend) in {result.seconds:.1f} s{stopped}")
 
 
 def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,

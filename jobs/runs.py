@@ -13,6 +13,7 @@ transport): ``cluster`` imports nothing of ``jobs`` but its error kinds (``jobs.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -23,11 +24,14 @@ from jobs.store import TrackingError, git_commit, open_store, process_uri
 FROM_RUN = "gradavg run"
 FROM_SWEEP = "gradavg sweep"
 
-# Every run: where it came from
+# Every run: where it came from, and what happened (its description, in the UI's Overview)
+DESCRIPTION = "mlflow.note.content"
 SOURCE = "mlflow.source.name"
 VERSION = "gradavg_version"
 GIT_COMMIT = "git_commit"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+
+RAY_JOB = "ray_job"  # the submitted Ray job that drives (or drove) the run
 
 # Its driver, and the driver's claim of it (jobs.claims)
 DRIVER_HOST = "driver_host"
@@ -58,8 +62,39 @@ SWEEP_FINISHED = "sweep_finished"
 SWEEP_FAILED = "sweep_failed"
 BEST_RUN_ID = "best_run_id"
 BEST_TRIAL = "best_trial"
+BEST_ACCURACY = "best_validation_accuracy"
 BEST_VALUE = "best."  # and the key: the best trial's value of each swept key
 REGISTERED_MODEL = "registered_model"
+
+
+# A submitted job's environment: the address of the cluster it was submitted to (``jobs.submit``), so that
+# what it prints says how to continue it there
+SUBMITTED_TO = "GRADAVG_SUBMITTED_TO"
+JOB_ID = "GRADAVG_JOB_ID"  # and its Ray job's id: the run is tagged RAY_JOB with it
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default tracking URI: ./mlflow.db
+
+
+def continue_command(run_id: str, uri: str, sweep: bool = False) -> str:
+    """The command that continues a run (or, ``sweep``, a sweep) from its last checkpoint, to paste as it
+    is: on the cluster a submitted job runs on, with the store it tracks to."""
+    address = os.environ.get(SUBMITTED_TO)
+    if sweep:
+        command = f"gradavg sweep --resume {run_id}" + (f" --address {address}" if address else "")
+    elif address:
+        command = f"gradavg submit --resume {run_id} --address {address}"
+    else:
+        command = f"gradavg run --resume {run_id}"
+    return command + tracking_option(uri)
+
+
+def tracking_option(uri: str) -> str:
+    """`` --tracking-uri URI``, unless ``uri`` is the default a command takes where none is given."""
+    return "" if uri == DEFAULT_URI and "MLFLOW_TRACKING_URI" not in os.environ else f" --tracking-uri {uri}"
+
+
+def job_tag() -> dict[str, str]:
+    """``{RAY_JOB: id}`` in a submitted job (the run it opens or continues is tagged with it), else nothing."""
+    return {RAY_JOB: os.environ[JOB_ID]} if os.environ.get(JOB_ID) else {}
 
 
 def run_tags(source: str, driver: dict[str, str]) -> dict[str, str]:
@@ -68,23 +103,32 @@ def run_tags(source: str, driver: dict[str, str]) -> dict[str, str]:
     drive the run, its claim)."""
     from jobs import __version__
 
-    tags = {VERSION: __version__, **driver, SOURCE: source}
+    tags = {VERSION: __version__, **driver, SOURCE: source, **job_tag()}
     if commit := git_commit():
         tags.update({GIT_COMMIT: commit, MLFLOW_GIT_COMMIT: commit})
     return tags
 
 
+# MLflow's UI opens an experiment on what its kind tag says it holds: without it, on the GenAI overview
+# (traces, evaluations); with this value, on its training runs (MLflow 3.17's ExperimentKind)
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING = "custom_model_development"
+
+
 def experiment_id_of(client, name: str) -> str:
-    """The id of the experiment called ``name``, created if there is none."""
+    """The id of the experiment called ``name``, created if there is none, and marked as one of training
+    runs (``EXPERIMENT_KIND``), a new one or one that was not."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another job created it a moment ago
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND: TRAINING})
+        except MlflowException:  # another job created it a moment ago
+            experiment = client.get_experiment_by_name(name)
+    if experiment.tags.get(EXPERIMENT_KIND) != TRAINING:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING)
+    return experiment.experiment_id
 
 
 def open_run(client, experiment: str, name: str | None, tags: dict[str, str],
@@ -164,8 +208,8 @@ def fetch_checkpoint(uri: str, run_id: str):
     client = open_store(uri, create=False)
     run = get_run(client, run_id, uri, "--resume")
     if SWEEP_KEYS in run.data.tags:
-        raise TrackingError(f"--resume {run_id}: that run is a sweep's; continue it with `gradavg sweep --resume "
-                            f"{run_id}`")
+        raise TrackingError(f"--resume {run_id}: that run is a sweep's; continue it with "
+                            f"`{continue_command(run_id, uri, sweep=True)}`")
     try:
         path = client.download_artifacts(run_id, "checkpoints/checkpoint.npz")
     except (MlflowException, OSError):

@@ -51,3 +51,11 @@ def _interrupt_once(signum, frame):
 def _on_stop_signal(signum, frame):
     STOPPING.set()
     raise KeyboardInterrupt
+
+
+class Interrupted(KeyboardInterrupt):
+    """An interrupt that says how to continue what it stopped (``hint``: a command to paste)."""
+
+    def __init__(self, hint: str):
+        super().__init__(hint)
+        self.hint = hint

@@ -260,12 +260,30 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def ui_command(uri: str) -> str:
+def ui_hint(uri: str, path: str) -> str:
+    """Where to look at ``path`` (``#/experiments/ID/runs/ID``) in the MLflow UI: the tracking server's page;
+    for a local store, the command that starts a UI on it, on a port free now, and then the page."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
+        return f"{uri.rstrip('/')}/{path}"
     beside = Path(sys.executable).with_name("mlflow")  # this environment's, activated or not
     mlflow = str(beside) if beside.exists() else "mlflow"
-    return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    port = free_port()
+    return (f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
+            f"http://127.0.0.1:{port}/{path}")
+
+
+def run_path(experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, from its root."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (one the system picks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def logged_models(uri: str, experiment_id: str, run_id: str) -> list:

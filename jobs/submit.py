@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -141,25 +142,39 @@ def check_data(cfg: JobConfig) -> None:
         check_against_data(cfg, data.n_inputs, data.n_classes, data.max_label)
 
 
+# What a job's metadata says of it, for `gradavg jobs list` and `jobs status`
+KIND, DESCRIBED, TRACKING, RUN = "gradavg_kind", "gradavg_command", "gradavg_tracking_uri", "gradavg_run"
+
+
 def submit(cfg: JobConfig, address: str | None, tracking_uri: str, resume: str | None = None,
-           force: bool = False) -> str:
+           force: bool = False, described: str = "") -> str:
+    """Send a training job; ``described``: its config and overrides as the user gave them (its row of
+    `gradavg jobs list`)."""
     cfg = replace(cfg, backend="ray")
+    metadata = {KIND: "run", DESCRIBED: described or cfg.data, "experiment": cfg.experiment}
     return send(entrypoint(cfg, tracking_uri, resume, force), address, tracking_uri,
-                {"gradavg_config": cfg.data, "experiment": cfg.experiment})
+                {**metadata, **({RUN: resume} if resume else {})})
 
 
 def send(command: str, address: str | None, tracking_uri: str, metadata: dict[str, str]) -> str:
-    """Submit ``command`` as a Ray job running in a copy of the project; return the job's id."""
+    """Submit ``command`` as a Ray job running in a copy of the project; return the job's id. The job's
+    environment names the cluster (``jobs.runs.SUBMITTED_TO``: its hints say how to continue it there) and
+    the job's id (``jobs.runs.JOB_ID``: its run is tagged with it, for `gradavg jobs list` to find)."""
+    from jobs import runs
+
     address = resolve_address(address)
     check_tracking_uri(tracking_uri, address)
     jobs = client(address)
+    job_id = f"raysubmit_{secrets.token_hex(8)}"  # chosen here, so that the job knows it
     # a stopped job gets 30 s (Ray's default: 3) to end its runs KILLED before it is killed outright
-    env_vars = {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri, "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+    env_vars = {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri, "RAY_JOB_STOP_WAIT_TIME_S": "30",
+                runs.SUBMITTED_TO: address, runs.JOB_ID: job_id}
     if commit := git_commit():
         env_vars["GRADAVG_GIT_COMMIT"] = commit  # the job's copy of the project has no .git
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
     try:
-        return jobs.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata)
+        return jobs.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=job_id,
+                               metadata={**metadata, TRACKING: tracking_uri})
     except Exception as e:
         raise SubmitError(f"the cluster at {address} refused the job: {first_line(e, 300)}") from None
 
@@ -220,9 +235,11 @@ def stop(address: str | None, job_id: str) -> bool:
     return client(address).stop_job(job_id)
 
 
-def list_jobs(address: str | None) -> list[tuple[str, str, str]]:
-    rows = []
-    for job in client(address).list_jobs():
-        rows.append((job.submission_id or job.job_id or "?", str(job.status.value), job.entrypoint[:60]))
-    return rows
+def list_jobs(address: str | None) -> list:
+    """The cluster's jobs, newest first (Ray's ``JobDetails``)."""
+    return sorted(client(address).list_jobs(), key=lambda job: job.start_time or 0, reverse=True)
 
+
+def job_details(address: str | None, job_id: str):
+    status(address, job_id)  # a clear error for an unknown job
+    return client(address).get_job_info(job_id)

@@ -26,6 +26,7 @@ from jobs.config import (
     JobConfig,
     build_config,
     check_value,
+    default_name,
     known,
     parse_override,
     read_yaml,
@@ -230,6 +231,8 @@ def plan_from(path: str | None, texts: list[str], samples: int | None, scheduler
         if key in axes:
             raise ConfigError(f"{key} is both swept ({key}={axes[key].text}) and set ({text}); keep one")
     base = with_overrides(values, fixed)
+    if base.run_name is None:  # the trials' names start with the config's ("digits trial 1: eta=0.5")
+        base = build_config({**base.to_dict(), "run_name": default_name(path)})
     if base.backend != "local":
         raise ConfigError(f"backend={base.backend}: a sweep's trials each run on the local backend, side by side "
                           "(on a Ray cluster's nodes with --address); set backend=local")
@@ -301,7 +304,7 @@ class SuccessiveHalving:
             epoch *= reduction
 
     def report(self, trial: int, epoch: int, accuracy: float) -> str | None:
-        """Record a trial's validation accuracy after ``epoch``; say why it stops, or None."""
+        """Record a trial's validation accuracy (%) after ``epoch``; say why it stops, or None."""
         recorded = self.rungs.get(epoch)
         if recorded is None or trial in recorded:  # no rung, or decided before (a resumed trial)
             return None
@@ -311,8 +314,8 @@ class SuccessiveHalving:
             return None
         cutoff = float(np.percentile(before, 100 * (1 - 1 / self.reduction)))
         if accuracy < cutoff:
-            return (f"successive halving: validation accuracy {100 * accuracy:.2f}% at epoch {epoch} is below "
-                    f"{100 * cutoff:.2f}%, the top 1/{self.reduction} of the {len(before)} trial"
+            return (f"successive halving: validation accuracy {accuracy:.2f}% at epoch {epoch} is below "
+                    f"{cutoff:.2f}%, the top 1/{self.reduction} of the {len(before)} trial"
                     f"{'s' if len(before) > 1 else ''} that reached it before")
         return None
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import runs
 from jobs.config import show
+from jobs.errors import plural
 from jobs.store import TrackingError, logged_models, process_uri
 from jobs.sweep import Plan, Trial
 from jobs.trials import Outcome
@@ -41,6 +41,7 @@ class SweepResult:
     uri: str
     rows: list[Row]
     best: Row | None
+    experiment_id: str = "0"
 
 
 def read_row(client, trial: Trial, child, outcome: Outcome | None = None) -> Row:
@@ -65,10 +66,10 @@ def describe(row: Row) -> str:
     """How a trial ended, as its line of the sweep's progress says it."""
     if row.status != "FINISHED":
         return row.status + (f": {row.cause}" if row.cause else "")
-    best = (f", best validation accuracy {100 * row.best_accuracy:.2f}% at epoch {row.best_epoch}"
+    best = (f", best validation accuracy {row.best_accuracy:.2f}% at epoch {row.best_epoch}"
             if row.best_accuracy is not None else "")
     stopped = f"; stopped: {row.stopped}" if row.stopped else ""
-    return f"FINISHED after {row.epochs} epochs{best}{stopped}"
+    return f"FINISHED after {plural(row.epochs, 'epoch')}{best}{stopped}"
 
 
 def best_of(rows: list[Row]) -> Row | None:
@@ -79,20 +80,17 @@ def best_of(rows: list[Row]) -> Row | None:
 
 def log_report(client, plan: Plan, parent_id: str, rows: list[Row], best: Row | None) -> None:
     """The table, the plots and the best trial, to the parent run."""
-    from mlflow.entities import Metric
-
     with tempfile.TemporaryDirectory(prefix="gradavg-sweep-") as folder:
         (Path(folder) / "trials.csv").write_text(table_csv(plan, rows))
         _plots(plan, rows, Path(folder) / "plots")
         client.log_artifacts(parent_id, folder)
     counts = {s: sum(r.status == s for r in rows) for s in ("FINISHED", "FAILED", "KILLED")}
     tags = {runs.SWEEP_FINISHED: str(counts["FINISHED"]), runs.SWEEP_FAILED: str(counts["FAILED"])}
-    metrics = []
-    if best is not None:
+    if best is not None:  # tags, not metrics: the parent draws nothing in a chart, as if it were a trial
         tags.update({runs.BEST_RUN_ID: best.run_id, runs.BEST_TRIAL: str(best.trial.number),
+                     runs.BEST_ACCURACY: f"{best.best_accuracy:.2f}%",
                      **{runs.BEST_VALUE + k: show(v) for k, v in best.trial.values.items()}})
-        metrics.append(Metric("best_validation_accuracy", best.best_accuracy, int(time.time() * 1000), 0))
-    runs.set_tags(client, parent_id, tags, metrics)
+    runs.set_tags(client, parent_id, tags)
 
 
 def register_once(client, uri: str, parent_id: str, name: str | None, best_id: str | None, stream) -> None:
@@ -134,7 +132,7 @@ def table_csv(plan: Plan, rows: list[Row]) -> str:
     writer.writerow(["trial", *(a.key for a in plan.axes), *COLUMNS])
     for r in rows:
         writer.writerow([r.trial.number, *(show(r.trial.values[a.key]) for a in plan.axes), r.status,
-                         "" if r.best_accuracy is None else f"{r.best_accuracy:.6f}", r.best_epoch or "", r.epochs,
+                         "" if r.best_accuracy is None else f"{r.best_accuracy:.4f}", r.best_epoch or "", r.epochs,
                          "" if r.final_train_cost is None else f"{r.final_train_cost:.6g}", r.stopped, r.cause,
                          r.run_id])
     return out.getvalue()
@@ -147,7 +145,7 @@ def table_text(plan: Plan, rows: list[Row]) -> str:
     for r in rows:
         lines.append([str(r.trial.number), *(show(r.trial.values[a.key]) for a in plan.axes),
                       r.status + ("*" if r.stopped else ""),
-                      "" if r.best_accuracy is None else f"{100 * r.best_accuracy:.2f}%", str(r.best_epoch or ""),
+                      "" if r.best_accuracy is None else f"{r.best_accuracy:.2f}%", str(r.best_epoch or ""),
                       "" if r.final_train_cost is None else f"{r.final_train_cost:.4f}", r.run_id])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
@@ -166,8 +164,7 @@ def _plots(plan: Plan, rows: list[Row], folder: Path) -> None:
         plots.against_key(axis.key, points, folder / f"validation_accuracy_vs_{axis.key}.png")
     for metric, name, ylabel in (("accuracy/validation", "validation_curves", "validation accuracy (%)"),
                                  ("cost/train", "training_cost_curves", "training cost C")):
-        scale = 100 if metric.startswith("accuracy") else 1
-        series = {f"{r.trial.number}: {r.trial.label}": [(e, scale * v) for e, v in r.curves.get(metric, [])]
+        series = {f"{r.trial.number}: {r.trial.label}": r.curves.get(metric, [])
                   for r in rows if r.curves.get(metric)}
         plots.overlaid(series, ylabel, folder / f"{name}.png")
 
@@ -177,4 +174,4 @@ def best_line(result: SweepResult) -> str:
     if best is None:
         return f"no trial finished; the sweep's run {result.parent_id} in {result.uri} holds the table"
     return (f"best: trial {best.trial.number} ({best.trial.label}), validation accuracy "
-            f"{100 * best.best_accuracy:.2f}% at epoch {best.best_epoch}, run {best.run_id}")
+            f"{best.best_accuracy:.2f}% at epoch {best.best_epoch}, run {best.run_id}")

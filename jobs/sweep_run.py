@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from jobs import claims, runs
 from jobs.errors import reason
+from jobs.stopping import Interrupted
 from jobs.store import TrackingError, open_store
 from jobs.sweep import Plan, SuccessiveHalving, Trial, scheduler_for
 from jobs.sweep_report import Row, SweepResult, best_of, describe, log_report, read_row, register_once
@@ -38,7 +39,7 @@ def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
     try:
         tags = {**runs.run_tags(runs.FROM_SWEEP, claims.driver_tags(claim=driven_here)),
                 runs.SWEEP_KEYS: ", ".join(keys), runs.SWEEP_TRIALS: str(len(plan.trials))}
-        name = plan.base.run_name or f"sweep {' × '.join(keys)}"
+        name = f"{plan.base.run_name or ''} sweep of {', '.join(keys)}".strip()
         params = {**{a.key: a.text for a in plan.axes}, "trials": len(plan.trials), "scheduler": _scheduler_text(plan),
                   **({"samples": plan.samples} if plan.samples else {})}
         run_id, _ = runs.open_run(client, plan.base.experiment, name[:250], tags,
@@ -66,7 +67,7 @@ def load_plan(uri: str, parent_id: str, allow_pickle: bool = False) -> Plan:
         path = client.download_artifacts(parent_id, PLAN_ARTIFACT)
     except Exception:
         raise TrackingError(f"--resume {parent_id}: that run is not a sweep's (it holds no {PLAN_ARTIFACT}); a "
-                            f"single run resumes with `gradavg run CONFIG --resume {parent_id}`") from None
+                            f"single run resumes with `{runs.continue_command(parent_id, uri)}`") from None
     try:
         plan = Plan.from_dict(json.loads(Path(path).read_text()))
     except Exception as e:
@@ -108,14 +109,16 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         rows = [read_row(client, t, children[t.number]) for t in plan.trials]
         best_id = parent.data.tags.get(runs.BEST_RUN_ID)
         register_once(client, uri, parent_id, register, best_id, stream)
-        return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None))
+        return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None),
+                           parent.info.experiment_id)
     claims.take(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
     try:
         pending = _pending(client, plan, children)
     except Exception as e:  # nothing was deleted: the sweep is as it was, for a resume once the store answers
         runs.try_close(client, parent_id, parent.info.status if parent.info.status != "RUNNING" else "KILLED")
+        again = runs.continue_command(parent_id, uri, sweep=True)
         raise TrackingError(f"tracking store {uri} failed while the sweep's trials were read ({reason(e)}); nothing "
-                            f"was changed: run `gradavg sweep --resume {parent_id}` again when it answers") from None
+                            f"was changed: run `{again}` again when it answers") from None
     scheduler = scheduler_for(plan)
     if scheduler is not None:
         _restore(scheduler, client, children)
@@ -126,7 +129,7 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
                  + (f" ({done} finished before, {len(pending)} to run)" if done else "")
                  + (f", {at_once} at a time on {runner.where}\n" if pending else "; logging its results\n"))
     stream.flush()
-    outcomes, settled = _run_trials(runner, pending, at_once, client, parent_id, len(plan.trials), stream)
+    outcomes, settled = _run_trials(runner, pending, at_once, client, uri, parent_id, len(plan.trials), stream)
     try:
         return _finish(client, uri, plan, parent_id, outcomes, settled, register, stream)
     except TrackingError:
@@ -135,12 +138,13 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
         from jobs.tracking import TrackingLostError
 
         runs.try_close(client, parent_id, "FAILED")  # a parent left RUNNING would look driven
+        again = runs.continue_command(parent_id, uri, sweep=True)
         raise TrackingLostError(f"the tracking store {uri} failed while the sweep's results were logged "
                                 f"({reason(e)}); each trial's run holds its own; when the store answers again, "
-                                f"`gradavg sweep --resume {parent_id}` logs the sweep's table and plots") from None
+                                f"`{again}` logs the sweep's table and plots") from None
 
 
-def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> tuple[dict[int, Outcome],
+def _run_trials(runner, pending, at_once, client, uri, parent_id, total, stream) -> tuple[dict[int, Outcome],
                                                                                    dict[int, Row]]:
     """Each trial's outcome, and its row as read back from its ended run (where the store answered)."""
     outcomes: dict[int, Outcome] = {}
@@ -183,7 +187,9 @@ def _run_trials(runner, pending, at_once, client, parent_id, total, stream) -> t
             _end_killed(client, parent_id)
         except Exception:  # the store is gone too: `gradavg runs repair` settles the runs once it answers
             pass
-        raise
+        raise Interrupted(f"sweep {parent_id} ended KILLED; continue it (its finished trials are kept, the others "
+                          f"resume from their checkpoints): {runs.continue_command(parent_id, uri, sweep=True)}") \
+            from None
     pool.shutdown()
     return outcomes, settled
 
@@ -261,4 +267,4 @@ def _finish(client, uri: str, plan: Plan, parent_id: str, outcomes: dict[int, Ou
     log_report(client, plan, parent_id, rows, best)
     register_once(client, uri, parent_id, register, best.run_id if best else None, stream)
     runs.close(client, parent_id, "FINISHED")
-    return SweepResult(parent_id, uri, rows, best)
+    return SweepResult(parent_id, uri, rows, best, client.get_run(parent_id).info.experiment_id)

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TextIO
 
 from jobs import claims, runs
-from jobs.config import JobConfig
+from jobs.config import INPUT_KEYS, JobConfig
 from jobs.data import Dataset
-from jobs.errors import JobFailed, reason
+from jobs.errors import JobFailed, plural, reason
 from jobs.store import TrackingError, open_store, retry_locked
-from jobs.train import EpochResult, Hooks, TrainingState
+from jobs.train import EpochResult, Hooks, TrainingState, percent
 
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
 # costs milliseconds of a core that training would otherwise use (an epoch can take less than 0.1 s).
@@ -75,6 +75,8 @@ class RunTracker(Hooks):
         self._warned = False
         self.stored_epoch = 0  # the last epoch whose checkpoint the store holds
         self._ended = threading.Event()  # stops the heartbeat
+        self.data_name = cfg.data  # the dataset's name, for the run's description
+        self.last: tuple[EpochResult, TrainingState] | None = None  # the latest epoch, for the description
 
     # -- calls to the store
     def call(self, what: str, fn, *args, **kwargs):
@@ -96,7 +98,7 @@ class RunTracker(Hooks):
     def start(self, data: Dataset, backend_tags: dict[str, str]) -> str:
         """Create the run with its params, tags, config and dataset. Any failure here is a
         TrackingError: nothing has been trained yet."""
-        self.backend_tags = dict(backend_tags)
+        self.backend_tags, self.data_name = dict(backend_tags), data.name
         try:
             self._create(data)
         except TrackingError:
@@ -113,7 +115,7 @@ class RunTracker(Hooks):
 
         tags = {**self.backend_tags, runs.DATASET: data.name, runs.DATASET_DIGEST: data.digest,
                 **runs.run_tags(self.source, claims.driver_tags()), **self._tags}
-        params = {k: str(v) for k, v in self.cfg.to_dict().items()}
+        params = {k: str(v) for k, v in self.cfg.to_dict().items() if k in INPUT_KEYS}  # the inputs only
         self.run_id, self.experiment_id = runs.open_run(self.client, self.cfg.experiment, self.cfg.run_name, tags,
                                                         params)
         self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")
@@ -146,7 +148,7 @@ class RunTracker(Hooks):
         self.backend_tags = dict(backend_tags)
         try:
             claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
-                                                                    **self.backend_tags})
+                                                                    **self.backend_tags, **runs.job_tag()})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         except claims.DriverConflict:
@@ -155,7 +157,8 @@ class RunTracker(Hooks):
             raise TrackingError(f"tracking store {self.uri} failed while reopening run {run_id} ({reason(e)})") \
                 from None
         self.run_id, self.stored_epoch = run_id, stored_epoch
-        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        run = self.client.get_run(run_id)
+        self.experiment_id, self.data_name = run.info.experiment_id, run.data.tags.get(runs.DATASET, self.cfg.data)
         self._start_monitor(resume=True)
         self._start_heartbeat()
 
@@ -191,6 +194,8 @@ class RunTracker(Hooks):
                 self.flush()
                 if self._monitor is not None:
                     self.call("logging system metrics", self._stop_monitor)
+                self.call("describing the run", runs.set_tag, self.client, self.run_id, runs.DESCRIPTION,
+                          self.description(status))
                 self.call("closing the run", runs.close, self.client, self.run_id, status)
             if self.run_id is not None and self.lost:  # lost before or while closing: one bounded try (a store
                 # that lost only its artifacts still answers), so that the run is not left RUNNING
@@ -198,6 +203,28 @@ class RunTracker(Hooks):
         finally:
             self._sender.shutdown(wait=not self.lost)
             shutil.rmtree(self.staging, ignore_errors=True)
+
+    def description(self, status: str) -> str:
+        """The run's description, the first thing its Overview shows: how it ended, its accuracies, where it
+        stopped and why, where it ran; for a run that did not finish, how to continue it."""
+        backend = self.backend_tags.get("backend", self.cfg.backend)
+        where = f"{self.data_name}, {backend} backend" + (f", {self.backend_tags['workers']} workers"
+                                                           if "workers" in self.backend_tags else "")
+        if self.last is None:  # none trained by this driver: a resumed run's, where its checkpoint was
+            text = f"{status} after epoch {self.stored_epoch} of {self.cfg.epochs} ({where})." if self.stored_epoch \
+                else f"{status} before its first epoch ({where})."
+        else:
+            result, state = self.last
+            validation = "" if result.validation_accuracy is None else \
+                f", validation {percent(result.validation_accuracy):.2f}%"
+            text = (f"{status}: test accuracy {percent(result.test_accuracy):.2f}%{validation} after "
+                    f"{plural(result.epoch, 'epoch')} of {self.cfg.epochs} ({where}).")
+            if state.stopped:
+                text += f" Stopped by {state.stopped}."
+            elif status != "FINISHED" and self.stored_epoch:
+                text += (f" Continue it from its checkpoint of epoch {self.stored_epoch}: "
+                         f"`{runs.continue_command(self.run_id, self.uri)}`")
+        return text
 
     # -- hooks from the training loop
     def on_batch_cost(self, step: int, cost: float) -> None:
@@ -210,6 +237,7 @@ class RunTracker(Hooks):
 
         from jobs import checkpoint
 
+        self.last = (result, state)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, result.epoch) for k, v in result.metrics().items()] + self._buffered
         self._buffered = []

@@ -22,7 +22,7 @@ from core.plan import blocks_order
 from jobs.backends import Backend
 from jobs.config import JobConfig
 from jobs.data import Dataset
-from jobs.errors import JobFailed
+from jobs.errors import JobFailed, plural
 from jobs.stopping import STOPPING
 
 
@@ -46,9 +46,17 @@ class EpochResult:
     diagnostics: dict[str, float] = field(default_factory=dict)  # layer{l}/... (core.diagnostics)
 
     def metrics(self) -> dict[str, float]:
-        """This epoch's MLflow metrics by name: ``EPOCH_METRICS``, then the diagnostics."""
-        values = {name: getattr(self, attr) for attr, name in EPOCH_METRICS.items() if getattr(self, attr) is not None}
+        """This epoch's MLflow metrics by name: ``EPOCH_METRICS`` (accuracies as percentages, ``percent``),
+        then the diagnostics."""
+        values = {name: percent(getattr(self, attr)) if attr.endswith("_accuracy") else getattr(self, attr)
+                  for attr, name in EPOCH_METRICS.items() if getattr(self, attr) is not None}
         return {**values, **self.diagnostics}
+
+
+def percent(fraction: float) -> float:
+    """An accuracy as a person reads it, in the terminal, the UI, plots, tables and tags: a percentage.
+    The one place a fraction becomes one, so that a value logged and a value compared are the same bits."""
+    return 100 * fraction
 
 
 # Each per-epoch field and the MLflow metric it is logged as. MLflow's UI draws one section of charts
@@ -236,8 +244,8 @@ def early_stop(cfg: JobConfig, state: TrainingState, result: EpochResult) -> str
     if result.validation_accuracy > state.best_accuracy:
         state.best_epoch, state.best_accuracy = result.epoch, result.validation_accuracy
     if cfg.early_stopping and result.epoch - state.best_epoch >= cfg.early_stopping:
-        return (f"early stopping: validation accuracy has not improved in {cfg.early_stopping} epochs (best "
-                f"{100 * state.best_accuracy:.2f}% at epoch {state.best_epoch})")
+        return (f"early stopping: validation accuracy has not improved in {plural(cfg.early_stopping, 'epoch')}; "
+                f"best {percent(state.best_accuracy):.2f}% at epoch {state.best_epoch}")
     return None
 
 

@@ -22,7 +22,7 @@ from jobs.config import build_config
 from jobs.errors import one_line, reason
 from jobs.stopping import STOPPING, stop_once_on_signals
 from jobs.sweep import SuccessiveHalving, Trial
-from jobs.train import Hooks
+from jobs.train import Hooks, percent
 
 CLEANUP_SECONDS = 20  # how long stopped trials get to close their runs before they are killed
 
@@ -47,7 +47,7 @@ class _Asked(Hooks):
     def should_stop(self, result, state):
         if result.validation_accuracy is None:
             return None
-        return self.ask(result.epoch, result.validation_accuracy)
+        return self.ask(result.epoch, percent(result.validation_accuracy))  # as logged: a resumed sweep's rungs
 
 
 def run_trial(config: dict, uri: str, parent_id: str, number: int, resume_id: str | None, ask=None,

@@ -164,9 +164,9 @@ def test_cost_and_accuracy_are_the_first_charts_in_mlflow():
     names = [*result.metrics(), *(f"steps/{k}" for k in diagnostics), "batch_cost"]
     assert mlflow_ui_sections(names) == ["accuracy", "cost", "layer2", "layer3", "layer4", "steps/layer2",
                                          "steps/layer3", "steps/layer4", ""]
-    assert {k: result.metrics()[v] for k, v in EPOCH_METRICS.items()} == {
-        "train_cost": 0.5, "train_accuracy": 0.8, "validation_cost": 0.6, "validation_accuracy": 0.7,
-        "test_cost": 0.6, "test_accuracy": 0.7, "epoch_seconds": 1.0, "examples_per_second": 100.0,
+    assert {k: result.metrics()[v] for k, v in EPOCH_METRICS.items()} == {  # accuracies as percentages
+        "train_cost": 0.5, "train_accuracy": 80.0, "validation_cost": 0.6, "validation_accuracy": 70.0,
+        "test_cost": 0.6, "test_accuracy": 70.0, "epoch_seconds": 1.0, "examples_per_second": 100.0,
         "worker_failures": 0}
 
 

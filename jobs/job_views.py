@@ -1,0 +1,111 @@
+"""What ``gradavg jobs list`` and ``gradavg jobs status JOB`` show of submitted jobs: when each was
+submitted, its status, what it runs (the config and overrides as the user gave them, or a sweep) and
+its MLflow run, found in the store the job tracks to (a job's metadata names it, ``jobs.submit``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from jobs import runs, submit
+
+
+def table(address: str | None) -> str:
+    """Every job of the cluster, newest first, one row each, under a header; values are never cut."""
+    jobs = submit.list_jobs(address)
+    found = _runs_of(jobs)
+    rows = [("SUBMITTED", "STATUS", "JOB", "RUNS", "MLFLOW RUN")]
+    for job in jobs:
+        run = found.get(job.submission_id or "")
+        rows.append((_when(job.start_time), str(job.status.value), job.submission_id or job.job_id or "?",
+                     _what(job), run.info.run_id if run is not None else (job.metadata or {}).get(submit.RUN, "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]).rstrip() for row in rows)
+
+
+def status(address: str | None, job_id: str) -> str:
+    """One job: its row of the table, its timings, its run (with its address in the UI, where it has one) and
+    how far the run got."""
+    job = submit.job_details(address, job_id)
+    run = _runs_of([job]).get(job_id)
+    lines = [("job", job_id), ("status", str(job.status.value)), ("runs", _what(job)),
+             ("submitted", _when(job.start_time))]
+    if job.end_time:
+        lines.append(("ended", f"{_when(job.end_time)} (after {(job.end_time - job.start_time) / 1000:.1f} s)"))
+    elif job.start_time:
+        lines.append(("running for", f"{time.time() - job.start_time / 1000:.1f} s"))
+    if job.message and str(job.status.value) == "FAILED":
+        lines.append(("message", " ".join(job.message.split())[:300]))
+    if run is not None:
+        uri = (job.metadata or {}).get(submit.TRACKING, "")
+        lines += [("mlflow run", f"{run.info.run_id} ({run.info.status})"), ("in the UI", run_url(uri, run)),
+                  *_progress(uri, run)]
+    elif (job.metadata or {}).get(submit.RUN):
+        lines.append(("mlflow run", job.metadata[submit.RUN]))
+    width = max(len(name) for name, _ in lines)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
+
+
+def run_url(uri: str, run) -> str:
+    """The run's page in the MLflow UI of the tracking server ``uri``."""
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def _what(job) -> str:
+    """What a job runs, as the user wrote it: `run CONFIG key=value ...` or `sweep ...`; a job gradavg did
+    not submit, by its whole entrypoint."""
+    metadata = job.metadata or {}
+    if submit.DESCRIBED in metadata:
+        return f"{metadata.get(submit.KIND, 'run')} {metadata[submit.DESCRIBED]}"
+    return job.entrypoint or ""
+
+
+def _when(millis: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(millis / 1000)) if millis else ""
+
+
+def _runs_of(jobs) -> dict:
+    """Each job's MLflow run by the job's id: the run its metadata names (a sweep's parent, a resumed run) or
+    the run tagged with the job's id (``jobs.runs.RAY_JOB``), found in its store where that answers."""
+    from jobs.store import open_store
+
+    by_uri: dict[str, list] = {}
+    for job in jobs:
+        if submit.TRACKING in (job.metadata or {}):
+            by_uri.setdefault(job.metadata[submit.TRACKING], []).append(job)
+    found = {}
+    for uri, some in by_uri.items():
+        try:
+            client = open_store(uri, create=False)
+            named = {job.submission_id: job.metadata[submit.RUN] for job in some if submit.RUN in job.metadata}
+            for job_id, run_id in named.items():
+                found[job_id] = client.get_run(run_id)
+            if len(named) < len(some):
+                experiments = [e.experiment_id for e in client.search_experiments()]
+                for run in client.search_runs(experiments, filter_string=f"tags.{runs.RAY_JOB} LIKE 'raysubmit_%'",
+                                              max_results=5000):
+                    job_id = run.data.tags[runs.RAY_JOB]
+                    if runs.PARENT not in run.data.tags and job_id not in named:
+                        found.setdefault(job_id, run)
+        except Exception:  # a store that does not answer: its jobs' runs are left blank, the jobs still shown
+            continue
+    return found
+
+
+def _progress(uri: str, run) -> list[tuple[str, str]]:
+    """How far the run got: its latest epoch and accuracies; a sweep's trials."""
+    tags, metrics = run.data.tags, run.data.metrics
+    if runs.SWEEP_TRIALS in tags:
+        done = tags.get(runs.SWEEP_FINISHED)
+        return [("trials", tags[runs.SWEEP_TRIALS] + (f" ({done} finished)" if done else ""))]
+    from jobs.store import open_store
+
+    history = open_store(uri, create=False).get_metric_history(run.info.run_id, "cost/train")
+    if not history:
+        return [("epoch", "none finished yet")]
+    epoch = max(m.step for m in history)
+    text = f"{epoch} of {run.data.params.get('epochs', '?')}"
+    for name in ("validation", "test"):
+        if f"accuracy/{name}" in metrics:
+            text += f", {name} accuracy {metrics[f'accuracy/{name}']:.2f}%"
+    return [("epoch", text)]
