@@ -7,6 +7,7 @@ that says where and how to complete the run.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -28,12 +29,14 @@ def finish(tracker: RunTracker, state: TrainingState, data: Dataset, backend_tag
     changed = {k: v for k, v in backend_tags.items() if tracker.backend_tags.get(k) != v}
     if state.stopped:  # early stopping, or a sweep's scheduler
         changed.update({runs.STOPPED_EPOCH: str(state.epoch), runs.STOPPED_REASON: state.stopped[:4000]})
+    network = state.kept(tracker.cfg)  # keep=best: the best epoch's weights are the run's model
+    changed[runs.KEPT_EPOCH] = str(state.kept_epoch(tracker.cfg))
     if changed:  # a transport that fell back during the run; where training stopped early
         tracker.call("tagging the run", runs.set_tags, tracker.client, tracker.run_id, changed)
     # plots and weights are files by name: logged again, they replace what an earlier attempt left
-    tracker.call("logging the plots", log_plots, tracker, state.network, data, confusion)
+    tracker.call("logging the plots", log_plots, tracker, network, data, confusion)
     weights = tracker.staging / "weights.npz"
-    tracker.call("saving the weights", state.network.save, weights)
+    tracker.call("saving the weights", network.save, weights)
     tracker.call("logging the weights", tracker.client.log_artifact, tracker.run_id, str(weights))
     if trained or not _has_model(tracker):  # a model is a new entity each time: log it once
         tracker.call("logging the model", log_model, tracker, weights, data)
@@ -129,24 +132,40 @@ def epoch_history(client, run_id: str) -> list:
 
 
 def log_model(tracker: RunTracker, weights_path: Path, data: Dataset) -> None:
-    """The final weights as an MLflow pyfunc model of the run (``jobs.pyfunc``), with its signature and an
-    input example from the test set."""
-    from mlflow.models import infer_signature
-
-    from core import Network
-
-    example = np.asarray(data.x_test[:5], dtype=np.float64)
-    signature = infer_signature(example, Network.load(weights_path).predict(example))
-    _log_model(tracker.uri, tracker.run_id, weights_path, signature, example)
+    """The final weights as an MLflow pyfunc model of the run (``jobs.pyfunc``), with its signature (a row of
+    floats per example, in any float dtype or as lists; the ``output`` param) and an input example from the
+    test set."""
+    inputs = tracker.staging / "inputs.json"  # a file of the model's, not its run's params (as model_config is)
+    inputs.write_text(json.dumps({"in_unit_range": in_unit_range(data)}))
+    _log_model(tracker.uri, tracker.run_id, weights_path, inputs, model_signature(data.n_inputs),
+               np.asarray(data.x_test[:5], dtype=np.float64))
 
 
-def _log_model(uri: str, run_id: str, weights_path: Path, signature, example: np.ndarray) -> None:
+def model_signature(n_inputs: int):
+    """One float column a network input (a DataFrame's, a list's or an array's, float32 or float64; integers are
+    refused), the labels out, and ``params={"output": "labels" | "probabilities" | "activations"}``."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([ColSpec(DataType.double) for _ in range(n_inputs)]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
+                          params=ParamSchema([ParamSpec("output", DataType.string, "labels")]))
+
+
+def in_unit_range(data: Dataset) -> bool:
+    """Whether the examples the driver holds (the test set, or a sharded dataset's sample of it) lie in
+    [0, 1], pixels scaled: the model then refuses inputs above 1 (pixels in [0, 255])."""
+    x = np.asarray(data.x_test)
+    return bool(x.size) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+
+
+def _log_model(uri: str, run_id: str, weights_path: Path, inputs_path: Path, signature, example: np.ndarray) -> None:
     import mlflow.pyfunc
 
     with runs.active(uri, run_id):  # the model is linked to the active run
         mlflow.pyfunc.log_model(
             name="model", python_model=str(PROJECT_ROOT / "jobs" / "pyfunc.py"),
-            artifacts={"weights": str(weights_path)}, signature=signature, input_example=example,
-            code_paths=[str(PROJECT_ROOT / "core")],
+            artifacts={"weights": str(weights_path), "inputs": str(inputs_path)}, signature=signature,
+            input_example=example, code_paths=[str(PROJECT_ROOT / "core")],
             pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
         )

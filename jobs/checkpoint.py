@@ -28,7 +28,8 @@ def snapshot(state: TrainingState, cfg: JobConfig) -> dict[str, np.ndarray]:
                 activation=np.array(net.activation), epoch=np.array(state.epoch), step=np.array(state.step),
                 shuffle_state=np.array(json.dumps(state.shuffle.bit_generator.state)),
                 config=np.array(cfg.to_yaml()), best_epoch=np.array(state.best_epoch),
-                best_accuracy=np.array(state.best_accuracy), stopped=np.array(state.stopped or ""))
+                best_accuracy=np.array(state.best_accuracy), stopped=np.array(state.stopped or ""),
+                **({} if state.best_params is None else {"best_params": state.best_params.copy()}))
 
 
 def write(arrays: dict[str, np.ndarray], path) -> Path:
@@ -46,6 +47,8 @@ def load(path) -> tuple[TrainingState, JobConfig]:
         if "best_epoch" in data:  # early stopping's record (checkpoints from before it have none)
             state.best_epoch, state.best_accuracy = int(data["best_epoch"]), float(data["best_accuracy"])
             state.stopped = str(data["stopped"]) or None
+        if "best_params" in data:  # keep=best: the best epoch's weights
+            state.best_params = data["best_params"].copy()
     check(state, cfg)
     return state, cfg
 
@@ -63,5 +66,9 @@ def check(state: TrainingState, cfg: JobConfig) -> None:
         problems.append(f"weights in {net.dtype}, its config says dtype={cfg.dtype}")
     if not np.all(np.isfinite(net.params)):
         problems.append("weights that are NaN or Inf")
+    best = state.best_params
+    if best is not None and (best.shape != net.params.shape or best.dtype != net.dtype or
+                             not np.all(np.isfinite(best)) or not 1 <= state.best_epoch <= state.epoch):
+        problems.append(f"best-epoch weights (epoch {state.best_epoch}) that do not fit its network")
     if problems:
         raise ValueError(f"it holds {'; '.join(problems)}")

@@ -28,6 +28,7 @@ from jobs.errors import UserError
 
 BACKENDS = ("local", "ray")
 SHUFFLES = ("global", "blocks")
+KEEPS = ("last", "best")
 
 
 class ConfigError(UserError, ValueError):
@@ -85,6 +86,9 @@ class JobConfig:
     early_stopping: int = key(0, "stop once validation accuracy has not improved in this many epochs (the book's "
                               "network2 rule; needs validation_size > 0), 0 for never", at_least(0),
                               "must be >= 0 (0: never)", result=True)
+    keep: str = key("last", "the weights a run ends with, as its model and weights.npz: last (the last epoch's) or "
+                    "best (the epoch of best validation accuracy; needs validation_size > 0)", one_of(KEEPS),
+                    result=True)
     seed: int = key(0, "seed of the initial weights and the shuffles, >= 0", at_least(0), "must be >= 0",
                     result=True)
     shuffle: str = key("global", f"each epoch's order: one of {', '.join(SHUFFLES)} (global: every example "
@@ -281,6 +285,9 @@ def _check_together(cfg: JobConfig) -> None:
         raise ConfigError(f"early_stopping={cfg.early_stopping} watches validation accuracy, but validation_size=0 "
                           "holds out no examples to watch; set validation_size (e.g. validation_size=500), or "
                           "early_stopping=0")
+    if cfg.keep == "best" and not cfg.validation_size:
+        raise ConfigError("keep=best keeps the epoch of best validation accuracy, but validation_size=0 holds out no "
+                          "examples to measure it on; set validation_size (e.g. validation_size=500), or keep=last")
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

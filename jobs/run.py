@@ -27,7 +27,7 @@ from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
 from jobs.stopping import STOP_SIGNALS, STOPPING, Interrupted
 from jobs.store import TrackingError
-from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
+from jobs.train import Hooks, TrainingState, initial_state, percent, start_backend, train
 
 
 @dataclass
@@ -149,7 +149,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             hooks.hooks.extend([tracker] if tracker else [])
             state = train(cfg, data, backend, state=state, hooks=hooks, backend_started=True)
             if tracker and data.shards is not None:  # the test set's confusion counts, from where its blocks are
-                confusion = backend.evaluate(state.network, "test")[2]
+                confusion = backend.evaluate(state.kept(cfg), "test")[2]
         finally:
             backend.close()
         if tracker:
@@ -231,6 +231,9 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
             if data.n_validation else None
     validation = "" if accuracy is None else f", validation {100 * accuracy:.2f}%"
     stopped = f"; {result.state.stopped}" if result.state.stopped else ""
+    if cfg.keep == "best" and result.state.best_params is not None:
+        stopped += (f"; kept the weights of epoch {result.state.best_epoch}, validation "
+                    f"{percent(result.state.best_accuracy):.2f}% (keep=best)")
     return (f"test accuracy {100 * test:.2f}%{validation} after {plural(result.state.epoch, 'epoch')} ({data.name}, "
             f"{cfg.backend} backend) in {result.seconds:.1f} s{stopped}")
 

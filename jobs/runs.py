@@ -47,6 +47,7 @@ DATA_CONTEXT = "mlflow.data.context"  # a tag of the run's dataset input, not of
 RESUMED = "resumed"  # how many times
 STOPPED_EPOCH = "stopped_epoch"
 STOPPED_REASON = "stopped_reason"
+KEPT_EPOCH = "kept_epoch"  # the epoch whose weights are the run's model and weights.npz (keep)
 WORKER_FAILURES = "worker_failures"
 LAST_WORKER_FAILURE = "last_worker_failure"
 
@@ -63,7 +64,8 @@ SWEEP_FAILED = "sweep_failed"
 BEST_RUN_ID = "best_run_id"
 BEST_TRIAL = "best_trial"
 BEST_ACCURACY = "best_validation_accuracy"
-BEST_VALUE = "best."  # and the key: the best trial's value of each swept key
+BEST_EPOCH = "best_epoch"
+BEST_VALUE = "best."  # and a swept key: the best trial's value of the key
 REGISTERED_MODEL = "registered_model"
 
 

@@ -88,7 +88,7 @@ def log_report(client, plan: Plan, parent_id: str, rows: list[Row], best: Row | 
     tags = {runs.SWEEP_FINISHED: str(counts["FINISHED"]), runs.SWEEP_FAILED: str(counts["FAILED"])}
     if best is not None:  # tags, not metrics: the parent draws nothing in a chart, as if it were a trial
         tags.update({runs.BEST_RUN_ID: best.run_id, runs.BEST_TRIAL: str(best.trial.number),
-                     runs.BEST_ACCURACY: f"{best.best_accuracy:.2f}%",
+                     runs.BEST_ACCURACY: f"{best.best_accuracy:.2f}%", runs.BEST_EPOCH: str(best.best_epoch),
                      **{runs.BEST_VALUE + k: show(v) for k, v in best.trial.values.items()}})
     runs.set_tags(client, parent_id, tags)
 
@@ -103,10 +103,41 @@ def register_once(client, uri: str, parent_id: str, name: str | None, best_id: s
         return
     if not name or best_id is None:
         return
+    best = client.get_run(best_id)
     version = register_best(client, uri, name, best_id)
+    tags = {"sweep_run_id": parent_id, "run_id": best_id, **_described(parent, best)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=_version_text(parent, best, tags))
     runs.set_tag(client, parent_id, runs.REGISTERED_MODEL, f"models:/{name}/{version}")
-    number = parent.data.tags.get(runs.BEST_TRIAL) or client.get_run(best_id).data.tags.get(runs.TRIAL)
+    number = tags.get("trial", "?")
     stream.write(f"gradavg: registered trial {number}'s model as models:/{name}/{version}\n")
+    if best.data.params.get("keep", "last") != "best" and tags.get("kept_epoch") != tags.get("best_epoch"):
+        stream.write(f"gradavg: note: the trials kept their last epoch's weights (keep=last), so this model is epoch "
+                     f"{tags.get('kept_epoch')}'s, not that of its best validation accuracy (epoch "
+                     f"{tags.get('best_epoch')}); sweep with keep=best to register the best epoch's weights\n")
+
+
+def _described(parent, best) -> dict[str, str]:
+    """What a registered version says of itself: its trial, the swept values, its validation accuracy, and
+    which epoch's weights it holds."""
+    tags, values = {}, parent.data.tags
+    if trial := values.get(runs.BEST_TRIAL) or best.data.tags.get(runs.TRIAL):
+        tags["trial"] = trial
+    tags.update({k.removeprefix(runs.BEST_VALUE): v for k, v in values.items() if k.startswith(runs.BEST_VALUE)})
+    if runs.BEST_ACCURACY in values:
+        tags["validation_accuracy"] = values[runs.BEST_ACCURACY]
+    tags["kept_epoch"] = best.data.tags.get(runs.KEPT_EPOCH, "")
+    tags["best_epoch"] = values.get(runs.BEST_EPOCH, "")
+    return {k: v for k, v in tags.items() if v}
+
+
+def _version_text(parent, best, tags: dict[str, str]) -> str:
+    swept = ", ".join(f"{k}={tags[k]}" for k in parent.data.tags.get(runs.SWEEP_KEYS, "").split(", ") if k in tags)
+    return (f"The best trial (trial {tags.get('trial', '?')}: {swept}) of sweep run {parent.info.run_id}, by "
+            f"validation accuracy ({tags.get('validation_accuracy', '?')} at epoch {tags.get('best_epoch', '?')}). "
+            f"It holds the weights of epoch {tags.get('kept_epoch', '?')} of run {best.info.run_id} (keep="
+            f"{best.data.params.get('keep', 'last')}).")
 
 
 def register_best(client, uri: str, name: str, run_id: str) -> str:

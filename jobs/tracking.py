@@ -221,6 +221,9 @@ class RunTracker(Hooks):
                     f"{plural(result.epoch, 'epoch')} of {self.cfg.epochs} ({where}).")
             if state.stopped:
                 text += f" Stopped by {state.stopped}."
+            if self.cfg.keep == "best" and status == "FINISHED":
+                text += (f" Its model and weights.npz hold the weights of epoch {state.kept_epoch(self.cfg)}, its best "
+                         f"validation accuracy ({percent(state.best_accuracy):.2f}%; keep=best).")
             elif status != "FINISHED" and self.stored_epoch:
                 text += (f" Continue it from its checkpoint of epoch {self.stored_epoch}: "
                          f"`{runs.continue_command(self.run_id, self.uri)}`")

@@ -81,6 +81,17 @@ class TrainingState:
     best_epoch: int = 0  # the epoch of the best validation accuracy so far (early stopping's)
     best_accuracy: float = -1.0  # below any accuracy: the first epoch is an improvement
     stopped: str | None = None  # why training ended before cfg.epochs, when it did
+    best_params: np.ndarray | None = None  # keep=best: the weights of best_epoch
+
+    def kept(self, cfg: JobConfig) -> Network:
+        """The network a run ends with (``keep``): the last epoch's, or that of its best validation accuracy."""
+        if cfg.keep == "best" and self.best_params is not None:
+            net = self.network
+            return Network(list(net.sizes), self.best_params.copy(), net.cost, net.activation)
+        return self.network
+
+    def kept_epoch(self, cfg: JobConfig) -> int:
+        return self.best_epoch if cfg.keep == "best" and self.best_params is not None else self.epoch
 
 
 class Hooks:
@@ -238,11 +249,14 @@ def hold_after(epoch: int, hooks: Hooks) -> None:
 
 def early_stop(cfg: JobConfig, state: TrainingState, result: EpochResult) -> str | None:
     """The book's network2 rule: stop once validation accuracy has not improved (strictly) in
-    ``early_stopping`` epochs. Keeps the best epoch in ``state`` (so in checkpoints) either way."""
+    ``early_stopping`` epochs. Keeps the best epoch in ``state`` (so in checkpoints) either way, and
+    with keep=best its weights."""
     if result.validation_accuracy is None:
         return None
     if result.validation_accuracy > state.best_accuracy:
         state.best_epoch, state.best_accuracy = result.epoch, result.validation_accuracy
+        if cfg.keep == "best":
+            state.best_params = state.network.params.copy()
     if cfg.early_stopping and result.epoch - state.best_epoch >= cfg.early_stopping:
         return (f"early stopping: validation accuracy has not improved in {plural(cfg.early_stopping, 'epoch')}; "
                 f"best {percent(state.best_accuracy):.2f}% at epoch {state.best_epoch}")

@@ -150,3 +150,42 @@ def test_early_stopping_resumed_from_a_checkpoint_stops_where_it_would_have(tmp_
     resumed = train(cfg, data, LocalBackend(cfg.chunk_size, threads=1), state=loaded)
     assert (resumed.epoch, resumed.stopped) == (whole.epoch, whole.stopped)
     assert np.array_equal(resumed.network.params, whole.network.params)
+
+
+def test_an_interrupted_run_says_how_to_continue_it_and_that_command_resumes_it_by_id_alone(tracking_uri, tmp_path,
+                                                                                             capsys):
+    """The last line of an interrupted run is a command to paste; it takes the run's config (chunk_size=5, which
+    a restated config would have to repeat) from the checkpoint, and ends where an uninterrupted run does."""
+    args = [DIGITS, "epochs=4", "chunk_size=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=holding_at(2))
+    client = MlflowClient(tracking_uri)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # held after epoch 2, its checkpoint sent
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run_id = run.info.run_id
+    assert err.splitlines()[-1] == (f"gradavg: interrupted: run {run_id} ended KILLED; continue it from its "
+                                    f"checkpoint of epoch 2: gradavg run --resume {run_id} --tracking-uri "
+                                    f"{tracking_uri}")
+    assert run.info.status == "KILLED" and run.info.run_name == "digits epochs=4 chunk_size=5"
+    assert f"Continue it from its checkpoint of epoch 2: `gradavg run --resume {run_id}" in \
+        run.data.tags["mlflow.note.content"]
+    assert main(["run", "--resume", run_id, "eta=1.0"]) == 2  # overrides on the run's own config, checked as ever
+    assert "eta: 3.0 -> 1.0" in error_line(capsys.readouterr().err)
+    command = err.splitlines()[-1].split(": gradavg ")[1].split()
+    assert main(command) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("test accuracy ") and "after 4 epochs (digits, local backend)" in out[0]
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["resumed"] == "1"
+    weights = Network.load(client.download_artifacts(run_id, "weights.npz")).params
+    cfg = load_config(CONFIGS / "digits.yaml", args[1:])
+    uninterrupted = train(cfg, load_dataset(cfg.data, cfg.validation_size), LocalBackend(cfg.chunk_size))
+    assert np.array_equal(weights, uninterrupted.network.params)

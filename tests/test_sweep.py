@@ -359,20 +359,30 @@ def test_bad_values_are_refused_before_anything_runs():
 
 
 def test_the_best_model_is_registered(tracking_uri, capsys):
+    """keep=best: the registered model is the best trial's best epoch, the one the sweep reports, and its version
+    says so."""
     import mlflow
 
-    assert main(["sweep", DIGITS, "epochs=2", "eta=0.5,3.0", "--register", "digits-best"]) == 0
-    assert "registered trial 2's model as models:/digits-best/1" in capsys.readouterr().err
+    assert main(["sweep", DIGITS, "epochs=3", "eta=0.5,3.0", "keep=best", "--register", "digits-best"]) == 0
+    out, err = capsys.readouterr()
+    assert "registered trial 2's model as models:/digits-best/1" in err and "note:" not in err
     client, (parent,), _ = _sweep_runs(tracking_uri)
-    assert parent.data.tags["registered_model"] == "models:/digits-best/1"
-    best = _child_weights(client, parent.data.tags["best_run_id"])
+    tags = parent.data.tags
+    assert tags["registered_model"] == "models:/digits-best/1"
+    best = _child_weights(client, tags["best_run_id"])
     model = mlflow.pyfunc.load_model("models:/digits-best/1")
     from jobs.data import load_dataset
 
     x = load_dataset("digits", validation_size=200).x_test
     assert np.array_equal(model.predict(x), best.predict(x))
-    assert main(["evaluate", "models:/digits-best/1"]) == 0
-    assert "digits test" in capsys.readouterr().out
+    assert main(["evaluate", "models:/digits-best/1", "--split", "validation"]) == 0
+    assert f"accuracy {tags['best_validation_accuracy']}" in capsys.readouterr().out  # what the sweep reported
+    assert f"validation accuracy {tags['best_validation_accuracy']} at epoch {tags['best_epoch']}" in out
+    version = client.get_model_version("digits-best", "1")
+    assert version.tags == {"sweep_run_id": parent.info.run_id, "run_id": tags["best_run_id"], "trial": "2",
+                            "eta": "3.0", "validation_accuracy": tags["best_validation_accuracy"],
+                            "kept_epoch": tags["best_epoch"], "best_epoch": tags["best_epoch"]}
+    assert version.description.startswith(f"The best trial (trial 2: eta=3.0) of sweep run {parent.info.run_id}")
 
 
 def test_a_trial_whose_process_dies_fails_and_resumes(tracking_uri, capsys):

@@ -1,0 +1,115 @@
+"""What a user reads first: a run's name, description, params and experiment in MLflow, the line that
+says where to look at it, keep=best, the served model's outputs, and the command line's own text."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS
+from core import Network
+from jobs.cli import build_parser, main
+from jobs.config import INPUT_KEYS, load_config, replace
+from jobs.data import load_dataset
+from jobs.run import run_job, summary
+
+DIGITS = str(CONFIGS / "digits.yaml")
+# digits at η = 6: validation accuracy 96.00% first at epoch 5, and no better at 6 or 7 (the weights differ)
+BEST_AT_5 = ["epochs=7", "eta=6.0", "validation_size=300"]
+
+
+def test_keep_best_logs_the_best_epochs_weights_and_the_run_says_what_happened(tracking_uri, capsys):
+    assert main(["run", DIGITS, *BEST_AT_5, "keep=best"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run_id, experiment = run.info.run_id, client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its training runs
+
+    accuracy = [m.value for m in sorted(client.get_metric_history(run_id, "accuracy/validation"),
+                                        key=lambda m: m.step)]
+    best = int(np.argmax(accuracy)) + 1  # the first epoch of the best, as keep=best keeps
+    assert best == 5 and len(accuracy) == 7 and max(accuracy) == accuracy[-1]  # the last is as good, not kept
+    assert run.data.tags["kept_epoch"] == "5"
+    cfg = load_config(DIGITS, BEST_AT_5)
+    at_best = run_job(replace(cfg, epochs=5, track=False), quiet=True).state.network  # epoch 5, trained alone
+    weights = Network.load(client.download_artifacts(run_id, "weights.npz"))
+    assert np.array_equal(weights.params, at_best.params)
+    data = load_dataset("digits", validation_size=300)
+    kept = 100 * weights.evaluate(data.x_validation, data.y_validation)[1]
+    assert kept == accuracy[4]  # a percentage, the same bits as the metric logged at epoch 5
+
+    # its name, its description, its params: what the run list, the Overview and a compare view show
+    assert run.info.run_name == "digits epochs=7 eta=6.0 validation_size=300 keep=best"
+    last = client.get_metric_history(run_id, "accuracy/test")
+    assert run.data.tags["mlflow.note.content"] == (
+        f"FINISHED: test accuracy {max(last, key=lambda m: m.step).value:.2f}%, validation {accuracy[-1]:.2f}% after "
+        f"7 epochs of 7 (digits, local backend). Its model and weights.npz hold the weights of epoch 5, its best "
+        f"validation accuracy ({accuracy[4]:.2f}%; keep=best).")
+    assert set(run.data.params) == set(INPUT_KEYS)  # the computation's inputs, nothing else
+    assert out[0].endswith(f"; kept the weights of epoch 5, validation {accuracy[4]:.2f}% (keep=best)")
+
+    # the last line: a UI on a free port, then the run's page
+    ui = re.fullmatch(r"look at it: \S*mlflow ui --backend-store-uri (\S+) --host 127.0.0.1 --port (\d+), then open "
+                      r"http://127.0.0.1:(\d+)/#/experiments/(\w+)/runs/(\w+)", out[-1])
+    assert ui and ui[1] == tracking_uri and ui[2] == ui[3] and (ui[4], ui[5]) == (experiment.experiment_id, run_id)
+
+    # the served model: labels, probabilities (summing to 1), activations; float32 and lists; [0, 255] refused
+    import mlflow
+
+    (model_info,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    model = mlflow.pyfunc.load_model(f"models:/{model_info.model_id}")
+    x = data.x_test[:20]
+    labels = model.predict(x)
+    assert np.array_equal(labels, weights.predict(x))
+    assert np.array_equal(model.predict(x.astype(np.float32)), labels)
+    assert np.array_equal(model.predict(x.tolist()), labels)
+    probabilities = model.predict(x, params={"output": "probabilities"})
+    assert np.allclose(probabilities.sum(axis=1), 1.0) and np.array_equal(probabilities.argmax(axis=1), labels)
+    activations = model.predict(x, params={"output": "activations"})
+    assert np.array_equal(activations, weights.feedforward(x))
+    with pytest.raises(Exception, match=r"divide pixels in \[0, 255\] by 255"):
+        model.predict(x * 255)
+    with pytest.raises(Exception, match="ask for one of labels, probabilities, activations"):
+        model.predict(x, params={"output": "logits"})
+    assert main(["evaluate", f"runs:/{run_id}", "--split", "validation"]) == 0
+    assert f"accuracy {accuracy[4]:.2f}%" in capsys.readouterr().out
+
+
+def test_keep_best_needs_a_validation_set():
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match="keep=best keeps the epoch of best validation accuracy, but "
+                                          "validation_size=0"):
+        load_config(DIGITS, ["keep=best", "validation_size=0"])
+
+
+def test_the_summary_says_one_epoch_and_nests_no_parentheses():
+    one = load_config(DIGITS, ["epochs=1", "track=false"])
+    assert " after 1 epoch (digits, local backend) in " in summary(run_job(one, quiet=True), one)
+    stopped = load_config(DIGITS, [*BEST_AT_5, "early_stopping=2", "track=false"])
+    text = summary(run_job(stopped, quiet=True), stopped)
+    assert text.endswith("; early stopping: validation accuracy has not improved in 2 epochs; best 96.00% at "
+                         "epoch 5") and " after 7 epochs (digits, local backend) in " in text
+    assert re.sub(r"\([^()]*\)", "", text).count("(") == 0  # no parenthesis inside another
+
+
+def test_keys_lines_up_every_column(capsys):
+    assert main(["keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "default", "meaning"]
+    columns = (lines[0].index("default"), lines[0].index("meaning"))
+    for line in lines[1:]:  # each column starts where its header does, after a space
+        assert all(line[c - 1] == " " and line[c] != " " for c in columns), line
+    assert "max_worker_failures" in {line.split()[0] for line in lines}
+
+
+def test_help_examples_are_whole_lines():
+    text = build_parser().format_help()
+    assert re.search(r"--address http://127.0.0.1:8265 \\\n +--tracking-uri", text)  # a shell's continuation
+    assert "8265   " not in text
+    evaluate = build_parser().commands["evaluate"].format_help()
+    assert "models:/m-ID" in evaluate and "models:/NAME/VERSION" in evaluate
