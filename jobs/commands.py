@@ -54,7 +54,8 @@ def job_config(args, uri: str, fetched=None):
 
     overrides = list(args.overrides)
     if args.config is not None and args.config != "-" and "=" in args.config and not Path(args.config).exists():
-        args.config, overrides = None, [args.config, *overrides]  # `--resume ID epochs=40`: an override
+        args.config, args.overrides = None, [args.config, *overrides]  # `--resume ID epochs=40`: an override
+        overrides = args.overrides
     if args.config is not None:
         return load_config(None if args.config == "-" else args.config, overrides)
     if fetched is None:
@@ -166,7 +167,16 @@ def cmd_submit(args) -> int:
         return 0
     state = submit.follow(address, job_id)
     print(f"job {job_id} {state}", file=sys.stderr)
+    _print_run_of(address, job_id)
     return 0 if state == "SUCCEEDED" else 1
+
+
+def _print_run_of(address: str, job_id: str) -> None:
+    """A followed job's last line: its run's page in the MLflow UI (where the store answers)."""
+    from jobs import job_views
+
+    if url := job_views.run_url_of(address, job_id):
+        print(f"look at it: {url}", file=sys.stderr)
 
 
 def cmd_sweep(args) -> int:
@@ -242,31 +252,35 @@ def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
           file=sys.stderr)
     if not args.follow:
         return 0
-    state = submit.follow(args.address, job_id)
+    state = submit.follow(address, job_id)
     print(f"job {job_id} {state}", file=sys.stderr)
+    _print_run_of(address, job_id)
     return 0 if state == "SUCCEEDED" else 1
 
 
 def cmd_jobs(args) -> int:
-    from jobs import submit
+    from jobs import job_views, submit
 
     if args.action == "list":
-        for job_id, state, entry in submit.list_jobs(args.address):
-            print(f"{job_id:<28} {state:<10} {entry}")
+        print(job_views.table(args.address))
         return 0
+    address = submit.resolve_address(args.address)
     if not args.job_id:
-        raise UsageError(f"gradavg jobs {args.action} needs a JOB_ID (`gradavg jobs list` shows them)")
+        raise UsageError(f"gradavg jobs {args.action} needs a JOB_ID (`gradavg jobs list --address {address}` shows "
+                         "them)")
     if args.action == "status":
-        print(submit.status(args.address, args.job_id))
+        print(job_views.status(address, args.job_id))
     elif args.action == "logs":
         if args.follow:
-            state = submit.follow(args.address, args.job_id)
+            state = submit.follow(address, args.job_id)
             return 0 if state == "SUCCEEDED" else 1
-        sys.stdout.write(submit.logs(args.address, args.job_id))
+        sys.stdout.write(submit.logs(address, args.job_id))
     elif args.action == "stop":
-        submit.stop(args.address, args.job_id)
-        state = submit.wait(args.address, args.job_id, timeout=60)
+        submit.stop(address, args.job_id)
+        state = submit.wait(address, args.job_id, timeout=60)
         print(f"job {args.job_id} {state}")
+        if hint := job_views.continue_hint(address, args.job_id):
+            print(hint, file=sys.stderr)
     return 0
 
 

@@ -46,6 +46,26 @@ def status(address: str | None, job_id: str) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
 
 
+def run_url_of(address: str, job_id: str) -> str:
+    """A job's run's page in the MLflow UI, or "" where its run is not found."""
+    job = submit.job_details(address, job_id)
+    run = _runs_of([job]).get(job_id)
+    return run_url((job.metadata or {}).get(submit.TRACKING, ""), run) if run is not None else ""
+
+
+def continue_hint(address: str, job_id: str) -> str:
+    """What a stopped job's command says last: how to continue its run (or sweep), where it has a checkpoint."""
+    job = submit.job_details(address, job_id)
+    run = _runs_of([job]).get(job_id)
+    uri = (job.metadata or {}).get(submit.TRACKING, "")
+    if run is None or str(job.status.value) != "STOPPED":
+        return ""
+    sweep = runs.SWEEP_TRIALS in run.data.tags
+    command = (f"gradavg sweep --resume {run.info.run_id} --address {address}" if sweep else
+               f"gradavg submit --resume {run.info.run_id} --address {address}") + runs.tracking_option(uri)
+    return f"gradavg: its {'sweep' if sweep else 'run'} {run.info.run_id} ended KILLED; continue it: {command}"
+
+
 def run_url(uri: str, run) -> str:
     """The run's page in the MLflow UI of the tracking server ``uri``."""
     return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
@@ -66,7 +86,7 @@ def _when(millis: int | None) -> str:
 
 def _runs_of(jobs) -> dict:
     """Each job's MLflow run by the job's id: the run its metadata names (a sweep's parent, a resumed run) or
-    the run tagged with the job's id (``jobs.runs.RAY_JOB``), found in its store where that answers."""
+    the run tagged with the job's id (``jobs.runs.RAY_JOBS``), found in its store where that answers."""
     from jobs.store import open_store
 
     by_uri: dict[str, list] = {}
@@ -82,11 +102,11 @@ def _runs_of(jobs) -> dict:
                 found[job_id] = client.get_run(run_id)
             if len(named) < len(some):
                 experiments = [e.experiment_id for e in client.search_experiments()]
-                for run in client.search_runs(experiments, filter_string=f"tags.{runs.RAY_JOB} LIKE 'raysubmit_%'",
+                for run in client.search_runs(experiments, filter_string=f"tags.{runs.RAY_JOBS} LIKE 'raysubmit_%'",
                                               max_results=5000):
-                    job_id = run.data.tags[runs.RAY_JOB]
-                    if runs.PARENT not in run.data.tags and job_id not in named:
-                        found.setdefault(job_id, run)
+                    for job_id in run.data.tags[runs.RAY_JOBS].split(", "):
+                        if runs.PARENT not in run.data.tags and job_id not in named:
+                            found.setdefault(job_id, run)
         except Exception:  # a store that does not answer: its jobs' runs are left blank, the jobs still shown
             continue
     return found

@@ -31,7 +31,7 @@ VERSION = "gradavg_version"
 GIT_COMMIT = "git_commit"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 
-RAY_JOB = "ray_job"  # the submitted Ray job that drives (or drove) the run
+RAY_JOBS = "ray_jobs"  # the submitted Ray jobs that drove the run, in order: "ID" or "ID, ID" for a resumed one
 
 # Its driver, and the driver's claim of it (jobs.claims)
 DRIVER_HOST = "driver_host"
@@ -72,7 +72,7 @@ REGISTERED_MODEL = "registered_model"
 # A submitted job's environment: the address of the cluster it was submitted to (``jobs.submit``), so that
 # what it prints says how to continue it there
 SUBMITTED_TO = "GRADAVG_SUBMITTED_TO"
-JOB_ID = "GRADAVG_JOB_ID"  # and its Ray job's id: the run is tagged RAY_JOB with it
+JOB_ID = "GRADAVG_JOB_ID"  # and its Ray job's id: the run is tagged RAY_JOBS with it
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default tracking URI: ./mlflow.db
 
 
@@ -94,9 +94,11 @@ def tracking_option(uri: str) -> str:
     return "" if uri == DEFAULT_URI and "MLFLOW_TRACKING_URI" not in os.environ else f" --tracking-uri {uri}"
 
 
-def job_tag() -> dict[str, str]:
-    """``{RAY_JOB: id}`` in a submitted job (the run it opens or continues is tagged with it), else nothing."""
-    return {RAY_JOB: os.environ[JOB_ID]} if os.environ.get(JOB_ID) else {}
+def job_tag(before: str = "") -> dict[str, str]:
+    """In a submitted job, ``{RAY_JOBS: ...}`` with its id after those that drove the run ``before`` (the run
+    it opens or continues is tagged with it); else nothing."""
+    job = os.environ.get(JOB_ID)
+    return {RAY_JOBS: ", ".join([*filter(None, before.split(", ")), job])} if job else {}
 
 
 def run_tags(source: str, driver: dict[str, str]) -> dict[str, str]:

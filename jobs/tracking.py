@@ -147,8 +147,9 @@ class RunTracker(Hooks):
 
         self.backend_tags = dict(backend_tags)
         try:
+            jobs = runs.job_tag(self.client.get_run(run_id).data.tags.get(runs.RAY_JOBS, ""))
             claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
-                                                                    **self.backend_tags, **runs.job_tag()})
+                                                                    **self.backend_tags, **jobs})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         except claims.DriverConflict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -96,12 +97,12 @@ def servers(neighbour, tmp_path_factory):
             os.killpg(pgid, 0)
 
 
-def submit(servers, capsys, *args, command: str = "submit") -> tuple[int, str]:
+def submit(servers, capsys, *args, command: str = "submit") -> tuple[int, str, str]:
     code = main([command, *args, "--address", servers.dashboard, "--tracking-uri", servers.tracking_uri])
     captured = capsys.readouterr()
     job_ids = [line for line in captured.out.splitlines() if line.startswith("raysubmit_")]
     assert job_ids, captured.err
-    return code, job_ids[0]
+    return code, job_ids[0], captured.err
 
 
 def job_logs(servers, job_id: str) -> str:
@@ -109,6 +110,11 @@ def job_logs(servers, job_id: str) -> str:
     from jobs import submit as jobs_submit
 
     return jobs_submit.logs(servers.dashboard, job_id)[-4000:]
+
+
+def fields(text: str) -> dict[str, str]:
+    """`gradavg jobs status`'s lines as {name: value} (a name, two spaces or more, its value)."""
+    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in text.splitlines())
 
 
 def runs_of(servers, experiment: str):
@@ -130,15 +136,22 @@ def wait_for_runs(servers, experiment: str, ready, timeout: float, what: str) ->
 
 def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    code, job_id = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "workers=2", "epochs=3",
+    code, job_id, err = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "workers=2", "epochs=3",
                           "experiment=e2e-digits", "--follow")
     assert code == 0
-    assert main(["jobs", "status", job_id, "--address", servers.dashboard]) == 0
-    assert capsys.readouterr().out.strip() == "SUCCEEDED"
     client, runs = runs_of(servers, "e2e-digits")
     (run,) = runs
-    assert run.info.status == "FINISHED"
-    assert run.data.params["workers"] == "2" and run.data.params["backend"] == "ray"
+    url = f"{servers.tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert err.splitlines()[-2:] == [f"job {job_id} SUCCEEDED", f"look at it: {url}"]
+    assert main(["jobs", "status", job_id, "--address", servers.dashboard]) == 0
+    status = fields(capsys.readouterr().out)
+    assert {k: status[k] for k in ("job", "status", "runs", "mlflow run", "in the UI", "epoch")} == {
+        "job": job_id, "status": "SUCCEEDED", "runs": f"run {CONFIGS / 'digits.yaml'} workers=2 epochs=3 "
+        "experiment=e2e-digits", "mlflow run": f"{run.info.run_id} (FINISHED)", "in the UI": url,
+        "epoch": f"3 of 3, validation accuracy {run.data.metrics['accuracy/validation']:.2f}%, test accuracy "
+                 f"{run.data.metrics['accuracy/test']:.2f}%"}
+    assert run.info.status == "FINISHED" and run.data.tags["ray_jobs"] == job_id
+    assert "workers" not in run.data.params and "backend" not in run.data.params  # where it ran: tags
     assert run.data.tags["workers"] == "2" and run.data.tags["backend"] == "ray"
     if head.returncode == 0:  # the job's copy of the project has no .git: the commit travels with it
         assert run.data.tags["git_commit"] == head.stdout.strip()
@@ -160,8 +173,21 @@ def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys)
         mlflow.set_tracking_uri(None)  # later tests take theirs from MLFLOW_TRACKING_URI
     data = load_dataset("digits", validation_size=200)
     assert np.array_equal(model.predict(data.x_test), weights.predict(data.x_test))
+    # resumed by its id alone through the cluster: its own config (from its checkpoint), one epoch more
+    code, again, err = submit(servers, capsys, "--resume", run.info.run_id, "epochs=4", "--follow")
+    assert code == 0, job_logs(servers, again)
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "cost/train")] == [1, 2, 3, 4]
+    assert resumed.data.tags["ray_jobs"] == f"{job_id}, {again}"
     assert main(["jobs", "list", "--address", servers.dashboard]) == 0
-    assert job_id in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["SUBMITTED", "STATUS", "JOB", "RUNS", "MLFLOW", "RUN"]
+    rows = {line.split()[3]: line for line in table[1:]}  # by job id, newest first
+    assert list(rows).index(again) < list(rows).index(job_id)
+    assert re.split(r"\s{2,}", rows[job_id])[1:] == ["SUCCEEDED", job_id, f"run {CONFIGS / 'digits.yaml'} workers=2 "
+                                                   "epochs=3 experiment=e2e-digits", run.info.run_id]
+    assert re.split(r"\s{2,}", rows[again])[3:] == [f"run --resume {run.info.run_id} epochs=4", run.info.run_id]
 
 
 def test_a_second_cluster_beside_this_one_is_refused_and_leaves_nothing(servers, neighbour, tmp_path, capsys):
@@ -185,11 +211,12 @@ def test_a_path_only_this_machine_has_fails_on_the_cluster(servers, capsys, tmp_
     x, y = synthetic(100, 64, 10)
     save_npz(tmp_path / "mine.npz", x, y)
     monkeypatch.chdir(tmp_path)  # the job runs in the project's copy, where mine.npz is not
-    code, job_id = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "data=mine.npz", "experiment=e2e-fail",
-                          "--follow")
+    code, job_id, err = submit(servers, capsys, str(CONFIGS / "digits.yaml"), "data=mine.npz", "experiment=e2e-fail",
+                               "--follow")
     assert code == 1
     assert main(["jobs", "status", job_id, "--address", servers.dashboard]) == 0
-    assert capsys.readouterr().out.strip() == "FAILED"
+    status = fields(capsys.readouterr().out)
+    assert status["status"] == "FAILED" and "mlflow run" not in status  # none was opened
     assert main(["jobs", "logs", job_id, "--address", servers.dashboard]) == 0
     logs = capsys.readouterr().out
     assert "gradavg: error: data='mine.npz': no such file or folder" in logs
@@ -199,9 +226,10 @@ def test_a_path_only_this_machine_has_fails_on_the_cluster(servers, capsys, tmp_
 
 def long_job(servers, capsys, experiment: str) -> str:
     """A submitted job that trains for minutes, once its MLflow run is open (it is, past the job's set-up)."""
-    code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
+    code, job_id, err = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
                           f"experiment={experiment}")
     assert code == 0
+    assert err.splitlines()[-1] == f"follow it: gradavg jobs logs {job_id} --follow --address {servers.dashboard}"
     wait_for_runs(servers, experiment, lambda runs: runs and runs[0].info.status == "RUNNING", 90,
                   "the job never opened its MLflow run")
     return job_id
@@ -210,7 +238,12 @@ def long_job(servers, capsys, experiment: str) -> str:
 def test_stopping_a_job_ends_its_run_killed(servers, capsys):
     job_id = long_job(servers, capsys, "e2e-stop")
     assert main(["jobs", "stop", job_id, "--address", servers.dashboard]) == 0
-    assert capsys.readouterr().out.strip() == f"job {job_id} STOPPED"
+    out, err = capsys.readouterr()
+    assert out.strip() == f"job {job_id} STOPPED"
+    (run,) = runs_of(servers, "e2e-stop")[1]
+    assert err.splitlines()[-1] == (f"gradavg: its run {run.info.run_id} ended KILLED; continue it: gradavg submit "
+                                    f"--resume {run.info.run_id} --address {servers.dashboard} --tracking-uri "
+                                    f"{servers.tracking_uri}")
     deadline = time.monotonic() + 30
     while runs_of(servers, "e2e-stop")[1][0].info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -229,7 +262,7 @@ def test_a_submitted_sweep_runs_its_trials_side_by_side_on_the_cluster(servers, 
     from jobs.sweep_run import latest_children
 
     keys = [str(CONFIGS / "digits.yaml"), "epochs=4", "eta=0.5,3.0,1.0", "experiment=e2e-sweep"]
-    code, job_id = submit(servers, capsys, *keys, "--follow", command="sweep")
+    code, job_id, err = submit(servers, capsys, *keys, "--follow", command="sweep")
     assert code == 0, job_logs(servers, job_id)
     client, runs = runs_of(servers, "e2e-sweep")
     (parent,) = [r for r in runs if "sweep_keys" in r.data.tags]
@@ -250,7 +283,7 @@ def test_a_submitted_sweep_runs_its_trials_side_by_side_on_the_cluster(servers, 
 
 
 def test_stopping_a_submitted_sweep_leaves_no_run_running(servers, capsys):
-    code, job_id = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "validation_size=500", "epochs=500",
+    code, job_id, err = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "validation_size=500", "epochs=500",
                           "eta=0.5,3.0", "experiment=e2e-sweep-stop", command="sweep")
     assert code == 0
     # both trials under way
