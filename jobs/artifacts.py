@@ -115,6 +115,7 @@ def log_plots(tracker: RunTracker, network, data: Dataset, confusion: np.ndarray
         plots.misclassified(data.x_test, data.y_test, predicted, data.image_shape, out / "misclassified.png")
         plots.first_layer_weights(network.weights[0], data.image_shape, out / "first_layer_weights.png")
     client.log_artifacts(run_id, str(out), "plots")
+    tracker.curves_logged = bool(history)  # the run's description shows them (RunTracker.description)
 
 
 def epoch_history(client, run_id: str) -> list:

@@ -30,7 +30,8 @@ from jobs.errors import one_line
 EPILOG = """examples:
   gradavg run configs/digits.yaml
   gradavg run configs/nielsen-ch1.yaml epochs=5 eta=2.0
-  gradavg run configs/digits.yaml backend=ray workers=2
+  gradavg run configs/digits.yaml backend=ray workers=2 chunk_size=5
+  gradavg run --resume RUN_ID
   gradavg gradcheck configs/digits.yaml
   gradavg evaluate runs:/RUN_ID --data digits
   gradavg sweep configs/digits.yaml validation_size=300 eta=0.5,3.0

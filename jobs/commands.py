@@ -303,6 +303,7 @@ def cmd_cluster(args) -> int:
     print(f"MLflow server   {servers.tracking_uri}")
     print(f"submit a job:   gradavg submit configs/digits.yaml workers=2 --address {servers.dashboard} "
           f"--tracking-uri {servers.tracking_uri} --follow")
+    print(f"Ray's status:   {local_cluster.status_command(servers)}")
     print(f"stop both:      gradavg cluster down --state-dir {args.state_dir}")
     return 0
 

@@ -68,7 +68,9 @@ def continue_hint(address: str, job_id: str) -> str:
 
 def run_url(uri: str, run) -> str:
     """The run's page in the MLflow UI of the tracking server ``uri``."""
-    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    from jobs.store import run_path
+
+    return f"{uri.rstrip('/')}/{run_path(run.info.experiment_id, run.info.run_id)}"
 
 
 def _what(job) -> str:

@@ -44,6 +44,14 @@ class Servers:
     tracking_uri: str  # http://127.0.0.1:PORT
 
 
+def status_command(servers: Servers) -> str:
+    """Ray's own `ray status` against this head, as it works: with the loopback setting (without it, Ray's CLI
+    rewrites 127.0.0.1 to the machine's address, where the head does not listen) and its authentication."""
+    ray = Path(sys.executable).with_name("ray")
+    return (f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token {ray if ray.exists() else 'ray'} status "
+            f"--address 127.0.0.1:{servers.ray_port}")
+
+
 def _check_free(port: int, option: str) -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no listener

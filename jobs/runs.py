@@ -94,6 +94,14 @@ def tracking_option(uri: str) -> str:
     return "" if uri == DEFAULT_URI and "MLFLOW_TRACKING_URI" not in os.environ else f" --tracking-uri {uri}"
 
 
+def artifact_image(run_id: str, path: str, text: str) -> str:
+    """Markdown that shows a run's image artifact in a description: MLflow's UI renders a description as
+    markdown, and serves an artifact at ``get-artifact`` beside its pages (``mlflow ui``, ``mlflow server``)."""
+    from urllib.parse import quote
+
+    return f"![{text}](get-artifact?path={quote(path, safe='')}&run_uuid={run_id})"
+
+
 def job_tag(before: str = "") -> dict[str, str]:
     """In a submitted job, ``{RAY_JOBS: ...}`` with its id after those that drove the run ``before`` (the run
     it opens or continues is tagged with it); else nothing."""
@@ -113,8 +121,9 @@ def run_tags(source: str, driver: dict[str, str]) -> dict[str, str]:
     return tags
 
 
-# MLflow's UI opens an experiment on what its kind tag says it holds: without it, on the GenAI overview
-# (traces, evaluations); with this value, on its training runs (MLflow 3.17's ExperimentKind)
+# What an experiment holds, for MLflow's UI: training runs (MLflow 3.17's ExperimentKind). Its UI reads this tag
+# only where it shows no "GenAI | Model training" switch; where it does (3.17's default), the switch or the
+# address decides (``jobs.store.run_path``), and every address gradavg prints opens on the training runs
 EXPERIMENT_KIND = "mlflow.experimentKind"
 TRAINING = "custom_model_development"
 

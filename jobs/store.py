@@ -273,8 +273,11 @@ def ui_hint(uri: str, path: str) -> str:
 
 
 def run_path(experiment_id: str, run_id: str) -> str:
-    """A run's page in the MLflow UI, from its root."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    """A run's page in the MLflow UI, from its root, in the UI's view of training runs: MLflow 3.17's UI opens
+    an experiment on its GenAI pages (traces, evaluations) unless the address or the browser's last choice
+    ("GenAI | Model training", top left) says ``workflowType=machine_learning``; it does not read the
+    experiment's kind tag (``jobs.runs.EXPERIMENT_KIND``) while that switch is shown."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def free_port() -> int:

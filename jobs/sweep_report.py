@@ -90,7 +90,20 @@ def log_report(client, plan: Plan, parent_id: str, rows: list[Row], best: Row | 
         tags.update({runs.BEST_RUN_ID: best.run_id, runs.BEST_TRIAL: str(best.trial.number),
                      runs.BEST_ACCURACY: f"{best.best_accuracy:.2f}%", runs.BEST_EPOCH: str(best.best_epoch),
                      **{runs.BEST_VALUE + k: show(v) for k, v in best.trial.values.items()}})
+    tags[runs.DESCRIPTION] = sweep_description(plan, parent_id, rows, best, counts)
     runs.set_tags(client, parent_id, tags)
+
+
+def sweep_description(plan: Plan, parent_id: str, rows: list[Row], best: Row | None, counts: dict[str, int]) -> str:
+    """The parent run's description: how its trials ended, the best one, and the trials' validation curves."""
+    ended = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    text = f"A sweep of {', '.join(a.key for a in plan.axes)}: {plural(len(rows), 'trial')}, {ended}."
+    if best is not None:
+        text += (f" Best: trial {best.trial.number} ({best.trial.label}), validation accuracy "
+                 f"{best.best_accuracy:.2f}% at epoch {best.best_epoch}, run {best.run_id}.")
+    if any(r.curves.get("accuracy/validation") for r in rows):
+        text += "\n\n" + runs.artifact_image(parent_id, "plots/validation_curves.png", "the trials' validation curves")
+    return text
 
 
 def register_once(client, uri: str, parent_id: str, name: str | None, best_id: str | None, stream) -> None:

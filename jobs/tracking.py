@@ -77,6 +77,7 @@ class RunTracker(Hooks):
         self._ended = threading.Event()  # stops the heartbeat
         self.data_name = cfg.data  # the dataset's name, for the run's description
         self.last: tuple[EpochResult, TrainingState] | None = None  # the latest epoch, for the description
+        self.curves_logged = False  # plots/curves.png is in the store (jobs.artifacts.log_plots)
 
     # -- calls to the store
     def call(self, what: str, fn, *args, **kwargs):
@@ -228,6 +229,8 @@ class RunTracker(Hooks):
             elif status != "FINISHED" and self.stored_epoch:
                 text += (f" Continue it from its checkpoint of epoch {self.stored_epoch}: "
                          f"`{runs.continue_command(self.run_id, self.uri)}`")
+        if status == "FINISHED" and self.curves_logged:  # the curves, drawn together, atop the Overview
+            text += "\n\n" + runs.artifact_image(self.run_id, "plots/curves.png", "train, validation and test curves")
         return text
 
     # -- hooks from the training loop

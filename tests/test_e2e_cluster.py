@@ -141,7 +141,8 @@ def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys)
     assert code == 0
     client, runs = runs_of(servers, "e2e-digits")
     (run,) = runs
-    url = f"{servers.tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    url = (f"{servers.tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+           "?workflowType=machine_learning")
     assert err.splitlines()[-2:] == [f"job {job_id} SUCCEEDED", f"look at it: {url}"]
     assert main(["jobs", "status", job_id, "--address", servers.dashboard]) == 0
     status = fields(capsys.readouterr().out)
@@ -188,6 +189,14 @@ def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys)
     assert re.split(r"\s{2,}", rows[job_id])[1:] == ["SUCCEEDED", job_id, f"run {CONFIGS / 'digits.yaml'} workers=2 "
                                                    "epochs=3 experiment=e2e-digits", run.info.run_id]
     assert re.split(r"\s{2,}", rows[again])[3:] == [f"run --resume {run.info.run_id} epochs=4", run.info.run_id]
+
+
+def test_rays_status_command_as_printed_works(servers):
+    """`cluster up` prints a `ray status` command for its head; pasted into a shell, it answers."""
+    command = local_cluster.status_command(servers)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Resources" in done.stdout and "CPU" in done.stdout, done.stderr[-2000:]
 
 
 def test_a_second_cluster_beside_this_one_is_refused_and_leaves_nothing(servers, neighbour, tmp_path, capsys):

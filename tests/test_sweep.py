@@ -194,6 +194,8 @@ def test_a_local_grid_of_four_trials(tracking_uri, capsys):
     assert parent.data.tags["best_run_id"] == best[2] and parent.data.tags["best_trial"] == str(best[0])
     assert parent.data.metrics == {}  # nothing a chart would draw as if the parent were a trial
     assert parent.data.tags["best_validation_accuracy"] == f"{best[1]:.2f}%"  # a percentage, as every accuracy
+    assert parent.data.tags["mlflow.note.content"].startswith(
+        f"A sweep of eta, lmbda: 4 trials, 4 FINISHED. Best: trial {best[0]} (")
     with open(client.download_artifacts(parent.info.run_id, "trials.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [(int(r["trial"]), float(r["best_validation_accuracy"]), int(r["best_epoch"]), r["run_id"])

@@ -45,16 +45,18 @@ def test_keep_best_logs_the_best_epochs_weights_and_the_run_says_what_happened(t
     # its name, its description, its params: what the run list, the Overview and a compare view show
     assert run.info.run_name == "digits epochs=7 eta=6.0 validation_size=300 keep=best"
     last = client.get_metric_history(run_id, "accuracy/test")
-    assert run.data.tags["mlflow.note.content"] == (
+    text, image = run.data.tags["mlflow.note.content"].split("\n\n")
+    assert text == (
         f"FINISHED: test accuracy {max(last, key=lambda m: m.step).value:.2f}%, validation {accuracy[-1]:.2f}% after "
         f"7 epochs of 7 (digits, local backend). Its model and weights.npz hold the weights of epoch 5, its best "
         f"validation accuracy ({accuracy[4]:.2f}%; keep=best).")
+    assert image == f"![train, validation and test curves](get-artifact?path=plots%2Fcurves.png&run_uuid={run_id})"
     assert set(run.data.params) == set(INPUT_KEYS)  # the computation's inputs, nothing else
     assert out[0].endswith(f"; kept the weights of epoch 5, validation {accuracy[4]:.2f}% (keep=best)")
 
     # the last line: a UI on a free port, then the run's page
     ui = re.fullmatch(r"look at it: \S*mlflow ui --backend-store-uri (\S+) --host 127.0.0.1 --port (\d+), then open "
-                      r"http://127.0.0.1:(\d+)/#/experiments/(\w+)/runs/(\w+)", out[-1])
+                      r"http://127.0.0.1:(\d+)/#/experiments/(\w+)/runs/(\w+)\?workflowType=machine_learning", out[-1])
     assert ui and ui[1] == tracking_uri and ui[2] == ui[3] and (ui[4], ui[5]) == (experiment.experiment_id, run_id)
 
     # the served model: labels, probabilities (summing to 1), activations; float32 and lists; [0, 255] refused
