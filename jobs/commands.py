@@ -175,7 +175,11 @@ def _print_run_of(address: str, job_id: str) -> None:
     """A followed job's last line: its run's page in the MLflow UI (where the store answers)."""
     from jobs import job_views
 
-    if url := job_views.run_url_of(address, job_id):
+    try:
+        url = job_views.run_url_of(address, job_id)
+    except Exception:  # the job is done either way: its address is a courtesy
+        return
+    if url:
         print(f"look at it: {url}", file=sys.stderr)
 
 
@@ -279,7 +283,11 @@ def cmd_jobs(args) -> int:
         submit.stop(address, args.job_id)
         state = submit.wait(address, args.job_id, timeout=60)
         print(f"job {args.job_id} {state}")
-        if hint := job_views.continue_hint(address, args.job_id):
+        try:
+            hint = job_views.continue_hint(address, args.job_id)
+        except Exception:  # the job is stopped either way: the hint is a courtesy
+            hint = ""
+        if hint:
             print(hint, file=sys.stderr)
     return 0
 

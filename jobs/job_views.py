@@ -38,8 +38,11 @@ def status(address: str | None, job_id: str) -> str:
         lines.append(("message", " ".join(job.message.split())[:300]))
     if run is not None:
         uri = (job.metadata or {}).get(submit.TRACKING, "")
-        lines += [("mlflow run", f"{run.info.run_id} ({run.info.status})"), ("in the UI", run_url(uri, run)),
-                  *_progress(uri, run)]
+        lines += [("mlflow run", f"{run.info.run_id} ({run.info.status})"), ("in the UI", run_url(uri, run))]
+        try:
+            lines += _progress(uri, run)
+        except Exception:  # the store stopped answering since: the rest is still worth showing
+            lines.append(("epoch", f"unknown (the store {uri} does not answer)"))
     elif (job.metadata or {}).get(submit.RUN):
         lines.append(("mlflow run", job.metadata[submit.RUN]))
     width = max(len(name) for name, _ in lines)
@@ -61,9 +64,21 @@ def continue_hint(address: str, job_id: str) -> str:
     if run is None or str(job.status.value) != "STOPPED":
         return ""
     sweep = runs.SWEEP_TRIALS in run.data.tags
+    what = f"gradavg: its {'sweep' if sweep else 'run'} {run.info.run_id} ended KILLED"
+    if not sweep and not _has_checkpoint(uri, run.info.run_id):
+        return f"{what} before its first checkpoint; submit the job again to start over"
     command = (f"gradavg sweep --resume {run.info.run_id} --address {address}" if sweep else
                f"gradavg submit --resume {run.info.run_id} --address {address}") + runs.tracking_option(uri)
-    return f"gradavg: its {'sweep' if sweep else 'run'} {run.info.run_id} ended KILLED; continue it: {command}"
+    return f"{what}; continue it: {command}"
+
+
+def _has_checkpoint(uri: str, run_id: str) -> bool:
+    from jobs.store import open_store
+
+    try:
+        return bool(open_store(uri, create=False).list_artifacts(run_id, "checkpoints"))
+    except Exception:  # the store does not say: the command that continues it says so itself, if it cannot
+        return True
 
 
 def run_url(uri: str, run) -> str:

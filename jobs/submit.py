@@ -196,7 +196,7 @@ def status(address: str | None, job_id: str) -> str:
         return str(jobs.get_job_status(job_id).value)
     except RuntimeError as e:
         raise SubmitError(f"no job {job_id!r} at {resolve_address(address)} ({first_line(e, 120)}); "
-                          "`gradavg jobs list` shows the jobs") from None
+                          f"`gradavg jobs list --address {resolve_address(address)}` shows the jobs") from None
 
 
 def wait(address: str | None, job_id: str, timeout: float | None = None, poll: float = 0.5) -> str:

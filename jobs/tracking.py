@@ -226,6 +226,8 @@ class RunTracker(Hooks):
             if self.cfg.keep == "best" and status == "FINISHED":
                 text += (f" Its model and weights.npz hold the weights of epoch {state.kept_epoch(self.cfg)}, its best "
                          f"validation accuracy ({percent(state.best_accuracy):.2f}%; keep=best).")
+            elif status != "FINISHED" and (parent := self._tags.get(runs.PARENT)):  # a trial: its sweep goes on
+                text += f" Continue its sweep: `{runs.continue_command(parent, self.uri, sweep=True)}`"
             elif status != "FINISHED" and self.stored_epoch:
                 text += (f" Continue it from its checkpoint of epoch {self.stored_epoch}: "
                          f"`{runs.continue_command(self.run_id, self.uri)}`")

@@ -248,8 +248,16 @@ def test_a_closed_terminal_ends_the_run_killed(tracking_uri, tmp_path, backend):
         job.wait(timeout=60)
     err = (tmp_path / "out.log").read_text()
     assert job.returncode == 130, err[-3000:]
-    assert "interrupted (a run in progress ends KILLED)" in err and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"gradavg: interrupted: run {run_id} ended KILLED; continue it from its "
+                                    f"checkpoint of epoch {checkpoint_epoch(client, run_id)}: gradavg run --resume "
+                                    f"{run_id} --tracking-uri {tracking_uri}") and "Traceback" not in err
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def checkpoint_epoch(client, run_id: str) -> int:
+    from jobs import checkpoint
+
+    return checkpoint.load(client.download_artifacts(run_id, "checkpoints/checkpoint.npz"))[0].epoch
 
 
 def test_a_store_failing_once_during_a_sweep_resume_deletes_nothing(tracking_uri, tmp_path, monkeypatch):
@@ -362,5 +370,5 @@ def test_resuming_a_sweep_as_a_run_names_sweep_resume(tracking_uri, capsys):
 
     parent = sweep_run.start(plan_from(None, ["validation_size=300", "eta=0.5,3.0"], None), tracking_uri)
     assert main(["run", str(CONFIGS / "digits.yaml"), "--resume", parent]) == 2
-    assert f"that run is a sweep's; continue it with `gradavg sweep --resume {parent}`" in error_line(
+    assert f"that run is a sweep's; continue it with `gradavg sweep --resume {parent} --tracking-uri" in error_line(
         capsys.readouterr().err)
