@@ -14,7 +14,7 @@ def table(address: str | None) -> str:
     """Every job of the cluster, newest first, one row each, under a header; values are never cut."""
     jobs = submit.list_jobs(address)
     found = _runs_of(jobs)
-    rows = [("SUBMITTED", "STATUS", "JOB", "RUNS", "MLFLOW RUN")]
+    rows = [("SUBMITTED", "STATUS", "JOB", "COMMAND", "MLFLOW RUN")]
     for job in jobs:
         run = found.get(job.submission_id or "")
         rows.append((_when(job.start_time), str(job.status.value), job.submission_id or job.job_id or "?",
@@ -28,7 +28,7 @@ def status(address: str | None, job_id: str) -> str:
     how far the run got."""
     job = submit.job_details(address, job_id)
     run = _runs_of([job]).get(job_id)
-    lines = [("job", job_id), ("status", str(job.status.value)), ("runs", _what(job)),
+    lines = [("job", job_id), ("status", str(job.status.value)), ("command", _what(job)),
              ("submitted", _when(job.start_time))]
     if job.end_time:
         lines.append(("ended", f"{_when(job.end_time)} (after {(job.end_time - job.start_time) / 1000:.1f} s)"))

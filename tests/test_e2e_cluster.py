@@ -146,8 +146,8 @@ def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys)
     assert err.splitlines()[-2:] == [f"job {job_id} SUCCEEDED", f"look at it: {url}"]
     assert main(["jobs", "status", job_id, "--address", servers.dashboard]) == 0
     status = fields(capsys.readouterr().out)
-    assert {k: status[k] for k in ("job", "status", "runs", "mlflow run", "in the UI", "epoch")} == {
-        "job": job_id, "status": "SUCCEEDED", "runs": f"run {CONFIGS / 'digits.yaml'} workers=2 epochs=3 "
+    assert {k: status[k] for k in ("job", "status", "command", "mlflow run", "in the UI", "epoch")} == {
+        "job": job_id, "status": "SUCCEEDED", "command": f"run {CONFIGS / 'digits.yaml'} workers=2 epochs=3 "
         "experiment=e2e-digits", "mlflow run": f"{run.info.run_id} (FINISHED)", "in the UI": url,
         "epoch": f"3 of 3, validation accuracy {run.data.metrics['accuracy/validation']:.2f}%, test accuracy "
                  f"{run.data.metrics['accuracy/test']:.2f}%"}
@@ -183,7 +183,7 @@ def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys)
     assert resumed.data.tags["ray_jobs"] == f"{job_id}, {again}"
     assert main(["jobs", "list", "--address", servers.dashboard]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["SUBMITTED", "STATUS", "JOB", "RUNS", "MLFLOW", "RUN"]
+    assert table[0].split() == ["SUBMITTED", "STATUS", "JOB", "COMMAND", "MLFLOW", "RUN"]
     rows = {line.split()[3]: line for line in table[1:]}  # by job id, newest first
     assert list(rows).index(again) < list(rows).index(job_id)
     assert re.split(r"\s{2,}", rows[job_id])[1:] == ["SUCCEEDED", job_id, f"run {CONFIGS / 'digits.yaml'} workers=2 "
