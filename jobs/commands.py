@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.errors import UsageError, plural
+from jobs.errors import UsageError
+from jobs.text import percent, plural
 
 
 def cmd_run(args) -> int:
@@ -128,7 +129,7 @@ def cmd_evaluate(args) -> int:
         held = "" if split else " (pass a run's model, runs:/RUN_ID, to use the validation examples it held out)"
         raise UsageError(f"--split {args.split}: {spec} has no {args.split} examples{held}")
     cost, accuracy = network.evaluate(x, y)
-    print(f"{spec} {args.split} ({y.size} examples): accuracy {100 * accuracy:.2f}%, mean cost {cost:.4f}")
+    print(f"{spec} {args.split} ({y.size} examples): accuracy {percent(accuracy):.2f}%, mean cost {cost:.4f}")
     return 0
 
 

@@ -48,8 +48,3 @@ def reason(error: BaseException) -> str:
 def _first(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
-
-
-def plural(n: int, noun: str) -> str:
-    """``n`` and ``noun``, in the plural unless ``n`` is 1: "1 epoch", "30 epochs"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"

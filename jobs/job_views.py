@@ -67,9 +67,7 @@ def continue_hint(address: str, job_id: str) -> str:
     what = f"gradavg: its {'sweep' if sweep else 'run'} {run.info.run_id} ended KILLED"
     if not sweep and not _has_checkpoint(uri, run.info.run_id):
         return f"{what} before its first checkpoint; submit the job again to start over"
-    command = (f"gradavg sweep --resume {run.info.run_id} --address {address}" if sweep else
-               f"gradavg submit --resume {run.info.run_id} --address {address}") + runs.tracking_option(uri)
-    return f"{what}; continue it: {command}"
+    return f"{what}; continue it: {runs.continue_command(run.info.run_id, uri, sweep, address)}"
 
 
 def _has_checkpoint(uri: str, run_id: str) -> bool:

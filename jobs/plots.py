@@ -10,6 +10,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from jobs.text import percent  # noqa: E402
+
 GRADIENT_NORMS_TITLE = r"$\|\partial C/\partial w^l\|$ per layer $l$"  # mathtext: drawn in any font
 
 
@@ -66,7 +68,7 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int, path, t
             ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
                     color="white" if n > counts.max() / 2 else "black")
     accuracy = np.trace(counts) / max(counts.sum(), 1)
-    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix, {title} ({100 * accuracy:.1f}% correct)",
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix, {title} ({percent(accuracy):.1f}% correct)",
            xticks=range(n_classes), yticks=range(n_classes))
     _save(fig, path)
 

@@ -6,6 +6,7 @@ import sys
 import time
 from typing import TextIO
 
+from jobs.text import percent
 from jobs.train import EpochResult, Hooks, TrainingState
 
 
@@ -48,10 +49,10 @@ class Progress(Hooks):
     def on_epoch_end(self, result: EpochResult, state: TrainingState) -> None:
         if self.quiet:
             return
-        validation = (f", validation {100 * result.validation_accuracy:.2f}%"
+        validation = (f", validation {percent(result.validation_accuracy):.2f}%"
                       if result.validation_accuracy is not None else "")
         line = (f"epoch {result.epoch}/{self.epochs}: train cost {result.train_cost:.4f}{validation}, "
-                f"test {100 * result.test_accuracy:.2f}% ({result.epoch_seconds:.2f} s, "
+                f"test {percent(result.test_accuracy):.2f}% ({result.epoch_seconds:.2f} s, "
                 f"{result.examples_per_second:,.0f} examples/s)")
         self._line(line)
         if state.stopped:

@@ -22,12 +22,12 @@ from jobs.backends import make_backend
 from jobs.claims import refuse_if_driven
 from jobs.config import ConfigError, JobConfig, check_against_data, result_changes
 from jobs.data import Dataset, load_dataset
-from jobs.errors import plural
 from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
 from jobs.stopping import STOP_SIGNALS, STOPPING, Interrupted
 from jobs.store import TrackingError
-from jobs.train import Hooks, TrainingState, initial_state, percent, start_backend, train
+from jobs.text import percent, plural
+from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
 
 
 @dataclass
@@ -229,12 +229,12 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
         test = network.evaluate(np.asarray(data.x_test, dtype=network.dtype), data.y_test)[1]
         accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1] \
             if data.n_validation else None
-    validation = "" if accuracy is None else f", validation {100 * accuracy:.2f}%"
+    validation = "" if accuracy is None else f", validation {percent(accuracy):.2f}%"
     stopped = f"; {result.state.stopped}" if result.state.stopped else ""
     if cfg.keep == "best" and result.state.best_params is not None:
         stopped += (f"; kept the weights of epoch {result.state.best_epoch}, validation "
                     f"{percent(result.state.best_accuracy):.2f}% (keep=best)")
-    return (f"test accuracy {100 * test:.2f}%{validation} after {plural(result.state.epoch, 'epoch')} ({data.name}, "
+    return (f"test accuracy {percent(test):.2f}%{validation} after {plural(result.state.epoch, 'epoch')} ({data.name}, "
             f"{cfg.backend} backend) in {result.seconds:.1f} s{stopped}")
 
 

@@ -76,10 +76,11 @@ JOB_ID = "GRADAVG_JOB_ID"  # and its Ray job's id: the run is tagged RAY_JOBS wi
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default tracking URI: ./mlflow.db
 
 
-def continue_command(run_id: str, uri: str, sweep: bool = False) -> str:
+def continue_command(run_id: str, uri: str, sweep: bool = False, address: str | None = None) -> str:
     """The command that continues a run (or, ``sweep``, a sweep) from its last checkpoint, to paste as it
-    is: on the cluster a submitted job runs on, with the store it tracks to."""
-    address = os.environ.get(SUBMITTED_TO)
+    is: on the cluster at ``address`` (by default, the one a submitted job runs on), with the store it
+    tracks to."""
+    address = address or os.environ.get(SUBMITTED_TO)
     if sweep:
         command = f"gradavg sweep --resume {run_id}" + (f" --address {address}" if address else "")
     elif address:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from jobs import runs
 from jobs.config import show
-from jobs.errors import plural
 from jobs.store import TrackingError, logged_models, process_uri
 from jobs.sweep import Plan, Trial
+from jobs.text import plural
 from jobs.trials import Outcome
 
 

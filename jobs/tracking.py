@@ -25,9 +25,10 @@ from typing import TextIO
 from jobs import claims, runs
 from jobs.config import INPUT_KEYS, JobConfig
 from jobs.data import Dataset
-from jobs.errors import JobFailed, plural, reason
+from jobs.errors import JobFailed, reason
 from jobs.store import TrackingError, open_store, retry_locked
-from jobs.train import EpochResult, Hooks, TrainingState, percent
+from jobs.text import percent, plural
+from jobs.train import EpochResult, Hooks, TrainingState
 
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
 # costs milliseconds of a core that training would otherwise use (an epoch can take less than 0.1 s).

@@ -22,8 +22,9 @@ from core.plan import blocks_order
 from jobs.backends import Backend
 from jobs.config import JobConfig
 from jobs.data import Dataset
-from jobs.errors import JobFailed, plural
+from jobs.errors import JobFailed
 from jobs.stopping import STOPPING
+from jobs.text import percent, plural
 
 
 class DivergedError(JobFailed, RuntimeError):
@@ -52,11 +53,6 @@ class EpochResult:
                   for attr, name in EPOCH_METRICS.items() if getattr(self, attr) is not None}
         return {**values, **self.diagnostics}
 
-
-def percent(fraction: float) -> float:
-    """An accuracy as a person reads it, in the terminal, the UI, plots, tables and tags: a percentage.
-    The one place a fraction becomes one, so that a value logged and a value compared are the same bits."""
-    return 100 * fraction
 
 
 # Each per-epoch field and the MLflow metric it is logged as. MLflow's UI draws one section of charts

@@ -22,7 +22,8 @@ from jobs.config import build_config
 from jobs.errors import one_line, reason
 from jobs.stopping import STOPPING, stop_once_on_signals
 from jobs.sweep import SuccessiveHalving, Trial
-from jobs.train import Hooks, percent
+from jobs.text import percent
+from jobs.train import Hooks
 
 CLEANUP_SECONDS = 20  # how long stopped trials get to close their runs before they are killed
 
