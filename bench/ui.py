@@ -68,12 +68,12 @@ def pages(store: Path) -> list[Page]:
     page = run_path(e, run.info.run_id)
     ids = json.dumps([r.info.run_id for r in trials])
     return [
-        Page("experiment", f"#/experiments/{e}?{ml}", ["Runs", "digits sweep of eta", run.info.run_name],
+        Page("experiment", f"#/experiments/{e}?{ml}", ["Runs", "sweep of eta", run.info.run_name],
              ("Detect Issues", "Token Usage")),
         Page("run overview", page, ["Description", "FINISHED: test accuracy", "keep=best", "Metrics"], image=True),
         Page("model metrics", page.replace("?", "/model-metrics?"), ["accuracy", "validation", "cost"]),
         Page("artifacts", page.replace("?", "/artifacts?"), ["plots", "config.yaml", "weights.npz"]),
-        Page("sweep parent", run_path(e, parent.info.run_id), ["digits sweep of eta", "A sweep of eta: 3 trials",
+        Page("sweep parent", run_path(e, parent.info.run_id), ["sweep of eta", "A sweep of eta: 3 trials",
                                                                 "Best: trial"], image=True),
         Page("compare trials", f"#/compare-runs?runs={ids}&experiments={json.dumps([e])}&{ml}",
              ["Parameters:", "eta", "Metrics:", "accuracy/validation"], ("run_name",)),

@@ -201,8 +201,10 @@ def _add_training(sub) -> None:
     evaluate.add_argument("model", help="a weights.npz file; a run's weights, runs:/RUN_ID; a logged model, "
                                         "models:/m-ID; or a registered one, models:/NAME/VERSION")
     evaluate.add_argument("--data", default=None, help="dataset (default: the run's own, or digits)")
-    evaluate.add_argument("--split", choices=("test", "validation", "train"), default="test")
-    evaluate.add_argument("--tracking-uri")
+    evaluate.add_argument("--split", choices=("test", "validation", "train"), default="test",
+                          help="which examples (default test; validation and train as the run split its data)")
+    evaluate.add_argument("--tracking-uri", help="the MLflow store of runs:/ and models:/ (default: "
+                                                 "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     evaluate.add_argument("--allow-pickle", action="store_true",
                           help="the data may be the book's pickled mnist.pkl.gz (unpickling can run code: only for "
                                "files you trust); never taken from the evaluated run")

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from jobs.errors import UsageError
-from jobs.text import percent, plural
+from jobs.text import percent
 
 
 def cmd_run(args) -> int:
-    from jobs.config import load_config
-    from jobs.run import run_job, summary
+    from jobs.config import load_job
+    from jobs.run import complete, run_job, summary
     from jobs.stopping import stop_on_signals
     from jobs.store import resolve_uri, run_path, ui_hint
 
@@ -24,19 +24,13 @@ def cmd_run(args) -> int:
         raise UsageError("gradavg run needs a config, e.g. gradavg run configs/digits.yaml ('-' for the defaults "
                          "and key=value overrides alone), or --resume RUN_ID")
     else:
-        cfg = named(load_config(None if args.config == "-" else args.config, args.overrides), args)
+        cfg = load_job(args.config, args.overrides)
     stop_on_signals()  # a stopped job, or one whose terminal closed, ends its run KILLED, as Ctrl-C does
     result = run_job(cfg, args.tracking_uri, quiet=args.quiet, resume=args.resume, force=args.force)
     look = f"look at it: {ui_hint(result.tracking_uri, run_path(result.experiment_id, result.run_id))}" \
         if result.run_id else ""
     if result.already_complete:
-        if result.state.stopped:
-            print(f"run {result.run_id} is already complete: it FINISHED after "
-                  f"{plural(result.state.epoch, 'epoch')} ({result.state.stopped}); nothing is left to do")
-        else:
-            print(f"run {result.run_id} is already complete: it FINISHED after "
-                  f"{plural(result.state.epoch, 'epoch')}, and "
-                  f"nothing is left to do; to train it longer, pass epochs=N (more than {result.state.epoch})")
+        print(complete(result.run_id, result.state))
         print(look)
         return 0
     print(summary(result, cfg))
@@ -66,12 +60,11 @@ def job_config(args, uri: str, fetched=None):
     return with_overrides({**fetched[2].to_dict(), "allow_pickle": False}, overrides)
 
 
-def named(cfg, args):
-    """``cfg`` with a run name from its config file and overrides (``jobs.config.default_name``), unless it
-    has one: the run list and the Overview then say what each run is."""
-    from jobs.config import default_name, replace
+def _gradavg() -> str:
+    """gradavg as a printed command runs it when pasted (``jobs.store.program``)."""
+    from jobs.store import program
 
-    return cfg if cfg.run_name else replace(cfg, run_name=default_name(args.config, args.overrides))
+    return program("gradavg")
 
 
 def _check_force(args) -> None:
@@ -135,7 +128,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_submit(args) -> int:
     from jobs import submit
-    from jobs.config import load_config
+    from jobs.config import load_job
     from jobs.store import resolve_uri
 
     _check_force(args)
@@ -143,7 +136,7 @@ def cmd_submit(args) -> int:
         raise UsageError("gradavg submit needs a config, e.g. gradavg submit configs/digits.yaml --address "
                          "http://HOST:8265, or --resume RUN_ID")
     if not args.resume:
-        cfg = named(load_config(args.config, args.overrides), args)  # validated here, before anything is sent
+        cfg = load_job(args.config, args.overrides)  # validated here, before anything is sent
     if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise UsageError("a job on a cluster needs a tracking server it can reach: pass --tracking-uri "
                          "http://HOST:5000 or set MLFLOW_TRACKING_URI (`gradavg cluster up` starts one here)")
@@ -151,7 +144,7 @@ def cmd_submit(args) -> int:
     address = submit.resolve_address(args.address)
     if args.resume:  # what can be checked here is, before the job is sent
         from jobs.claims import refuse_if_driven
-        from jobs.run import check_resume_config
+        from jobs.run import check_resume_config, complete
         from jobs.runs import fetch_checkpoint
 
         submit.check_tracking_uri(uri, address)
@@ -159,12 +152,15 @@ def cmd_submit(args) -> int:
         cfg = job_config(args, uri, fetched)
         refuse_if_driven(run, f"--resume {args.resume}")
         check_resume_config(args.resume, state, saved, cfg, args.force)
+        if run.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):  # no job to send
+            print(complete(args.resume, state))
+            return 0
     submit.check_data(cfg)
     described = " ".join([args.config or f"--resume {args.resume}", *args.overrides])
     job_id = submit.submit(cfg, address, uri, resume=args.resume, force=args.force, described=described)
     print(job_id)
     if not args.follow:
-        print(f"follow it: gradavg jobs logs {job_id} --follow --address {address}", file=sys.stderr)
+        print(f"follow it: {_gradavg()} jobs logs {job_id} --follow --address {address}", file=sys.stderr)
         return 0
     state = submit.follow(address, job_id)
     print(f"job {job_id} {state}", file=sys.stderr)
@@ -253,7 +249,7 @@ def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
         raise
     print(job_id)
     address = submit.resolve_address(args.address)
-    print(f"sweep run {parent_id}; follow it: gradavg jobs logs {job_id} --follow --address {address}",
+    print(f"sweep run {parent_id}; follow it: {_gradavg()} jobs logs {job_id} --follow --address {address}",
           file=sys.stderr)
     if not args.follow:
         return 0
@@ -310,10 +306,11 @@ def cmd_cluster(args) -> int:
     servers = local_cluster.up(args.state_dir, args.num_cpus, args.dashboard_port, args.mlflow_port)
     print(f"Ray dashboard   {servers.dashboard}")
     print(f"MLflow server   {servers.tracking_uri}")
-    print(f"submit a job:   gradavg submit configs/digits.yaml workers=2 --address {servers.dashboard} "
+    print(f"submit a job:   {_gradavg()} submit configs/digits.yaml workers=2 chunk_size=5 --address "
+          f"{servers.dashboard} "
           f"--tracking-uri {servers.tracking_uri} --follow")
     print(f"Ray's status:   {local_cluster.status_command(servers)}")
-    print(f"stop both:      gradavg cluster down --state-dir {args.state_dir}")
+    print(f"stop both:      {_gradavg()} cluster down --state-dir {args.state_dir}")
     return 0
 
 
@@ -321,8 +318,12 @@ def cmd_runs(args) -> int:
     from jobs.claims import repair
     from jobs.store import resolve_uri
 
-    for run_id, what in repair(resolve_uri(args.tracking_uri), args.run_ids):
+    uri = resolve_uri(args.tracking_uri)
+    repaired = repair(uri, args.run_ids)
+    for run_id, what in repaired:
         print(f"{run_id}: {what}")
+    if not repaired:
+        print(f"nothing to repair: no run in {uri} is RUNNING without its driver")
     return 0
 
 

@@ -116,7 +116,7 @@ class JobConfig:
     experiment: str = key("gradavg", "MLflow experiment name", lambda v: bool(v.strip()) and len(v) <= 500,
                           "must be a name of 1 to 500 characters (MLflow's limit)",
                           not_swept="a sweep's runs share one experiment")
-    run_name: str | None = key(None, "MLflow run name (null: MLflow picks one)",
+    run_name: str | None = key(None, "MLflow run name (null: the config file's name and the overrides)",
                                lambda v: v is None or 0 < len(v) <= 250,
                                "must be a name of 1 to 250 characters, or null",
                                not_swept="each trial's run is named after its values")
@@ -142,9 +142,25 @@ KEYS = {f.name: f for f in fields(JobConfig)}
 TYPES = typing.get_type_hints(JobConfig)
 HELP = {name: f.metadata["help"] for name, f in KEYS.items()}
 RESULT_KEYS = tuple(name for name, f in KEYS.items() if f.metadata["result"])
-# What a run logs as MLflow params: the inputs of its computation (what it computes, and for how long), so that
-# a compare view plots nothing else; where and how it ran are tags, the whole config is its config.yaml
-INPUT_KEYS = (*RESULT_KEYS, "epochs")
+# What a run logs as MLflow params: the inputs of what it computes, so that a compare view plots nothing else
+# (``input_params``); how long it trains is a tag (a resume may extend it, and a param cannot change), where
+# and how it ran are tags, and the whole config is its config.yaml
+INPUT_KEYS = RESULT_KEYS
+
+
+def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
+    """A job's config as a command line gives it (``-``: none): ``load_config``, with a run name from the
+    config file and the overrides (``default_name``) unless it has one, so that the run list and the
+    Overview say what each run is."""
+    cfg = load_config(None if path == "-" else path, overrides)
+    return cfg if cfg.run_name else replace(cfg, run_name=default_name(path, overrides))
+
+
+def input_params(cfg: JobConfig) -> dict[str, str]:
+    """A run's MLflow params: its ``INPUT_KEYS`` that bear on it (``mix_blocks`` only under shuffle=blocks;
+    none that is null, a dataset's default)."""
+    return {k: str(v) for k, v in cfg.to_dict().items()
+            if k in INPUT_KEYS and v is not None and (k != "mix_blocks" or cfg.shuffle == "blocks")}
 # Overrides that say nothing of what a run computes, left out of the name it is given (``default_name``)
 _UNNAMED = {"experiment", "run_name", "track", "log_every", "checkpoint_every", "diagnostics", "diagnostics_every"}
 

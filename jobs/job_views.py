@@ -37,7 +37,7 @@ def status(address: str | None, job_id: str) -> str:
     if job.message and str(job.status.value) == "FAILED":
         lines.append(("message", " ".join(job.message.split())[:300]))
     if run is not None:
-        uri = (job.metadata or {}).get(submit.TRACKING, "")
+        uri = tracking_of(job)
         lines += [("mlflow run", f"{run.info.run_id} ({run.info.status})"), ("in the UI", run_url(uri, run))]
         try:
             lines += _progress(uri, run)
@@ -53,14 +53,14 @@ def run_url_of(address: str, job_id: str) -> str:
     """A job's run's page in the MLflow UI, or "" where its run is not found."""
     job = submit.job_details(address, job_id)
     run = _runs_of([job]).get(job_id)
-    return run_url((job.metadata or {}).get(submit.TRACKING, ""), run) if run is not None else ""
+    return run_url(tracking_of(job), run) if run is not None else ""
 
 
 def continue_hint(address: str, job_id: str) -> str:
     """What a stopped job's command says last: how to continue its run (or sweep), where it has a checkpoint."""
     job = submit.job_details(address, job_id)
     run = _runs_of([job]).get(job_id)
-    uri = (job.metadata or {}).get(submit.TRACKING, "")
+    uri = tracking_of(job)
     if run is None or str(job.status.value) != "STOPPED":
         return ""
     sweep = runs.SWEEP_TRIALS in run.data.tags
@@ -106,13 +106,13 @@ def _runs_of(jobs) -> dict:
 
     by_uri: dict[str, list] = {}
     for job in jobs:
-        if submit.TRACKING in (job.metadata or {}):
-            by_uri.setdefault(job.metadata[submit.TRACKING], []).append(job)
+        if uri := tracking_of(job):
+            by_uri.setdefault(uri, []).append(job)
     found = {}
     for uri, some in by_uri.items():
         try:
             client = open_store(uri, create=False)
-            named = {job.submission_id: job.metadata[submit.RUN] for job in some if submit.RUN in job.metadata}
+            named = {job.submission_id: job.metadata[submit.RUN] for job in some if submit.RUN in (job.metadata or {})}
             for job_id, run_id in named.items():
                 found[job_id] = client.get_run(run_id)
             if len(named) < len(some):
@@ -127,6 +127,13 @@ def _runs_of(jobs) -> dict:
     return found
 
 
+def tracking_of(job) -> str:
+    """The tracking URI a job's runs go to: as gradavg sent it, or the job's MLFLOW_TRACKING_URI (a job sent by
+    Ray's own `ray job submit`); "" where neither says."""
+    env = ((job.runtime_env or {}).get("env_vars") or {}) if isinstance(job.runtime_env, dict) else {}
+    return (job.metadata or {}).get(submit.TRACKING) or env.get("MLFLOW_TRACKING_URI", "")
+
+
 def _progress(uri: str, run) -> list[tuple[str, str]]:
     """How far the run got: its latest epoch and accuracies; a sweep's trials."""
     tags, metrics = run.data.tags, run.data.metrics
@@ -139,7 +146,7 @@ def _progress(uri: str, run) -> list[tuple[str, str]]:
     if not history:
         return [("epoch", "none finished yet")]
     epoch = max(m.step for m in history)
-    text = f"{epoch} of {run.data.params.get('epochs', '?')}"
+    text = f"{epoch} of {tags.get(runs.EPOCHS, '?')}"
     for name in ("validation", "test"):
         if f"accuracy/{name}" in metrics:
             text += f", {name} accuracy {metrics[f'accuracy/{name}']:.2f}%"

@@ -25,7 +25,7 @@ from pathlib import Path
 from cluster import RAY_SYSTEM_CONFIG, ray_settings
 from cluster.auth import ensure_token, read_token, token_warning
 from jobs.errors import UserError
-from jobs.store import free_port
+from jobs.store import free_port, program
 
 ray_settings()  # Ray's loopback and auth settings, before Ray is imported or started here
 
@@ -47,8 +47,7 @@ class Servers:
 def status_command(servers: Servers) -> str:
     """Ray's own `ray status` against this head, as it works: with the loopback setting (without it, Ray's CLI
     rewrites 127.0.0.1 to the machine's address, where the head does not listen) and its authentication."""
-    ray = Path(sys.executable).with_name("ray")
-    return (f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token {ray if ray.exists() else 'ray'} status "
+    return (f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token {program('ray')} status "
             f"--address 127.0.0.1:{servers.ray_port}")
 
 

@@ -15,7 +15,8 @@ def load_model(model: str, tracking_uri: str | None) -> tuple:
     if model.startswith(("runs:/", "models:/")):
         return _load_tracked(model, tracking_uri)
     if not Path(model).is_file():
-        raise UsageError(f"{model}: no such file; pass a weights.npz, runs:/RUN_ID or models:/MODEL_ID")
+        raise UsageError(f"{model}: no such file; pass a weights.npz, runs:/RUN_ID, models:/m-ID or "
+                         "models:/NAME/VERSION")
     try:
         return Network.load(model), {}
     except (ValueError, OSError) as e:
@@ -42,8 +43,9 @@ def _load_tracked(model: str, tracking_uri: str | None) -> tuple:
         params = client.get_run(run_id).data.params if run_id else {}
     except (mlflow.exceptions.MlflowException, OSError):
         what = "run with weights.npz" if model.startswith("runs:/") else "gradavg model"
-        raise UsageError(f"{model}: no such {what} in {uri}; check the id (gradavg run prints the run's) and "
-                         "--tracking-uri") from None
+        where = ("`gradavg run` prints the run's" if model.startswith("runs:/") else
+                 "a run's page lists its logged model, the Model registry its versions")
+        raise UsageError(f"{model}: no such {what} in {uri}; check the id ({where}) and --tracking-uri") from None
     return Network.load(path), params
 
 

@@ -6,9 +6,10 @@ this file to build it, so loading the model unpickles nothing.
 
 Input: one row of ``sizes[0]`` numbers per example, as a numpy array (float64 or float32), a pandas
 DataFrame or a list of rows; the model's signature checks the count and that the numbers are floats
-(integers are refused, not silently cast). The inputs are used as they are, never rescaled: a network
-trained on pixels in [0, 1] (every bundled dataset) refuses a row above 1, the sign of pixels in
-[0, 255], with the fix (divide by 255).
+(integers are refused, not silently cast), and NaN or infinite values are refused. The inputs are used
+as they are, never rescaled: a network trained on inputs in [0, 1] (every bundled dataset) refuses a
+value above 1, the sign of unscaled pixels, with the fix (divide pixels in [0, 255] by 255, the
+digits' 0 to 16 by 16).
 """
 
 import json
@@ -41,9 +42,12 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         if x.ndim == 1:
             x = x[None, :]
         x = x.reshape(x.shape[0], -1)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("an input value is NaN or infinite; pass finite numbers")
         if self.unit_range and x.size and x.max() > 1.0:
-            raise ValueError(f"an input value is {x.max():g}, but this network was trained on inputs in [0, 1] "
-                             "(pixels scaled to 1); divide pixels in [0, 255] by 255")
+            raise ValueError(f"an input value is {x.max():g}, but this network was trained on inputs in [0, 1]; "
+                             "scale the inputs as its training data was (pixels in [0, 255]: divide by 255; "
+                             "scikit-learn's digits, 0 to 16: divide by 16)")
         if output == "labels":
             return self.network.predict(x)
         activations = self.network.feedforward(x)

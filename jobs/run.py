@@ -221,8 +221,9 @@ def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
 
 def summary(result: JobResult, cfg: JobConfig) -> str:
     """The job's last line: test (and validation) accuracy after its epochs, and its time."""
-    network, data = result.state.network, result.data
-    last = result.state.history[-1] if result.state.history else None
+    state, data = result.state, result.data
+    network = state.kept(cfg)  # keep=best: the accuracies are those of the weights the run keeps
+    last = state.kept_result(cfg) or (state.history[-1] if state.history else None)
     if data.shards is not None and last is not None:  # the driver may hold no rows: the last epoch's figures
         test, accuracy = last.test_accuracy, last.validation_accuracy
     else:
@@ -230,12 +231,20 @@ def summary(result: JobResult, cfg: JobConfig) -> str:
         accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1] \
             if data.n_validation else None
     validation = "" if accuracy is None else f", validation {percent(accuracy):.2f}%"
-    stopped = f"; {result.state.stopped}" if result.state.stopped else ""
-    if cfg.keep == "best" and result.state.best_params is not None:
-        stopped += (f"; kept the weights of epoch {result.state.best_epoch}, validation "
-                    f"{percent(result.state.best_accuracy):.2f}% (keep=best)")
-    return (f"test accuracy {percent(test):.2f}%{validation} after {plural(result.state.epoch, 'epoch')} ({data.name}, "
+    kept = f" with the weights of epoch {state.best_epoch} (keep=best: its best validation accuracy)," \
+        if cfg.keep == "best" and state.best_params is not None else ""
+    stopped = f"; {state.stopped}" if state.stopped else ""
+    return (f"test accuracy {percent(test):.2f}%{validation}{kept} after {plural(state.epoch, 'epoch')} ({data.name}, "
             f"{cfg.backend} backend) in {result.seconds:.1f} s{stopped}")
+
+
+def complete(run_id: str, state: TrainingState) -> str:
+    """What a resume of a run that FINISHED says: nothing is left to do, and how to train it longer."""
+    if state.stopped:
+        return (f"run {run_id} is already complete: it FINISHED after {plural(state.epoch, 'epoch')} "
+                f"({state.stopped}); nothing is left to do")
+    return (f"run {run_id} is already complete: it FINISHED after {plural(state.epoch, 'epoch')}, and nothing is "
+            f"left to do; to train it longer, pass epochs=N (more than {state.epoch})")
 
 
 def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,

@@ -43,6 +43,7 @@ DRIVER_SEEN = "driver_seen"
 # A job's run: its data, and how its training went
 DATASET = "dataset"
 DATASET_DIGEST = "dataset_digest"
+EPOCHS = "epochs"  # the epochs it trains to: set as it opens, and again by each resume (which may extend it)
 DATA_CONTEXT = "mlflow.data.context"  # a tag of the run's dataset input, not of the run
 RESUMED = "resumed"  # how many times
 STOPPED_EPOCH = "stopped_epoch"
@@ -73,26 +74,22 @@ REGISTERED_MODEL = "registered_model"
 # what it prints says how to continue it there
 SUBMITTED_TO = "GRADAVG_SUBMITTED_TO"
 JOB_ID = "GRADAVG_JOB_ID"  # and its Ray job's id: the run is tagged RAY_JOBS with it
-DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default tracking URI: ./mlflow.db
 
 
 def continue_command(run_id: str, uri: str, sweep: bool = False, address: str | None = None) -> str:
     """The command that continues a run (or, ``sweep``, a sweep) from its last checkpoint, to paste as it
     is: on the cluster at ``address`` (by default, the one a submitted job runs on), with the store it
     tracks to."""
+    from jobs.store import program
+
     address = address or os.environ.get(SUBMITTED_TO)
     if sweep:
-        command = f"gradavg sweep --resume {run_id}" + (f" --address {address}" if address else "")
+        command = f"sweep --resume {run_id}" + (f" --address {address}" if address else "")
     elif address:
-        command = f"gradavg submit --resume {run_id} --address {address}"
+        command = f"submit --resume {run_id} --address {address}"
     else:
-        command = f"gradavg run --resume {run_id}"
-    return command + tracking_option(uri)
-
-
-def tracking_option(uri: str) -> str:
-    """`` --tracking-uri URI``, unless ``uri`` is the default a command takes where none is given."""
-    return "" if uri == DEFAULT_URI and "MLFLOW_TRACKING_URI" not in os.environ else f" --tracking-uri {uri}"
+        command = f"run --resume {run_id}"
+    return f"{program('gradavg')} {command} --tracking-uri {uri}"  # the store, whatever folder it is pasted in
 
 
 def artifact_image(run_id: str, path: str, text: str) -> str:
@@ -106,8 +103,19 @@ def artifact_image(run_id: str, path: str, text: str) -> str:
 def job_tag(before: str = "") -> dict[str, str]:
     """In a submitted job, ``{RAY_JOBS: ...}`` with its id after those that drove the run ``before`` (the run
     it opens or continues is tagged with it); else nothing."""
-    job = os.environ.get(JOB_ID)
+    job = os.environ.get(JOB_ID) or _ray_job_id()
     return {RAY_JOBS: ", ".join([*filter(None, before.split(", ")), job])} if job else {}
+
+
+def _ray_job_id() -> str | None:
+    """The submission id of the Ray job this process is the entrypoint of, where Ray says it (a job sent by
+    Ray's own `ray job submit`: Ray passes its metadata to the entrypoint, in Ray 2.60)."""
+    import json
+
+    try:
+        return json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["metadata"]["job_submission_id"] or None
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def run_tags(source: str, driver: dict[str, str]) -> dict[str, str]:

@@ -265,11 +265,22 @@ def ui_hint(uri: str, path: str) -> str:
     for a local store, the command that starts a UI on it, on a port free now, and then the page."""
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
-    beside = Path(sys.executable).with_name("mlflow")  # this environment's, activated or not
-    mlflow = str(beside) if beside.exists() else "mlflow"
     port = free_port()
-    return (f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
+    return (f"{program('mlflow')} ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
             f"http://127.0.0.1:{port}/{path}")
+
+
+def program(name: str) -> str:
+    """How a command this process prints runs ``name`` (gradavg, mlflow, ray) when pasted: by its bare name
+    where the shell finds this environment's, else by its path in this environment (a venv that is not
+    activated, as the README's install leaves it)."""
+    import shutil
+
+    beside = Path(sys.executable).with_name(name)
+    if not beside.exists():
+        return name
+    found = shutil.which(name)
+    return name if found and Path(found).resolve() == beside.resolve() else str(beside)
 
 
 def run_path(experiment_id: str, run_id: str) -> str:

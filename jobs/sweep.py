@@ -231,8 +231,8 @@ def plan_from(path: str | None, texts: list[str], samples: int | None, scheduler
         if key in axes:
             raise ConfigError(f"{key} is both swept ({key}={axes[key].text}) and set ({text}); keep one")
     base = with_overrides(values, fixed)
-    if base.run_name is None:  # the trials' names start with the config's ("digits trial 1: eta=0.5")
-        base = build_config({**base.to_dict(), "run_name": default_name(path)})
+    if base.run_name is None:  # the trials' names start as a run's would ("digits epochs=5 trial 1: eta=0.5")
+        base = build_config({**base.to_dict(), "run_name": default_name(path, fixed)})
     if base.backend != "local":
         raise ConfigError(f"backend={base.backend}: a sweep's trials each run on the local backend, side by side "
                           "(on a Ray cluster's nodes with --address); set backend=local")

@@ -162,8 +162,14 @@ def register_best(client, uri: str, name: str, run_id: str) -> str:
              if m.status == LoggedModelStatus.READY]
     if not ready:
         raise TrackingError(f"--register {name}: the best trial's run {run_id} has no model to register")
-    with process_uri(uri):  # models:/ URIs are resolved in the process's store
-        return str(mlflow.register_model(f"models:/{ready[0].model_id}", name).version)
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    was, MLFLOW_LOGGING_STREAM.enabled = MLFLOW_LOGGING_STREAM.enabled, False  # gradavg's line says what it did
+    try:
+        with process_uri(uri):  # models:/ URIs are resolved in the process's store
+            return str(mlflow.register_model(f"models:/{ready[0].model_id}", name).version)
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = was
 
 
 COLUMNS = ("status", "best_validation_accuracy", "best_epoch", "epochs", "final_train_cost", "stopped", "cause",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from jobs import claims, runs
-from jobs.config import INPUT_KEYS, JobConfig
+from jobs.config import JobConfig, input_params
 from jobs.data import Dataset
 from jobs.errors import JobFailed, reason
 from jobs.store import TrackingError, open_store, retry_locked
@@ -116,8 +116,9 @@ class RunTracker(Hooks):
         from mlflow.entities import DatasetInput, InputTag
 
         tags = {**self.backend_tags, runs.DATASET: data.name, runs.DATASET_DIGEST: data.digest,
+                runs.EPOCHS: str(self.cfg.epochs),
                 **runs.run_tags(self.source, claims.driver_tags()), **self._tags}
-        params = {k: str(v) for k, v in self.cfg.to_dict().items() if k in INPUT_KEYS}  # the inputs only
+        params = input_params(self.cfg)  # the inputs only; epochs, how long, is a tag
         self.run_id, self.experiment_id = runs.open_run(self.client, self.cfg.experiment, self.cfg.run_name, tags,
                                                         params)
         self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")
@@ -151,6 +152,7 @@ class RunTracker(Hooks):
         try:
             jobs = runs.job_tag(self.client.get_run(run_id).data.tags.get(runs.RAY_JOBS, ""))
             claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
+                                                                    runs.EPOCHS: str(self.cfg.epochs),
                                                                     **self.backend_tags, **jobs})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
@@ -217,16 +219,16 @@ class RunTracker(Hooks):
             text = f"{status} after epoch {self.stored_epoch} of {self.cfg.epochs} ({where})." if self.stored_epoch \
                 else f"{status} before its first epoch ({where})."
         else:
-            result, state = self.last
+            last, state = self.last
+            result = state.kept_result(self.cfg) or last  # keep=best: the accuracies of the weights it keeps
             validation = "" if result.validation_accuracy is None else \
                 f", validation {percent(result.validation_accuracy):.2f}%"
-            text = (f"{status}: test accuracy {percent(result.test_accuracy):.2f}%{validation} after "
-                    f"{plural(result.epoch, 'epoch')} of {self.cfg.epochs} ({where}).")
+            kept = f" with the weights of epoch {result.epoch} (keep=best: its best validation accuracy)," \
+                if result is not last else ""
+            text = (f"{status}: test accuracy {percent(result.test_accuracy):.2f}%{validation}{kept} after "
+                    f"{plural(last.epoch, 'epoch')} of {self.cfg.epochs} ({where}).")
             if state.stopped:
                 text += f" Stopped by {state.stopped}."
-            if self.cfg.keep == "best" and status == "FINISHED":
-                text += (f" Its model and weights.npz hold the weights of epoch {state.kept_epoch(self.cfg)}, its best "
-                         f"validation accuracy ({percent(state.best_accuracy):.2f}%; keep=best).")
             elif status != "FINISHED" and (parent := self._tags.get(runs.PARENT)):  # a trial: its sweep goes on
                 text += f" Continue its sweep: `{runs.continue_command(parent, self.uri, sweep=True)}`"
             elif status != "FINISHED" and self.stored_epoch:

@@ -91,6 +91,10 @@ class TrainingState:
     def kept_epoch(self, cfg: JobConfig) -> int:
         return self.best_epoch if cfg.keep == "best" and self.best_params is not None else self.epoch
 
+    def kept_result(self, cfg: JobConfig) -> EpochResult | None:
+        """The evaluation of the kept epoch's weights, where this process trained that epoch."""
+        return next((r for r in self.history if r.epoch == self.kept_epoch(cfg)), None)
+
 
 class Hooks:
     """What the loop tells the outside world. The default does nothing."""

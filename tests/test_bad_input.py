@@ -206,7 +206,7 @@ ROWS = [
     (["run", DIGITS, "--tracking-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9 cannot be reached"),
     (["gradcheck", DIGITS, "--tolerance", "nan"], "--tolerance nan: must be a number > 0"),
     (["gradcheck", DIGITS, "--examples", "0"], "--examples 0: must be at least 1"),
-    (["evaluate", "{d}/no-such.npz"], "no such file; pass a weights.npz, runs:/RUN_ID or models:/MODEL_ID"),
+    (["evaluate", "{d}/no-such.npz"], "no such file; pass a weights.npz, runs:/RUN_ID, models:/m-ID or models:/NAME"),
     (["evaluate", "{d}/sizes-2d.npz"], "sizes must be a list of at least two positive whole numbers"),
     (["evaluate", "{d}/sizes-0d.npz"], "sizes must be a list of at least two positive whole numbers"),
     (["evaluate", "{d}/strings.npz"], "weights_0 holds <U1, not floating-point numbers"),

@@ -27,11 +27,13 @@ from core import Network
 from jobs import local_cluster
 from jobs.cli import main
 from jobs.data import load_dataset, save_npz, synthetic
+from jobs.store import program
 
 pytestmark = [pytest.mark.ray, pytest.mark.server]
 
 
-RAY_AGENT_PORT = 52365  # Ray's default for the job agent of every head
+RAY_AGENT_PORT = 52365
+GRADAVG = program("gradavg")  # as the commands gradavg prints name it  # Ray's default for the job agent of every head
 
 
 @contextlib.contextmanager
@@ -181,6 +183,11 @@ def test_submitted_job_is_tracked_on_the_server(servers, late_neighbour, capsys)
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed"] == "1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "cost/train")] == [1, 2, 3, 4]
     assert resumed.data.tags["ray_jobs"] == f"{job_id}, {again}"
+    assert resumed.data.tags["epochs"] == "4"  # how long it trains now
+    # once more: the run is complete, which is said here, and no job is sent
+    assert main(["submit", "--resume", run.info.run_id, "--address", servers.dashboard, "--tracking-uri",
+                 servers.tracking_uri]) == 0
+    assert capsys.readouterr().out.startswith(f"run {run.info.run_id} is already complete: it FINISHED after 4 epochs")
     assert main(["jobs", "list", "--address", servers.dashboard]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["SUBMITTED", "STATUS", "JOB", "COMMAND", "MLFLOW", "RUN"]
@@ -238,7 +245,7 @@ def long_job(servers, capsys, experiment: str) -> str:
     code, job_id, err = submit(servers, capsys, str(CONFIGS / "nielsen-ch1.yaml"), "workers=2", "epochs=500",
                           f"experiment={experiment}")
     assert code == 0
-    assert err.splitlines()[-1] == f"follow it: gradavg jobs logs {job_id} --follow --address {servers.dashboard}"
+    assert err.splitlines()[-1] == f"follow it: {GRADAVG} jobs logs {job_id} --follow --address {servers.dashboard}"
     wait_for_runs(servers, experiment, lambda runs: runs and runs[0].info.status == "RUNNING", 90,
                   "the job never opened its MLflow run")
     return job_id
@@ -250,7 +257,7 @@ def test_stopping_a_job_ends_its_run_killed(servers, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == f"job {job_id} STOPPED"
     (run,) = runs_of(servers, "e2e-stop")[1]
-    assert err.splitlines()[-1] == (f"gradavg: its run {run.info.run_id} ended KILLED; continue it: gradavg submit "
+    assert err.splitlines()[-1] == (f"gradavg: its run {run.info.run_id} ended KILLED; continue it: {GRADAVG} submit "
                                     f"--resume {run.info.run_id} --address {servers.dashboard} --tracking-uri "
                                     f"{servers.tracking_uri}")
     deadline = time.monotonic() + 30

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import CONFIGS, ROOT, error_line
 from core import Network
 from jobs.cli import main
-from jobs.config import INPUT_KEYS, ConfigError, load_config
+from jobs.config import ConfigError, load_config
 
 PER_EPOCH = ["cost/train", "accuracy/train", "cost/validation", "accuracy/validation", "cost/test",
              "accuracy/test", "epoch_seconds", "examples_per_second"]
@@ -30,13 +30,15 @@ def only_run(uri):
 
 
 def test_digits_run_end_to_end(tracking_uri, capsys):
+    from test_what_users_see import INPUTS
+
     assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=4", "log_every=20", "--quiet"]) == 0
     out = capsys.readouterr().out
     client, run = only_run(tracking_uri)
     assert run.info.run_id in out and "mlflow ui --backend-store-uri" in out and "127.0.0.1" in out
     assert run.info.status == "FINISHED"
     cfg = load_config(CONFIGS / "digits.yaml", ["epochs=4", "log_every=20"])
-    assert run.data.params == {k: str(v) for k, v in cfg.to_dict().items() if k in INPUT_KEYS}  # inputs only
+    assert run.data.params == {k: str(v) for k, v in cfg.to_dict().items() if k in INPUTS}  # inputs only
     assert run.data.tags["backend"] == "local" and run.data.tags["dataset"] == "digits"
     assert len(run.data.tags["dataset_digest"]) == 64 and run.data.tags["gradavg_version"]
     for key in PER_EPOCH:

@@ -20,6 +20,7 @@ from jobs.backends import LocalBackend
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.data import load_dataset
+from jobs.store import program
 from jobs.train import train
 
 DIGITS = str(CONFIGS / "digits.yaml")
@@ -172,14 +173,14 @@ def test_an_interrupted_run_says_how_to_continue_it_and_that_command_resumes_it_
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     run_id = run.info.run_id
     assert err.splitlines()[-1] == (f"gradavg: interrupted: run {run_id} ended KILLED; continue it from its "
-                                    f"checkpoint of epoch 2: gradavg run --resume {run_id} --tracking-uri "
+                                    f"checkpoint of epoch 2: {program('gradavg')} run --resume {run_id} --tracking-uri "
                                     f"{tracking_uri}")
     assert run.info.status == "KILLED" and run.info.run_name == "digits epochs=4 chunk_size=5"
-    assert f"Continue it from its checkpoint of epoch 2: `gradavg run --resume {run_id}" in \
+    assert f"Continue it from its checkpoint of epoch 2: `{program('gradavg')} run --resume {run_id}" in \
         run.data.tags["mlflow.note.content"]
     assert main(["run", "--resume", run_id, "eta=1.0"]) == 2  # overrides on the run's own config, checked as ever
     assert "eta: 3.0 -> 1.0" in error_line(capsys.readouterr().err)
-    command = err.splitlines()[-1].split(": gradavg ")[1].split()
+    command = err.splitlines()[-1].split(f": {program('gradavg')} ")[1].split()
     assert main(command) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("test accuracy ") and "after 4 epochs (digits, local backend)" in out[0]

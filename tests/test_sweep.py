@@ -40,7 +40,8 @@ def test_a_grid_is_every_combination_in_the_order_given():
         assert (t.config.eta, t.config.lmbda, t.config.epochs, t.config.validation_size) == \
             (t.values["eta"], t.values["lmbda"], 2, 300)
         assert (t.config.threads, t.config.backend) == (1, "local")
-        assert t.config.run_name == f"digits trial {t.number}: eta={t.values['eta']} lmbda={t.values['lmbda']}"
+        assert t.config.run_name == (f"digits validation_size=300 epochs=2 trial {t.number}: eta={t.values['eta']} "
+                                     f"lmbda={t.values['lmbda']}")
 
 
 def test_lists_and_text_are_grid_values():
@@ -368,6 +369,7 @@ def test_the_best_model_is_registered(tracking_uri, capsys):
     assert main(["sweep", DIGITS, "epochs=3", "eta=0.5,3.0", "keep=best", "--register", "digits-best"]) == 0
     out, err = capsys.readouterr()
     assert "registered trial 2's model as models:/digits-best/1" in err and "note:" not in err
+    assert "Successfully registered" not in err and "Created version" not in err  # gradavg's line says it, once
     client, (parent,), _ = _sweep_runs(tracking_uri)
     tags = parent.data.tags
     assert tags["registered_model"] == "models:/digits-best/1"

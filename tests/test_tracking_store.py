@@ -27,6 +27,7 @@ from jobs.cli import main
 from jobs.config import load_config
 from jobs.local_cluster import free_port
 from jobs.run import run_job
+from jobs.store import program
 from jobs.tracking import RunTracker
 
 DIGITS = str(CONFIGS / "digits.yaml")
@@ -95,8 +96,8 @@ def test_a_server_killed_mid_run_loses_nothing(tmp_path, monkeypatch, capsys):
         (run_dir,) = kept.iterdir()
         run_id = run_dir.name
         assert "logging epochs 3–6's metrics failed" in err and str(run_dir) in err  # sent at most every 2 s
-        resume = (f"`gradavg run --resume {run_id} --tracking-uri {uri}` completes the run from its last stored "
-                  "checkpoint (epoch 2)")
+        resume = (f"`{program('gradavg')} run --resume {run_id} --tracking-uri {uri}` completes the run from its "
+                  "last stored checkpoint (epoch 2)")
         assert resume in err
         monkeypatch.setattr(RunTracker, "on_epoch_end", epoch_end)
         untracked = untracked_params(["epochs=6"])

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from conftest import CONFIGS, ROOT, error_line, holding_at
 from core import Network
 from jobs.cli import main
+from jobs.store import program
 
 
 class _Planted:
@@ -248,9 +249,10 @@ def test_a_closed_terminal_ends_the_run_killed(tracking_uri, tmp_path, backend):
         job.wait(timeout=60)
     err = (tmp_path / "out.log").read_text()
     assert job.returncode == 130, err[-3000:]
+    epoch = checkpoint_epoch(client, run_id)
     assert err.splitlines()[-1] == (f"gradavg: interrupted: run {run_id} ended KILLED; continue it from its "
-                                    f"checkpoint of epoch {checkpoint_epoch(client, run_id)}: gradavg run --resume "
-                                    f"{run_id} --tracking-uri {tracking_uri}") and "Traceback" not in err
+                                    f"checkpoint of epoch {epoch}: {program('gradavg')} run --resume {run_id} "
+                                    f"--tracking-uri {tracking_uri}") and "Traceback" not in err
     assert client.get_run(run_id).info.status == "KILLED"
 
 
@@ -287,7 +289,7 @@ def test_a_store_failing_once_during_a_sweep_resume_deletes_nothing(tracking_uri
         return listing(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "list_artifacts", fails_once)
-    with pytest.raises(TrackingError, match="nothing was changed: run `gradavg sweep --resume"):
+    with pytest.raises(TrackingError, match="nothing was changed: run `.*gradavg sweep --resume"):
         sweep_run.run_sweep(plan, tracking_uri, parent)
     assert client.get_run(child.info.run_id).info.lifecycle_stage == "active"  # not deleted
     assert client.get_run(parent).info.status == "KILLED"  # as it was
@@ -370,5 +372,5 @@ def test_resuming_a_sweep_as_a_run_names_sweep_resume(tracking_uri, capsys):
 
     parent = sweep_run.start(plan_from(None, ["validation_size=300", "eta=0.5,3.0"], None), tracking_uri)
     assert main(["run", str(CONFIGS / "digits.yaml"), "--resume", parent]) == 2
-    assert f"that run is a sweep's; continue it with `gradavg sweep --resume {parent} --tracking-uri" in error_line(
-        capsys.readouterr().err)
+    expected = f"that run is a sweep's; continue it with `{program('gradavg')} sweep --resume {parent} --tracking-uri"
+    assert expected in error_line(capsys.readouterr().err)

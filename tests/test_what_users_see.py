@@ -12,11 +12,15 @@ from mlflow.tracking import MlflowClient
 from conftest import CONFIGS
 from core import Network
 from jobs.cli import build_parser, main
-from jobs.config import INPUT_KEYS, load_config, replace
+from jobs.config import load_config, replace
 from jobs.data import load_dataset
 from jobs.run import run_job, summary
 
 DIGITS = str(CONFIGS / "digits.yaml")
+# The params of a run of digits.yaml under shuffle=global: what it computes depends on these and nothing else
+# (mix_blocks only matters under shuffle=blocks; test_size is null, the dataset's own hold-out)
+INPUTS = {"data", "validation_size", "sizes", "cost", "activation", "init", "init_scale", "dtype", "eta", "lmbda",
+          "batch_size", "early_stopping", "keep", "seed", "shuffle", "chunk_size"}
 # digits at η = 6: validation accuracy 96.00% first at epoch 5, and no better at 6 or 7 (the weights differ)
 BEST_AT_5 = ["epochs=7", "eta=6.0", "validation_size=300"]
 
@@ -46,13 +50,15 @@ def test_keep_best_logs_the_best_epochs_weights_and_the_run_says_what_happened(t
     assert run.info.run_name == "digits epochs=7 eta=6.0 validation_size=300 keep=best"
     last = client.get_metric_history(run_id, "accuracy/test")
     text, image = run.data.tags["mlflow.note.content"].split("\n\n")
-    assert text == (
-        f"FINISHED: test accuracy {max(last, key=lambda m: m.step).value:.2f}%, validation {accuracy[-1]:.2f}% after "
-        f"7 epochs of 7 (digits, local backend). Its model and weights.npz hold the weights of epoch 5, its best "
-        f"validation accuracy ({accuracy[4]:.2f}%; keep=best).")
+    test = 100 * weights.evaluate(data.x_test, data.y_test)[1]  # the kept weights', not the last epoch's
+    assert test == sorted(last, key=lambda m: m.step)[4].value != sorted(last, key=lambda m: m.step)[-1].value
+    assert text == (f"FINISHED: test accuracy {test:.2f}%, validation {accuracy[4]:.2f}% with the weights of epoch 5 "
+                    "(keep=best: its best validation accuracy), after 7 epochs of 7 (digits, local backend).")
     assert image == f"![train, validation and test curves](get-artifact?path=plots%2Fcurves.png&run_uuid={run_id})"
-    assert set(run.data.params) == set(INPUT_KEYS)  # the computation's inputs, nothing else
-    assert out[0].endswith(f"; kept the weights of epoch 5, validation {accuracy[4]:.2f}% (keep=best)")
+    assert set(run.data.params) == INPUTS  # the computation's inputs, nothing else
+    assert run.data.tags["epochs"] == "7"  # how long: a tag, which a resume may extend
+    assert out[0].startswith(f"test accuracy {test:.2f}%, validation {accuracy[4]:.2f}% with the weights of epoch 5 "
+                             "(keep=best: its best validation accuracy), after 7 epochs (digits, local backend) in ")
 
     # the last line: a UI on a free port, then the run's page
     ui = re.fullmatch(r"look at it: \S*mlflow ui --backend-store-uri (\S+) --host 127.0.0.1 --port (\d+), then open "
@@ -73,8 +79,10 @@ def test_keep_best_logs_the_best_epochs_weights_and_the_run_says_what_happened(t
     assert np.allclose(probabilities.sum(axis=1), 1.0) and np.array_equal(probabilities.argmax(axis=1), labels)
     activations = model.predict(x, params={"output": "activations"})
     assert np.array_equal(activations, weights.feedforward(x))
-    with pytest.raises(Exception, match=r"divide pixels in \[0, 255\] by 255"):
+    with pytest.raises(Exception, match=r"pixels in \[0, 255\]: divide by 255; scikit-learn's digits, 0 to 16"):
         model.predict(x * 255)
+    with pytest.raises(Exception, match="an input value is NaN or infinite"):
+        model.predict(np.where(x > 0.5, np.nan, x))
     with pytest.raises(Exception, match="ask for one of labels, probabilities, activations"):
         model.predict(x, params={"output": "logits"})
     assert main(["evaluate", f"runs:/{run_id}", "--split", "validation"]) == 0
