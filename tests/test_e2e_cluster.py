@@ -253,6 +253,9 @@ def long_job(servers, capsys, experiment: str) -> str:
 
 def test_stopping_a_job_ends_its_run_killed(servers, capsys):
     job_id = long_job(servers, capsys, "e2e-stop")
+    client = MlflowClient(servers.tracking_uri)
+    wait_for_runs(servers, "e2e-stop", lambda runs: client.list_artifacts(runs[0].info.run_id, "checkpoints"), 120,
+                  "the job never sent a checkpoint")  # so that there is something to continue from
     assert main(["jobs", "stop", job_id, "--address", servers.dashboard]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"job {job_id} STOPPED"
