@@ -234,5 +234,7 @@ def test_a_resume_that_cannot_work_is_refused_before_sending(tracking_uri, capsy
     assert "the run is at epoch 3 of its epochs=3, but this config says epochs=2" in error_line(capsys.readouterr().err)
     assert main([*args, "epochs=3", "eta=1.0"]) == 2
     assert "this config changes what the run computes (eta: 3.0 -> 1.0)" in error_line(capsys.readouterr().err)
-    assert main([*args, "epochs=3", "eta=1.0", "--force"]) == 2  # accepted here; then the cluster is unreachable
+    assert main([*args, "epochs=4", "eta=1.0", "--force"]) == 2  # accepted here; then the cluster is unreachable
     assert "cannot reach the Ray cluster at http://127.0.0.1:9" in error_line(capsys.readouterr().err)
+    assert main([*args, "epochs=3"]) == 0  # the run is complete: said here, and nothing is sent (nowhere to send it)
+    assert capsys.readouterr().out.startswith(f"run {run.info.run_id} is already complete: it FINISHED after 3 epochs")
