@@ -156,8 +156,8 @@ def cmd_submit(args) -> int:
             print(complete(args.resume, state))
             return 0
     submit.check_data(cfg)
-    described = " ".join([args.config or f"--resume {args.resume}", *args.overrides])
-    job_id = submit.submit(cfg, address, uri, resume=args.resume, force=args.force, described=described)
+    job_id = submit.submit(cfg, address, uri, resume=args.resume, force=args.force,
+                           described=_as_given(args, args.resume))
     print(job_id)
     if not args.follow:
         print(f"follow it: {_gradavg()} jobs logs {job_id} --follow --address {address}", file=sys.stderr)
@@ -166,6 +166,11 @@ def cmd_submit(args) -> int:
     print(f"job {job_id} {state}", file=sys.stderr)
     _print_run_of(address, job_id)
     return 0 if state == "SUCCEEDED" else 1
+
+
+def _as_given(args, resumed: str | None) -> str:
+    """A submitted job's config and overrides as the command line gave them (its row of `gradavg jobs list`)."""
+    return " ".join([args.config or f"--resume {resumed}", *args.overrides])
 
 
 def _print_run_of(address: str, job_id: str) -> None:
@@ -240,9 +245,8 @@ def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
 
     try:
         command = submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register, allow_pickle)
-        described = " ".join([args.config or f"--resume {parent_id}", *args.overrides])
-        job_id = submit.send(command, args.address, uri, {submit.KIND: "sweep", submit.DESCRIBED: described,
-                                                          submit.RUN: parent_id})
+        job_id = submit.send(command, args.address, uri, {submit.KIND: "sweep", submit.DESCRIBED:
+                                                          _as_given(args, parent_id), submit.RUN: parent_id})
     except Exception:
         if not args.resume:  # the parent run of a sweep that never started
             runs.close(open_store(uri), parent_id, "FAILED")

@@ -142,10 +142,6 @@ KEYS = {f.name: f for f in fields(JobConfig)}
 TYPES = typing.get_type_hints(JobConfig)
 HELP = {name: f.metadata["help"] for name, f in KEYS.items()}
 RESULT_KEYS = tuple(name for name, f in KEYS.items() if f.metadata["result"])
-# What a run logs as MLflow params: the inputs of what it computes, so that a compare view plots nothing else
-# (``input_params``); how long it trains is a tag (a resume may extend it, and a param cannot change), where
-# and how it ran are tags, and the whole config is its config.yaml
-INPUT_KEYS = RESULT_KEYS
 
 
 def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
@@ -157,10 +153,14 @@ def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
 
 
 def input_params(cfg: JobConfig) -> dict[str, str]:
-    """A run's MLflow params: its ``INPUT_KEYS`` that bear on it (``mix_blocks`` only under shuffle=blocks;
-    none that is null, a dataset's default)."""
+    """A run's MLflow params: the inputs of what it computes (``RESULT_KEYS``) that bear on it (``mix_blocks``
+    only under shuffle=blocks; none that is null, a dataset's default), so that a compare view plots nothing
+    else. How long it trains is a tag (a resume may extend it, and a param cannot change), where and how it
+    ran are tags, and the whole config is its config.yaml."""
     return {k: str(v) for k, v in cfg.to_dict().items()
-            if k in INPUT_KEYS and v is not None and (k != "mix_blocks" or cfg.shuffle == "blocks")}
+            if k in RESULT_KEYS and v is not None and (k != "mix_blocks" or cfg.shuffle == "blocks")}
+
+
 # Overrides that say nothing of what a run computes, left out of the name it is given (``default_name``)
 _UNNAMED = {"experiment", "run_name", "track", "log_every", "checkpoint_every", "diagnostics", "diagnostics_every"}
 

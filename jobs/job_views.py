@@ -26,8 +26,7 @@ def table(address: str | None) -> str:
 def status(address: str | None, job_id: str) -> str:
     """One job: its row of the table, its timings, its run (with its address in the UI, where it has one) and
     how far the run got."""
-    job = submit.job_details(address, job_id)
-    run = _runs_of([job]).get(job_id)
+    job, run, client = _job_run(address, job_id)
     lines = [("job", job_id), ("status", str(job.status.value)), ("command", _what(job)),
              ("submitted", _when(job.start_time))]
     if job.end_time:
@@ -40,7 +39,7 @@ def status(address: str | None, job_id: str) -> str:
         uri = tracking_of(job)
         lines += [("mlflow run", f"{run.info.run_id} ({run.info.status})"), ("in the UI", run_url(uri, run))]
         try:
-            lines += _progress(uri, run)
+            lines += _progress(client, run)
         except Exception:  # the store stopped answering since: the rest is still worth showing
             lines.append(("epoch", f"unknown (the store {uri} does not answer)"))
     elif (job.metadata or {}).get(submit.RUN):
@@ -51,39 +50,41 @@ def status(address: str | None, job_id: str) -> str:
 
 def run_url_of(address: str, job_id: str) -> str:
     """A job's run's page in the MLflow UI, or "" where its run is not found."""
-    job = submit.job_details(address, job_id)
-    run = _runs_of([job]).get(job_id)
+    job, run, _ = _job_run(address, job_id)
     return run_url(tracking_of(job), run) if run is not None else ""
 
 
 def continue_hint(address: str, job_id: str) -> str:
     """What a stopped job's command says last: how to continue its run (or sweep), where it has a checkpoint."""
-    job = submit.job_details(address, job_id)
-    run = _runs_of([job]).get(job_id)
-    uri = tracking_of(job)
+    job, run, client = _job_run(address, job_id)
     if run is None or str(job.status.value) != "STOPPED":
         return ""
     sweep = runs.SWEEP_TRIALS in run.data.tags
     what = f"gradavg: its {'sweep' if sweep else 'run'} {run.info.run_id} ended KILLED"
-    if not sweep and not _has_checkpoint(uri, run.info.run_id):
+    if not sweep and not _has_checkpoint(client, run.info.run_id):
         return f"{what} before its first checkpoint; submit the job again to start over"
-    return f"{what}; continue it: {runs.continue_command(run.info.run_id, uri, sweep, address)}"
+    return f"{what}; continue it: {runs.continue_command(run.info.run_id, tracking_of(job), sweep, address)}"
 
 
-def _has_checkpoint(uri: str, run_id: str) -> bool:
-    from jobs.store import open_store
+def _job_run(address: str, job_id: str) -> tuple:
+    """A job, its MLflow run (None where not found) and a client of the run's store."""
+    job, clients = submit.job_details(address, job_id), {}
+    run = _runs_of([job], clients).get(job_id)
+    return job, run, clients.get(tracking_of(job))
 
+
+def _has_checkpoint(client, run_id: str) -> bool:
     try:
-        return bool(open_store(uri, create=False).list_artifacts(run_id, "checkpoints"))
+        return bool(client.list_artifacts(run_id, "checkpoints"))
     except Exception:  # the store does not say: the command that continues it says so itself, if it cannot
         return True
 
 
 def run_url(uri: str, run) -> str:
-    """The run's page in the MLflow UI of the tracking server ``uri``."""
-    from jobs.store import run_path
+    """The run's page in the MLflow UI of the tracking server ``uri`` (``jobs.store.ui_hint``)."""
+    from jobs.store import run_path, ui_hint
 
-    return f"{uri.rstrip('/')}/{run_path(run.info.experiment_id, run.info.run_id)}"
+    return ui_hint(uri, run_path(run.info.experiment_id, run.info.run_id))
 
 
 def _what(job) -> str:
@@ -99,9 +100,10 @@ def _when(millis: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(millis / 1000)) if millis else ""
 
 
-def _runs_of(jobs) -> dict:
+def _runs_of(jobs, clients: dict | None = None) -> dict:
     """Each job's MLflow run by the job's id: the run its metadata names (a sweep's parent, a resumed run) or
-    the run tagged with the job's id (``jobs.runs.RAY_JOBS``), found in its store where that answers."""
+    the run tagged with the job's id (``jobs.runs.RAY_JOBS``), found in its store where that answers (whose
+    client goes into ``clients``, by tracking URI, for the caller's further reads)."""
     from jobs.store import open_store
 
     by_uri: dict[str, list] = {}
@@ -112,6 +114,8 @@ def _runs_of(jobs) -> dict:
     for uri, some in by_uri.items():
         try:
             client = open_store(uri, create=False)
+            if clients is not None:
+                clients[uri] = client
             named = {job.submission_id: job.metadata[submit.RUN] for job in some if submit.RUN in (job.metadata or {})}
             for job_id, run_id in named.items():
                 found[job_id] = client.get_run(run_id)
@@ -130,19 +134,17 @@ def _runs_of(jobs) -> dict:
 def tracking_of(job) -> str:
     """The tracking URI a job's runs go to: as gradavg sent it, or the job's MLFLOW_TRACKING_URI (a job sent by
     Ray's own `ray job submit`); "" where neither says."""
-    env = ((job.runtime_env or {}).get("env_vars") or {}) if isinstance(job.runtime_env, dict) else {}
+    env = (job.runtime_env.get("env_vars") or {}) if isinstance(job.runtime_env, dict) else {}
     return (job.metadata or {}).get(submit.TRACKING) or env.get("MLFLOW_TRACKING_URI", "")
 
 
-def _progress(uri: str, run) -> list[tuple[str, str]]:
+def _progress(client, run) -> list[tuple[str, str]]:
     """How far the run got: its latest epoch and accuracies; a sweep's trials."""
     tags, metrics = run.data.tags, run.data.metrics
     if runs.SWEEP_TRIALS in tags:
         done = tags.get(runs.SWEEP_FINISHED)
         return [("trials", tags[runs.SWEEP_TRIALS] + (f" ({done} finished)" if done else ""))]
-    from jobs.store import open_store
-
-    history = open_store(uri, create=False).get_metric_history(run.info.run_id, "cost/train")
+    history = client.get_metric_history(run.info.run_id, "cost/train")
     if not history:
         return [("epoch", "none finished yet")]
     epoch = max(m.step for m in history)

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 
 from jobs.errors import reason
-from jobs.store import TrackingError, git_commit, open_store, process_uri
+from jobs.store import TrackingError, git_commit, open_store, process_uri, program
 
 # What started a run: its mlflow.source.name
 FROM_RUN = "gradavg run"
@@ -80,8 +80,6 @@ def continue_command(run_id: str, uri: str, sweep: bool = False, address: str | 
     """The command that continues a run (or, ``sweep``, a sweep) from its last checkpoint, to paste as it
     is: on the cluster at ``address`` (by default, the one a submitted job runs on), with the store it
     tracks to."""
-    from jobs.store import program
-
     address = address or os.environ.get(SUBMITTED_TO)
     if sweep:
         command = f"sweep --resume {run_id}" + (f" --address {address}" if address else "")

@@ -150,7 +150,8 @@ class RunTracker(Hooks):
 
         self.backend_tags = dict(backend_tags)
         try:
-            jobs = runs.job_tag(self.client.get_run(run_id).data.tags.get(runs.RAY_JOBS, ""))
+            run = self.client.get_run(run_id)  # its experiment, data and jobs: none of which the claim changes
+            jobs = runs.job_tag(run.data.tags.get(runs.RAY_JOBS, ""))
             claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
                                                                     runs.EPOCHS: str(self.cfg.epochs),
                                                                     **self.backend_tags, **jobs})
@@ -162,7 +163,6 @@ class RunTracker(Hooks):
             raise TrackingError(f"tracking store {self.uri} failed while reopening run {run_id} ({reason(e)})") \
                 from None
         self.run_id, self.stored_epoch = run_id, stored_epoch
-        run = self.client.get_run(run_id)
         self.experiment_id, self.data_name = run.info.experiment_id, run.data.tags.get(runs.DATASET, self.cfg.data)
         self._start_monitor(resume=True)
         self._start_heartbeat()
