@@ -220,12 +220,13 @@ def cmd_sweep(args) -> int:
             submit.client(args.address)  # the cluster answers
         else:
             sweep_run.check_data(plan)
+            stop_on_signals()  # a stopped sweep, or one whose terminal closed, ends its runs KILLED, as Ctrl-C does
         parent_id = sweep_run.start(plan, uri, driven_here=not args.address)
     if args.address:
         return _submit_sweep(args, uri, parent_id, plan.base.allow_pickle)
-    stop_on_signals()  # a stopped sweep, or one whose terminal closed, ends its runs KILLED, as Ctrl-C does
+    stop_on_signals()
     result = sweep_run.run_sweep(plan, uri, parent_id, args.at_once, on_ray=args.trials_on_ray,
-                                 register=args.register)
+                                 register=args.register, claimed=not args.resume)
     default_stop_signals()
     print(sweep_report.table_text(plan, result.rows))
     print(sweep_report.best_line(result))
@@ -247,9 +248,9 @@ def _submit_sweep(args, uri: str, parent_id: str, allow_pickle: bool) -> int:
         command = submit.sweep_entrypoint(parent_id, uri, args.at_once, args.register, allow_pickle)
         job_id = submit.send(command, args.address, uri, {submit.KIND: "sweep", submit.DESCRIBED:
                                                           _as_given(args, parent_id), submit.RUN: parent_id})
-    except Exception:
-        if not args.resume:  # the parent run of a sweep that never started
-            runs.close(open_store(uri), parent_id, "FAILED")
+    except BaseException as e:
+        if not args.resume:  # the parent run of a sweep that never started (or whose sending was stopped)
+            runs.close(open_store(uri), parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     print(job_id)
     address = submit.resolve_address(args.address)

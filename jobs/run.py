@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -24,7 +21,7 @@ from jobs.config import ConfigError, JobConfig, check_against_data, result_chang
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
-from jobs.stopping import STOP_SIGNALS, STOPPING, Interrupted
+from jobs.stopping import STOPPING, Interrupted, interrupts_deferred, no_interrupts
 from jobs.store import TrackingError
 from jobs.text import percent, plural
 from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
@@ -142,10 +139,12 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         start_backend(backend, cfg, data, state.network)
         confusion = None
         try:
-            if tracker and resume:
-                tracker.resume(resume, int(previous.data.tags.get(runs.RESUMED, "0")) + 1, state.epoch, backend.tags)
-            elif tracker:
-                tracker.start(data, backend.tags)
+            with interrupts_deferred():  # the run is opened whole, so that the tracker can close it
+                if tracker and resume:
+                    tracker.resume(resume, int(previous.data.tags.get(runs.RESUMED, "0")) + 1, state.epoch,
+                                   backend.tags)
+                elif tracker:
+                    tracker.start(data, backend.tags)
             hooks.hooks.extend([tracker] if tracker else [])
             state = train(cfg, data, backend, state=state, hooks=hooks, backend_started=True)
             if tracker and data.shards is not None:  # the test set's confusion counts, from where its blocks are
@@ -167,7 +166,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         raise
     finally:
         if tracker:
-            with _no_interrupts():
+            with no_interrupts():
                 tracker.end("KILLED" if status == "FAILED" and STOPPING.is_set() else status)
             if interrupted and tracker.run_id:  # the interrupt goes on, saying how to continue the run
                 raise Interrupted(_continue_hint(tracker)) from None
@@ -181,23 +180,6 @@ def _continue_hint(tracker) -> str:
         return f"run {tracker.run_id} ended KILLED before its first checkpoint; run the job again to start over"
     return (f"run {tracker.run_id} ended KILLED; continue it from its checkpoint of epoch {tracker.stored_epoch}: "
             f"{runs.continue_command(tracker.run_id, tracker.uri)}")
-
-
-@contextlib.contextmanager
-def _no_interrupts():
-    """While the run is closed: a second Ctrl-C or stop signal there would leave it RUNNING (the close is
-    bounded: each request to a store is, see ``jobs.store.bound_requests``)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
-    for s in saved:
-        signal.signal(s, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
 
 
 def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:

@@ -160,8 +160,12 @@ def open_run(client, experiment: str, name: str | None, tags: dict[str, str],
 
     experiment_id = experiment_id_of(client, experiment)
     run = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags))
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+    try:
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+    except BaseException as e:  # not left RUNNING, unknown to the caller
+        try_close(client, run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     return run.info.run_id, experiment_id
 
 

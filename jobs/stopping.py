@@ -6,6 +6,7 @@ install its handler (``stop_on_signals``), a sweep's trial its own (``stop_once_
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -51,6 +52,46 @@ def _interrupt_once(signum, frame):
 def _on_stop_signal(signum, frame):
     STOPPING.set()
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """While a run is opened or claimed: a Ctrl-C or stop signal waits for the block to end, then interrupts as
+    it would have. An interrupt inside the store's writes would leave a run in the store that its driver does not
+    know it opened, so cannot close: RUNNING for good. The block is bounded (each request to a store is, see
+    ``jobs.store.bound_requests``). Signals are only handled in the main thread, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
+    caught: list[int] = []
+    for s, handler in saved.items():
+        if callable(handler):  # a signal ignored, or left to kill the process, stays so
+            signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if caught:
+            saved[caught[0]](caught[0], None)  # the handler's own interrupt, now that the run is known
+
+
+@contextlib.contextmanager
+def no_interrupts():
+    """While a run is closed: a second Ctrl-C or stop signal there would leave it RUNNING (the close is
+    bounded, as above). Main thread only, as above."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
+    for s in saved:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from jobs import claims, runs
 from jobs.errors import reason
-from jobs.stopping import Interrupted
+from jobs.stopping import Interrupted, interrupts_deferred, no_interrupts
 from jobs.store import TrackingError, open_store
 from jobs.sweep import Plan, SuccessiveHalving, Trial, scheduler_for
 from jobs.sweep_report import Row, SweepResult, best_of, describe, log_report, read_row, register_once
@@ -33,8 +33,22 @@ PLAN_ARTIFACT = "sweep/plan.json"
 
 def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
     """Open the sweep's parent run: the swept keys as params, the plan and base config as files. Unless
-    ``driven_here``, the run is not claimed by this process (a submitted sweep's job drives it)."""
+    ``driven_here``, the run is not claimed by this process (a submitted sweep's job drives it). Stopped while
+    it opens the run, it ends the run KILLED."""
     client = open_store(uri)
+    run_id = None
+    try:
+        with interrupts_deferred():  # opened whole, so that it is known, and closed if stopped
+            run_id = _open(plan, uri, client, driven_here)
+    except KeyboardInterrupt:
+        if run_id is not None:
+            with no_interrupts():
+                runs.try_close(client, run_id, "KILLED")
+        raise
+    return run_id
+
+
+def _open(plan: Plan, uri: str, client, driven_here: bool) -> str:
     keys = [a.key for a in plan.axes]
     try:
         tags = {**runs.run_tags(runs.FROM_SWEEP, claims.driver_tags(claim=driven_here)),
@@ -44,12 +58,19 @@ def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
                   **({"samples": plan.samples} if plan.samples else {})}
         run_id, _ = runs.open_run(client, plan.base.experiment, name[:250], tags,
                                   {k: str(v)[:6000] for k, v in params.items()})
+    except Exception as e:
+        raise _not_opened(uri, e) from None
+    try:
         client.log_text(run_id, json.dumps(plan.to_dict(), indent=1), PLAN_ARTIFACT)
         client.log_text(run_id, plan.base.to_yaml(), "config.yaml")
     except Exception as e:
-        raise TrackingError(f"tracking store {uri} failed while opening the sweep's run ({reason(e)}); check the "
-                            "store") from None
+        runs.try_close(client, run_id, "FAILED")  # no sweep without its plan
+        raise _not_opened(uri, e) from None
     return run_id
+
+
+def _not_opened(uri: str, e: Exception) -> TrackingError:
+    return TrackingError(f"tracking store {uri} failed while opening the sweep's run ({reason(e)}); check the store")
 
 
 def _scheduler_text(plan: Plan) -> str:
@@ -96,22 +117,45 @@ def check_data(plan: Plan) -> None:
 
 
 def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, on_ray: bool = False,
-              register: str | None = None, stream: TextIO | None = None) -> SweepResult:
-    """Run every trial of ``plan`` not yet FINISHED under the parent run, then log the sweep's results."""
-
+              register: str | None = None, stream: TextIO | None = None, claimed: bool = False) -> SweepResult:
+    """Run every trial of ``plan`` not yet FINISHED under the parent run, then log the sweep's results.
+    ``claimed``: this process opened the parent run, claimed as it was (``start``). Stopped (Ctrl-C, a stop
+    signal) once it holds the parent's claim, it ends the parent and its running trials KILLED and raises
+    ``Interrupted`` with the command that continues the sweep."""
     stream = stream or sys.stderr
-    client = open_store(uri)
-    parent = client.get_run(parent_id)
-    children = latest_children(client, parent_id)
-    if parent.info.status == "FINISHED" and all(
-            children.get(t.number) is not None and children[t.number].info.status == "FINISHED" for t in plan.trials):
-        stream.write(f"gradavg: sweep {parent_id} is already complete: every trial FINISHED\n")
-        rows = [read_row(client, t, children[t.number]) for t in plan.trials]
-        best_id = parent.data.tags.get(runs.BEST_RUN_ID)
-        register_once(client, uri, parent_id, register, best_id, stream)
-        return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None),
-                           parent.info.experiment_id)
-    claims.take(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it now, and only this one
+    client = None
+    try:
+        client = open_store(uri)
+        parent = client.get_run(parent_id)
+        children = latest_children(client, parent_id)
+        if parent.info.status == "FINISHED" and all(children.get(t.number) is not None and
+                                                    children[t.number].info.status == "FINISHED" for t in plan.trials):
+            stream.write(f"gradavg: sweep {parent_id} is already complete: every trial FINISHED\n")
+            rows = [read_row(client, t, children[t.number]) for t in plan.trials]
+            best_id = parent.data.tags.get(runs.BEST_RUN_ID)
+            register_once(client, uri, parent_id, register, best_id, stream)
+            return SweepResult(parent_id, uri, rows, next((r for r in rows if r.run_id == best_id), None),
+                               parent.info.experiment_id)
+        with interrupts_deferred():  # claimed whole, so that a stop closes what it claimed
+            claims.take(client, parent_id, f"sweep --resume {parent_id}")  # this process drives it, and only this
+            claimed = True
+        return _drive(plan, uri, parent_id, parent, children, client, at_once, on_ray, register, stream)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted) or client is None or not claimed:
+            raise
+        with no_interrupts():
+            try:
+                _end_killed(client, parent_id)
+            except Exception:  # the store is gone too: `gradavg runs repair` settles the runs once it answers
+                pass
+        raise Interrupted(f"sweep {parent_id} ended KILLED; continue it (its finished trials are kept, the others "
+                          f"resume from their checkpoints): {runs.continue_command(parent_id, uri, sweep=True)}") \
+            from None
+
+
+def _drive(plan: Plan, uri: str, parent_id: str, parent, children: dict[int, Any], client, at_once: int | None,
+           on_ray: bool, register: str | None, stream: TextIO) -> SweepResult:
+    """The trials of a claimed sweep, then its results."""
     try:
         pending = _pending(client, plan, children)
     except Exception as e:  # nothing was deleted: the sweep is as it was, for a resume once the store answers
@@ -183,13 +227,7 @@ def _run_trials(runner, pending, at_once, client, uri, parent_id, total, stream)
             future.cancel()
         runner.stop()
         pool.shutdown(wait=True, cancel_futures=True)
-        try:
-            _end_killed(client, parent_id)
-        except Exception:  # the store is gone too: `gradavg runs repair` settles the runs once it answers
-            pass
-        raise Interrupted(f"sweep {parent_id} ended KILLED; continue it (its finished trials are kept, the others "
-                          f"resume from their checkpoints): {runs.continue_command(parent_id, uri, sweep=True)}") \
-            from None
+        raise  # run_sweep ends the runs KILLED
     pool.shutdown()
     return outcomes, settled
 

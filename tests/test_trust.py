@@ -4,6 +4,7 @@ are not readable by others; a run has one driver at a time."""
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
 import signal
@@ -254,6 +255,85 @@ def test_a_closed_terminal_ends_the_run_killed(tracking_uri, tmp_path, backend):
                                     f"checkpoint of epoch {epoch}: {program('gradavg')} run --resume {run_id} "
                                     f"--tracking-uri {tracking_uri}") and "Traceback" not in err
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+@pytest.fixture
+def stop_signals():
+    """SIGTERM stops this process as it stops a job (``jobs.stopping.stop_on_signals``), for one test."""
+    from jobs.stopping import STOP_SIGNALS, STOPPING, stop_on_signals
+
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    stop_on_signals()
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    STOPPING.clear()
+
+
+def _stopped_in(monkeypatch, owner, name: str) -> None:
+    """The first call of ``owner.name`` is stopped as it begins: SIGTERM arrives, as a Ctrl-C or a `jobs stop`
+    can at any moment. The call itself runs only if the stop waits for it."""
+    real, calls = getattr(owner, name), []
+
+    def stopped(*args, **kwargs):
+        if not calls:
+            calls.append(name)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, at Python's next instruction
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, stopped)
+
+
+def test_a_stop_while_a_run_is_opened_ends_it_killed_and_written_whole(tracking_uri, monkeypatch, stop_signals):
+    """Once a sweep's trial was stopped between creating its run and writing its params: the run was left
+    RUNNING, unknown to the driver that had opened it."""
+    from jobs.config import input_params, load_config
+    from jobs.run import run_job
+
+    cfg = load_config(CONFIGS / "digits.yaml", ["epochs=2"])
+    _stopped_in(monkeypatch, MlflowClient, "log_batch")
+    with pytest.raises(KeyboardInterrupt, match="ended KILLED before its first checkpoint"):
+        run_job(cfg, tracking_uri, quiet=True)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    assert run.data.params == input_params(cfg)  # the write the stop came in was not cut short
+
+
+def test_a_stop_while_a_run_is_claimed_for_a_resume_ends_it_killed(tracking_uri, monkeypatch, stop_signals):
+    from jobs import runs
+    from jobs.config import load_config
+    from jobs.run import run_job
+
+    run_id = run_job(load_config(CONFIGS / "digits.yaml", ["epochs=1"]), tracking_uri, quiet=True).run_id
+    _stopped_in(monkeypatch, runs, "reopen")
+    with pytest.raises(KeyboardInterrupt, match=f"continue it from its checkpoint of epoch 1: .* --resume {run_id}"):
+        run_job(load_config(CONFIGS / "digits.yaml", ["epochs=2"]), tracking_uri, quiet=True, resume=run_id)
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[runs.DRIVER_PID] == str(os.getpid()) and run.data.tags[runs.RESUMED] == "1"  # claimed whole
+
+
+def test_a_stop_while_a_sweep_is_opened_or_claimed_ends_it_killed(tracking_uri, monkeypatch, stop_signals):
+    from jobs import runs, sweep_run
+    from jobs.stopping import Interrupted
+    from jobs.sweep import plan_from
+
+    plan = plan_from(None, ["validation_size=300", "epochs=2", "eta=0.5,3.0"], None)
+    _stopped_in(monkeypatch, MlflowClient, "log_batch")
+    with pytest.raises(KeyboardInterrupt):
+        sweep_run.start(plan, tracking_uri)
+    client = MlflowClient(tracking_uri)
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert parent.info.status == "KILLED" and parent.data.params["eta"] == "0.5,3.0"
+    assert client.list_artifacts(parent.info.run_id, "sweep")  # its plan: a resume can run it
+
+    _stopped_in(monkeypatch, runs, "reopen")  # the resume is stopped as it claims the parent
+    with pytest.raises(Interrupted, match=f"sweep {parent.info.run_id} ended KILLED; continue it"):
+        sweep_run.run_sweep(plan, tracking_uri, parent.info.run_id, stream=io.StringIO())
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "KILLED" and parent.data.tags[runs.DRIVER_PID] == str(os.getpid())
+    assert not sweep_run._children(client, parent.info.run_id)  # no trial began
 
 
 def checkpoint_epoch(client, run_id: str) -> int:
