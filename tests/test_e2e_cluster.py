@@ -263,7 +263,7 @@ def test_stopping_a_job_ends_its_run_killed(servers, capsys):
     assert err.splitlines()[-1] == (f"gradavg: its run {run.info.run_id} ended KILLED; continue it: {GRADAVG} submit "
                                     f"--resume {run.info.run_id} --address {servers.dashboard} --tracking-uri "
                                     f"{servers.tracking_uri}")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while runs_of(servers, "e2e-stop")[1][0].info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert runs_of(servers, "e2e-stop")[1][0].info.status == "KILLED"

@@ -31,7 +31,7 @@ def test_a_killed_driver_resumes_to_the_same_bits(tracking_uri, tmp_path, capsys
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=holding_at(3))
     client = MlflowClient(tracking_uri)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # kill it once its checkpoint has landed, mid-training (held after epoch 3)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
@@ -161,7 +161,7 @@ def test_an_interrupted_run_says_how_to_continue_it_and_that_command_resumes_it_
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=holding_at(2))
     client = MlflowClient(tracking_uri)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # held after epoch 2, its checkpoint sent
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):

@@ -429,8 +429,7 @@ def test_a_sweep_killed_before_its_first_checkpoints_resumes_with_one_run_per_tr
     finally:
         process.kill()
         process.communicate()
-    _wait_for(lambda: all(c.info.status != "RUNNING" for c in latest_children(client, parent.info.run_id).values()),
-              30)
+    _wait_for(lambda: all(c.info.status != "RUNNING" for c in latest_children(client, parent.info.run_id).values()))
     assert main(["sweep", "--resume", parent.info.run_id]) == 0
     runs = client.search_runs([parent.info.experiment_id])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # no run left over for a trial
