@@ -173,6 +173,14 @@ def default_name(path: str | os.PathLike | None, overrides: list[str] = ()) -> s
     return " ".join([stem, *shown])[:250]
 
 
+def renamed(name: str, saved: JobConfig, cfg: JobConfig) -> str:
+    """A resumed run's name, with the values it states that ``cfg`` changes brought up to date: ``digits
+    epochs=5``, resumed with epochs=8, is ``digits epochs=8``."""
+    changed = {k for k in KEYS if k not in _UNNAMED and getattr(saved, k) != getattr(cfg, k)}
+    return " ".join(f"{k}={show(getattr(cfg, k))}" if (k := word.partition("=")[0]) in changed and "=" in word
+                    else word for word in name.split(" "))[:250]
+
+
 def _check(key: str, value: Any, ok: bool, valid: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={show(value)}: {valid}")

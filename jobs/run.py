@@ -142,7 +142,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             with interrupts_deferred():  # the run is opened whole, so that the tracker can close it
                 if tracker and resume:
                     tracker.resume(resume, int(previous.data.tags.get(runs.RESUMED, "0")) + 1, state.epoch,
-                                   backend.tags)
+                                   backend.tags, saved_cfg)
                 elif tracker:
                     tracker.start(data, backend.tags)
             hooks.hooks.extend([tracker] if tracker else [])
@@ -251,6 +251,10 @@ def check_resume_config(run_id: str, state: TrainingState, saved: JobConfig, cfg
     if changes and not force:
         raise ConfigError(f"--resume {run_id}: this config changes what the run computes ({'; '.join(changes)}); "
                           "use the run's own values, or pass --force to continue anyway")
+    if cfg.epochs < state.epoch and state.epoch >= saved.epochs:  # it has trained all its epochs already
+        raise ConfigError(f"--resume {run_id}: the run has trained all its epochs={saved.epochs} already, and "
+                          f"epochs={cfg.epochs} is fewer; pass epochs={state.epoch} to finish it, or more to train "
+                          "it further")
     if cfg.epochs < state.epoch or (cfg.epochs < saved.epochs and not force):
         raise ConfigError(f"--resume {run_id}: the run is at epoch {state.epoch} of its epochs={saved.epochs}, but "
                           f"this config says epochs={cfg.epochs}; pass epochs={saved.epochs} (or more) to finish it"

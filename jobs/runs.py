@@ -26,6 +26,7 @@ FROM_SWEEP = "gradavg sweep"
 
 # Every run: where it came from, and what happened (its description, in the UI's Overview)
 DESCRIPTION = "mlflow.note.content"
+NAME = "mlflow.runName"  # set again by a resume that changes a value the name states (jobs.config.renamed)
 SOURCE = "mlflow.source.name"
 VERSION = "gradavg_version"
 GIT_COMMIT = "git_commit"

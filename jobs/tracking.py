@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from jobs import claims, runs
-from jobs.config import JobConfig, input_params
+from jobs.config import JobConfig, input_params, renamed
 from jobs.data import Dataset
 from jobs.errors import JobFailed, reason
 from jobs.store import TrackingError, open_store, retry_locked
@@ -145,16 +145,20 @@ class RunTracker(Hooks):
             except MlflowException:  # a spec such as synthetic:N:INPUTS:CLASSES is no source MLflow knows,
                 return self._mlflow.data.from_numpy(data.x_train, **described)  # so the code stands as the source
 
-    def resume(self, run_id: str, times_resumed: int, stored_epoch: int, backend_tags: dict[str, str]) -> None:
-        """Continue an existing run: the same run id, no metric logged twice at one step."""
+    def resume(self, run_id: str, times_resumed: int, stored_epoch: int, backend_tags: dict[str, str],
+               saved: JobConfig) -> None:
+        """Continue an existing run: the same run id, no metric logged twice at one step; its name states the
+        values of this config (``saved``: the config it ran with)."""
 
         self.backend_tags = dict(backend_tags)
         try:
             run = self.client.get_run(run_id)  # its experiment, data and jobs: none of which the claim changes
             jobs = runs.job_tag(run.data.tags.get(runs.RAY_JOBS, ""))
+            name = renamed(run.info.run_name or "", saved, self.cfg)
             claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
                                                                     runs.EPOCHS: str(self.cfg.epochs),
-                                                                    **self.backend_tags, **jobs})
+                                                                    **self.backend_tags, **jobs,
+                                                                    **({runs.NAME: name} if name else {})})
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         except claims.DriverConflict:

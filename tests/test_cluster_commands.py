@@ -231,7 +231,7 @@ def test_a_resume_that_cannot_work_is_refused_before_sending(tracking_uri, capsy
     args = ["submit", str(CONFIGS / "digits.yaml"), "--resume", run.info.run_id, "--address", "http://127.0.0.1:9",
             "--tracking-uri", tracking_uri]
     assert main([*args, "epochs=2"]) == 2
-    assert "the run is at epoch 3 of its epochs=3, but this config says epochs=2" in error_line(capsys.readouterr().err)
+    assert "the run has trained all its epochs=3 already, and epochs=2 is fewer" in error_line(capsys.readouterr().err)
     assert main([*args, "epochs=3", "eta=1.0"]) == 2
     assert "this config changes what the run computes (eta: 3.0 -> 1.0)" in error_line(capsys.readouterr().err)
     assert main([*args, "epochs=4", "eta=1.0", "--force"]) == 2  # accepted here; then the cluster is unreachable

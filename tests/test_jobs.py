@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import mlflow
 import numpy as np
@@ -397,6 +398,26 @@ def test_evaluate_finds_a_model_in_the_store_it_is_given(tracking_uri, tmp_path,
     assert list(elsewhere.iterdir()) == []  # no store made here
 
 
+def test_a_resume_with_fewer_epochs_says_what_it_would_need():
+    from jobs.run import check_resume_config
+    from jobs.train import initial_state
+
+    saved = load_config(CONFIGS / "digits.yaml", ["epochs=3"])
+    state = initial_state(saved)
+    state.epoch = 2  # stopped after epoch 2 of 3
+    with pytest.raises(ConfigError, match=r"the run is at epoch 2 of its epochs=3, but this config says epochs=1; "
+                                          r"pass epochs=3 \(or more\) to finish it$"):
+        check_resume_config("R", state, saved, load_config(CONFIGS / "digits.yaml", ["epochs=1"]), force=True)
+    with pytest.raises(ConfigError, match=r"says epochs=2; pass epochs=3 \(or more\) to finish it, or --force to end "
+                                          r"it sooner$"):
+        check_resume_config("R", state, saved, load_config(CONFIGS / "digits.yaml", ["epochs=2"]), force=False)
+    assert check_resume_config("R", state, saved, load_config(CONFIGS / "digits.yaml", ["epochs=2"]), True) == []
+    state.epoch = 3  # all its epochs trained
+    with pytest.raises(ConfigError, match=r"the run has trained all its epochs=3 already, and epochs=2 is fewer; "
+                                          r"pass epochs=3 to finish it, or more to train it further$"):
+        check_resume_config("R", state, saved, load_config(CONFIGS / "digits.yaml", ["epochs=2"]), force=True)
+
+
 def test_a_resume_must_reach_the_runs_own_end(tracking_uri, capsys):
     args = ["run", str(CONFIGS / "digits.yaml"), "--quiet"]
     assert main([*args, "epochs=3", "checkpoint_every=1"]) == 0
@@ -404,12 +425,26 @@ def test_a_resume_must_reach_the_runs_own_end(tracking_uri, capsys):
     client.set_terminated(run.info.run_id, "KILLED")
     capsys.readouterr()
     assert main([*args, "epochs=2", "--resume", run.info.run_id]) == 2
-    assert "the run is at epoch 3 of its epochs=3, but this config says epochs=2; pass epochs=3" in \
+    assert "the run has trained all its epochs=3 already, and epochs=2 is fewer; pass epochs=3 to finish it" in \
         error_line(capsys.readouterr().err)
     assert main([*args, "epochs=3", "validation_size=100", "--resume", run.info.run_id]) == 2
     assert "this config changes what the run computes (validation_size: 200 -> 100;" in \
         error_line(capsys.readouterr().err)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert run.info.run_name == "digits epochs=3"
+    assert main([*args, "epochs=4", "--resume", run.info.run_id]) == 0  # one epoch more: the name says so
+    assert client.get_run(run.info.run_id).info.run_name == "digits epochs=4"
+
+
+def test_a_resumed_runs_name_states_the_values_it_now_runs_with():
+    from jobs.config import renamed
+
+    saved = load_config(CONFIGS / "digits.yaml", ["epochs=5", "eta=3"])
+    assert renamed("digits epochs=5 eta=3", saved, replace(saved, epochs=8)) == "digits epochs=8 eta=3"
+    assert renamed("digits eta=3", saved, replace(saved, epochs=8)) == "digits eta=3"  # it states no epochs
+    assert renamed("digits eta=3 sizes=[64,30,10]", saved, replace(saved, eta=0.5, sizes=(64, 20, 10))) == \
+        "digits eta=0.5 sizes=[64, 20, 10]"  # (--force)
+    assert renamed("digits epochs=5 trial 2: eta=3", saved, saved) == "digits epochs=5 trial 2: eta=3"
 
 
 def test_importing_cluster_changes_no_environment_until_asked(monkeypatch):
