@@ -2,13 +2,15 @@
 command does is ``jobs.commands``).
 
 Errors are one line on stderr. Exit status 2 means a user's mistake (a config, a path,
-an unreachable server), 1 a failed job, 130 an interrupted one.
+an unreachable server), 1 a failed job, and 128 + the signal's number one that was stopped (Ctrl-C 130,
+SIGTERM 143, SIGHUP 129), as a shell reports a process a signal ended.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -105,16 +107,30 @@ def _main(argv: list[str] | None) -> int:
         print(f"gradavg: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
+        from jobs.stopping import exit_status
+        from jobs.store import program
+
         if hint := getattr(e, "hint", ""):  # jobs.stopping.Interrupted: what was stopped, and how to continue it
-            _say(f"gradavg: interrupted: {hint}")
+            again = f": {shlex.join([program('gradavg'), *(sys.argv[1:] if argv is None else argv)])}" \
+                if e.start_over else ""
+            _say(f"gradavg: interrupted: {hint}{again}")
         else:
-            _say("gradavg: interrupted (" + ("the folder was not written)" if args.command == "data" else
-                                             "a run in progress ends KILLED)"))
-        return 130
+            _say("gradavg: interrupted" + _unopened(args))
+        return exit_status()
     except MemoryError:  # a run in progress has ended FAILED
         _say("gradavg: error: this process ran out of memory (MemoryError); free some, raise its limit (ulimit -v), "
              "or use a smaller network or dataset")
         return 1
+
+
+def _unopened(args) -> str:
+    """What an interrupt that names nothing it stopped means for the command."""
+    if args.command == "data":
+        return " (the folder was not written)"
+    if args.command in ("run", "sweep") and not getattr(args, "address", None):
+        return f" before the {args.command} was claimed: nothing was changed" if args.resume else \
+            " before a run was opened: nothing was recorded"
+    return " (a run in progress ends KILLED)"
 
 
 # Commands that load the compiled kernels, SciPy's BLAS and MLflow: they reserve about 1.2 GiB of address
@@ -327,6 +343,8 @@ def entry() -> None:
             raise
         traceback.print_exc()
         code = 1
+    if "jobs.stopping" in sys.modules:  # done: a Ctrl-C while the interpreter exits would only change the status
+        sys.modules["jobs.stopping"].ignore_stop_signals()
     if "cluster.connect" in sys.modules:
         sys.modules["cluster.connect"].end_process(code)
     sys.exit(code)

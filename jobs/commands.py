@@ -151,7 +151,7 @@ def cmd_submit(args) -> int:
         fetched = run, state, saved = fetch_checkpoint(uri, args.resume)
         cfg = job_config(args, uri, fetched)
         refuse_if_driven(run, f"--resume {args.resume}")
-        check_resume_config(args.resume, state, saved, cfg, args.force)
+        check_resume_config(args.resume, state, saved, cfg, args.force, finished=run.info.status == "FINISHED")
         if run.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):  # no job to send
             print(complete(args.resume, state))
             return 0

@@ -21,7 +21,7 @@ from jobs.config import ConfigError, JobConfig, check_against_data, result_chang
 from jobs.data import Dataset, load_dataset
 from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
-from jobs.stopping import STOPPING, Interrupted, interrupts_deferred, no_interrupts
+from jobs.stopping import STOPPING, Interrupted, interrupts_deferred, no_interrupts, raise_if_stopping
 from jobs.store import TrackingError
 from jobs.text import percent, plural
 from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
@@ -130,7 +130,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         tracker = RunTracker(cfg, tracking_uri, stream, tags, source)
     _note_idle_workers(cfg, progress)
     first_epoch = state.epoch
-    hooks = HookChain(progress, *hooks)
+    hooks = HookChain(progress, _StoppedQuietly(), *hooks)
     status, interrupted = "FAILED", False
     try:
         backend = make_backend(cfg, on_failure=lambda text: hooks.on_worker_failure(backend.failures, text))
@@ -154,6 +154,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         if tracker:
             progress.stage("logging the plots, the weights and the model")
             artifacts.finish(tracker, state, data, backend.tags, trained=state.epoch > first_epoch, confusion=confusion)
+            raise_if_stopping()
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM from a stopped job
         status = "KILLED"
@@ -169,17 +170,25 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             with no_interrupts():
                 tracker.end("KILLED" if status == "FAILED" and STOPPING.is_set() else status)
             if interrupted and tracker.run_id:  # the interrupt goes on, saying how to continue the run
-                raise Interrupted(_continue_hint(tracker)) from None
+                raise _interrupted(tracker) from None
     return JobResult(state, data, tracker.run_id if tracker else None, tracking_uri, time.perf_counter() - started,
                      experiment_id=tracker.experiment_id if tracker else None)
 
 
-def _continue_hint(tracker) -> str:
+def _interrupted(tracker) -> Interrupted:
     """What an interrupted run's last line says: it ended KILLED, and how to continue it."""
     if not tracker.stored_epoch:
-        return f"run {tracker.run_id} ended KILLED before its first checkpoint; run the job again to start over"
-    return (f"run {tracker.run_id} ended KILLED; continue it from its checkpoint of epoch {tracker.stored_epoch}: "
-            f"{runs.continue_command(tracker.run_id, tracker.uri)}")
+        return Interrupted(f"run {tracker.run_id} ended KILLED before its first checkpoint; run the job again to "
+                           "start over", start_over=True)
+    return Interrupted(f"run {tracker.run_id} ended KILLED; continue it from its checkpoint of epoch "
+                       f"{tracker.stored_epoch}: {runs.continue_command(tracker.run_id, tracker.uri)}")
+
+
+class _StoppedQuietly(Hooks):
+    """A stop whose interrupt something swallowed stops the job at the next epoch's end."""
+
+    def on_epoch_end(self, result, state):
+        raise_if_stopping()
 
 
 def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
@@ -235,7 +244,7 @@ def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, c
     digest = run.data.tags.get(runs.DATASET_DIGEST)
     changed_data = [f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)"] \
         if digest and digest != data.digest else []
-    changes = check_resume_config(run_id, state, saved, cfg, force, changed_data)
+    changes = check_resume_config(run_id, state, saved, cfg, force, changed_data, run.info.status == "FINISHED")
     n_batches = batch_count(data.n_train, saved.batch_size)
     if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
         raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
@@ -244,17 +253,20 @@ def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, c
 
 
 def check_resume_config(run_id: str, state: TrainingState, saved: JobConfig, cfg: JobConfig, force: bool,
-                        more_changes: list[str] = ()) -> list[str]:
+                        more_changes: list[str] = (), finished: bool = False) -> list[str]:
     """The checks of a resume that need only the configs (``gradavg submit`` makes them before sending):
-    what the new config changes in the computation, and whether it reaches the run's own end."""
+    what the new config changes in the computation, and whether it reaches the run's own end (``finished``:
+    the run FINISHED)."""
     changes = result_changes(saved, cfg) + list(more_changes)
     if changes and not force:
         raise ConfigError(f"--resume {run_id}: this config changes what the run computes ({'; '.join(changes)}); "
                           "use the run's own values, or pass --force to continue anyway")
     if cfg.epochs < state.epoch and state.epoch >= saved.epochs:  # it has trained all its epochs already
+        further = f"pass epochs={state.epoch + 1} or more to train it further" if finished else \
+            f"pass epochs={state.epoch} to finish it (it was stopped as it logged its results), or more to train it " \
+            "further"
         raise ConfigError(f"--resume {run_id}: the run has trained all its epochs={saved.epochs} already, and "
-                          f"epochs={cfg.epochs} is fewer; pass epochs={state.epoch} to finish it, or more to train "
-                          "it further")
+                          f"epochs={cfg.epochs} is fewer; {further}")
     if cfg.epochs < state.epoch or (cfg.epochs < saved.epochs and not force):
         raise ConfigError(f"--resume {run_id}: the run is at epoch {state.epoch} of its epochs={saved.epochs}, but "
                           f"this config says epochs={cfg.epochs}; pass epochs={saved.epochs} (or more) to finish it"

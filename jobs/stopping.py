@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 # Set when this process is being stopped (SIGTERM, SIGHUP, a cancelled Ray task): a job that then fails, because
@@ -20,15 +21,58 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_on_signals() -> None:
-    """From now on, a stop signal interrupts this process as Ctrl-C does (``STOP_SIGNALS``)."""
-    for s in STOP_SIGNALS:
+    """From now on, Ctrl-C or a stop signal (``STOP_SIGNALS``) interrupts this process and marks it stopping."""
+    for s in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(s, _on_stop_signal)
+    sys.unraisablehook = _quiet_interrupts
 
 
 def default_stop_signals() -> None:
     """Every run has ended: a stop signal has nothing left to close."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+
+
+def ignore_stop_signals() -> None:
+    """The command is done and its exit status known: a stop from now on would only change that status."""
+    for s in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def raise_if_stopping() -> None:
+    """A stop whose interrupt something swallowed (a finalizer, where Python only prints it; a library) stops
+    the job here."""
+    if STOPPING.is_set():
+        raise KeyboardInterrupt
+
+
+def exit_status() -> int:
+    """A stopped command's exit status, as a shell gives a process a signal ended: 128 + the signal's number
+    (Ctrl-C's SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+    return 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)
+
+
+_stopped_by: list[int] = []  # the signal that stopped this process first
+
+
+def reset() -> None:
+    """Not stopping (again): for a process that runs one job after another in it (a test session, a notebook)."""
+    STOPPING.clear()
+    _stopped_by.clear()
+
+
+def _stopping(signum: int) -> None:
+    if not STOPPING.is_set():
+        _stopped_by[:] = [signum]
+    STOPPING.set()
+
+
+def _quiet_interrupts(unraisable) -> None:
+    """An interrupt raised inside a finalizer is printed by Python as a traceback, then dropped: drop it
+    quietly (``STOPPING`` stays set, so the job stops at its next check, ``raise_if_stopping``)."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def stop_once_on_signals(signals: tuple = (signal.SIGINT, *STOP_SIGNALS)) -> None:
@@ -40,17 +84,18 @@ def stop_once_on_signals(signals: tuple = (signal.SIGINT, *STOP_SIGNALS)) -> Non
     driver SIGTERMs each trial), and a second interrupt would cut the closing of its run short."""
     for s in signals:
         signal.signal(s, _interrupt_once)
+    sys.unraisablehook = _quiet_interrupts
 
 
 def _interrupt_once(signum, frame):
     if STOPPING.is_set():
         return
-    STOPPING.set()
+    _stopping(signum)
     raise KeyboardInterrupt
 
 
 def _on_stop_signal(signum, frame):
-    STOPPING.set()
+    _stopping(signum)
     raise KeyboardInterrupt
 
 
@@ -95,8 +140,9 @@ def no_interrupts():
 
 
 class Interrupted(KeyboardInterrupt):
-    """An interrupt that says how to continue what it stopped (``hint``: a command to paste)."""
+    """An interrupt that says how to continue what it stopped (``hint``: a command to paste), or, with
+    ``start_over``, that what it stopped starts over from the beginning (the command line says how)."""
 
-    def __init__(self, hint: str):
+    def __init__(self, hint: str, start_over: bool = False):
         super().__init__(hint)
-        self.hint = hint
+        self.hint, self.start_over = hint, start_over

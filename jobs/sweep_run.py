@@ -41,10 +41,14 @@ def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
         with interrupts_deferred():  # opened whole, so that it is known, and closed if stopped
             run_id = _open(plan, uri, client, driven_here)
     except KeyboardInterrupt:
-        if run_id is not None:
-            with no_interrupts():
-                runs.try_close(client, run_id, "KILLED")
-        raise
+        if run_id is None:
+            raise
+        with no_interrupts():
+            runs.try_close(client, run_id, "KILLED")
+        if not driven_here:
+            raise
+        raise Interrupted(f"sweep {run_id} ended KILLED before its first trial; continue it: "
+                          f"{runs.continue_command(run_id, uri, sweep=True)}") from None
     return run_id
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 from jobs import runs
 from jobs.config import build_config
 from jobs.errors import one_line, reason
-from jobs.stopping import STOPPING, stop_once_on_signals
+from jobs.stopping import stop_once_on_signals
 from jobs.sweep import SuccessiveHalving, Trial
 from jobs.text import percent
 from jobs.train import Hooks
@@ -72,33 +71,17 @@ def _trial_process(config, uri, parent_id, number, resume_id, conn, scheduled) -
     """A local trial's process: ends its run KILLED on SIGINT or a stop signal (a closed terminal's SIGHUP
     reaches it as well as the driver), and dies with the sweep's driver."""
     stop_once_on_signals()
-    sys.unraisablehook = _quiet_interrupts  # an interrupt inside a finalizer is no traceback for the user
     _die_with_parent()
 
     def ask(epoch, accuracy):
         conn.send(("report", epoch, accuracy))
         return conn.recv()
 
-    outcome = run_trial(config, uri, parent_id, number, resume_id, ask if scheduled else None,
-                        hooks=(_StillInterrupted(),))
+    outcome = run_trial(config, uri, parent_id, number, resume_id, ask if scheduled else None)
     try:
         conn.send(("done", outcome))
     except OSError:  # the driver is gone (killed): the run has ended all the same
         pass
-
-
-def _quiet_interrupts(unraisable) -> None:
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-        sys.__unraisablehook__(unraisable)
-
-
-class _StillInterrupted(Hooks):
-    """An interrupt that arrived while Python ran a finalizer was swallowed there: raise it at the
-    next epoch's end instead."""
-
-    def on_epoch_end(self, result, state):
-        if STOPPING.is_set():
-            raise KeyboardInterrupt
 
 
 def _die_with_parent() -> None:
@@ -180,7 +163,7 @@ def _ray_trial(config, uri, parent_id, number, resume_id, rungs) -> Outcome:
     if threading.current_thread() is threading.main_thread():  # Ray cancels a task by interrupting it (SIGINT)
         stop_once_on_signals((signal.SIGINT,))
     ask = (lambda epoch, accuracy: ray.get(rungs.report.remote(number, epoch, accuracy))) if rungs else None
-    return run_trial(config, uri, parent_id, number, resume_id, ask, hooks=(_StillInterrupted(),))
+    return run_trial(config, uri, parent_id, number, resume_id, ask)
 
 
 class RayTrials:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing.process
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,20 @@ def pytest_report_header(config):
     if not (config.getoption("--all") or config.option.markexpr):
         return "tiers: a bare `pytest` runs the fast tier (no Ray, store, process or server); `pytest --all` runs all"
     return None
+
+
+@pytest.fixture(autouse=True)
+def _not_stopping():
+    """A test that stopped a job in this process (a signal to itself, ``main`` interrupted) leaves the next one
+    not stopping, and the signals' handlers as they were."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    hook = sys.unraisablehook
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    sys.unraisablehook = hook
+    if (stopping := sys.modules.get("jobs.stopping")) is not None:
+        stopping.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -84,7 +84,7 @@ def test_an_interrupted_run_ends_killed(tracking_uri, tmp_path):
             break
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # as a shell reports a process SIGTERM ended
     assert "Traceback" not in err
     assert only_run(tracking_uri)[1].info.status == "KILLED"
 
@@ -413,9 +413,14 @@ def test_a_resume_with_fewer_epochs_says_what_it_would_need():
         check_resume_config("R", state, saved, load_config(CONFIGS / "digits.yaml", ["epochs=2"]), force=False)
     assert check_resume_config("R", state, saved, load_config(CONFIGS / "digits.yaml", ["epochs=2"]), True) == []
     state.epoch = 3  # all its epochs trained
+    fewer = load_config(CONFIGS / "digits.yaml", ["epochs=2"])
     with pytest.raises(ConfigError, match=r"the run has trained all its epochs=3 already, and epochs=2 is fewer; "
-                                          r"pass epochs=3 to finish it, or more to train it further$"):
-        check_resume_config("R", state, saved, load_config(CONFIGS / "digits.yaml", ["epochs=2"]), force=True)
+                                          r"pass epochs=3 to finish it \(it was stopped as it logged its results\), "
+                                          r"or more to train it further$"):
+        check_resume_config("R", state, saved, fewer, force=True)  # KILLED as it logged its results
+    with pytest.raises(ConfigError, match=r"the run has trained all its epochs=3 already, and epochs=2 is fewer; "
+                                          r"pass epochs=4 or more to train it further$"):
+        check_resume_config("R", state, saved, fewer, force=True, finished=True)
 
 
 def test_a_resume_must_reach_the_runs_own_end(tracking_uri, capsys):

@@ -249,7 +249,7 @@ def test_a_closed_terminal_ends_the_run_killed(tracking_uri, tmp_path, backend):
         os.killpg(job.pid, signal.SIGHUP)
         job.wait(timeout=60)
     err = (tmp_path / "out.log").read_text()
-    assert job.returncode == 130, err[-3000:]
+    assert job.returncode == 128 + signal.SIGHUP, err[-3000:]
     epoch = checkpoint_epoch(client, run_id)
     assert err.splitlines()[-1] == (f"gradavg: interrupted: run {run_id} ended KILLED; continue it from its "
                                     f"checkpoint of epoch {epoch}: {program('gradavg')} run --resume {run_id} "
@@ -260,14 +260,13 @@ def test_a_closed_terminal_ends_the_run_killed(tracking_uri, tmp_path, backend):
 @pytest.fixture
 def stop_signals():
     """SIGTERM stops this process as it stops a job (``jobs.stopping.stop_on_signals``), for one test."""
-    from jobs.stopping import STOP_SIGNALS, STOPPING, stop_on_signals
+    from jobs.stopping import STOP_SIGNALS, stop_on_signals
 
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
     stop_on_signals()
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
-    STOPPING.clear()
 
 
 def _stopped_in(monkeypatch, owner, name: str) -> None:
@@ -284,20 +283,80 @@ def _stopped_in(monkeypatch, owner, name: str) -> None:
     monkeypatch.setattr(owner, name, stopped)
 
 
-def test_a_stop_while_a_run_is_opened_ends_it_killed_and_written_whole(tracking_uri, monkeypatch, stop_signals):
+def test_a_stop_while_a_run_is_opened_ends_it_killed_and_written_whole(tracking_uri, monkeypatch, stop_signals,
+                                                                       capsys):
     """Once a sweep's trial was stopped between creating its run and writing its params: the run was left
-    RUNNING, unknown to the driver that had opened it."""
-    from jobs.config import input_params, load_config
-    from jobs.run import run_job
+    RUNNING, unknown to the driver that had opened it. Its last line gives the command that starts it over."""
+    from jobs.config import input_params, load_job
 
-    cfg = load_config(CONFIGS / "digits.yaml", ["epochs=2"])
+    args = ["run", str(CONFIGS / "digits.yaml"), "epochs=2"]
     _stopped_in(monkeypatch, MlflowClient, "log_batch")
-    with pytest.raises(KeyboardInterrupt, match="ended KILLED before its first checkpoint"):
-        run_job(cfg, tracking_uri, quiet=True)
+    assert main(args) == 128 + signal.SIGTERM
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
-    assert run.data.params == input_params(cfg)  # the write the stop came in was not cut short
+    assert run.data.params == input_params(load_job(*args[1:2], args[2:]))  # the write it came in was not cut short
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"gradavg: interrupted: run {run.info.run_id} ended KILLED before its first checkpoint; run the job again "
+        f"to start over: {program('gradavg')} run {CONFIGS / 'digits.yaml'} epochs=2")
+
+
+def test_a_stop_before_a_run_is_opened_says_nothing_was_recorded(tracking_uri, monkeypatch, capsys):
+    from jobs import run
+
+    def stopped(cfg):
+        raise KeyboardInterrupt  # Ctrl-C while the data loads
+
+    monkeypatch.setattr(run, "prepare_data", stopped)
+    assert main(["run", str(CONFIGS / "digits.yaml")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "gradavg: interrupted before a run was opened: nothing was " \
+                                                       "recorded"
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_stop_that_a_finalizer_swallows_still_stops_the_run(tracking_uri, monkeypatch, stop_signals, capsys):
+    """Python only prints an interrupt raised inside a finalizer (a weakref's callback, a __del__): a Ctrl-C that
+    landed there as the run logged its results printed a traceback and was lost, the run ending FINISHED."""
+    from jobs import artifacts
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next instruction: inside this finalizer
+            sum(range(100))
+
+    logged = artifacts.log_model
+
+    def log_model(*args):
+        Finalized()
+        return logged(*args)
+
+    monkeypatch.setattr(artifacts, "log_model", log_model)
+    assert main(["run", str(CONFIGS / "digits.yaml"), "epochs=2", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    assert err.splitlines()[-1].endswith(f"ended KILLED; continue it from its checkpoint of epoch 2: "
+                                         f"{program('gradavg')} run --resume {run.info.run_id} --tracking-uri "
+                                         f"{tracking_uri}")
+
+
+def test_a_stop_after_the_command_is_done_leaves_its_exit_status(tmp_path):
+    """A Ctrl-C while the interpreter exits (its threads joined, its exit handlers run) once made a finished
+    job's exit status 130, with nothing printed."""
+    code = ("import atexit, os, signal, sys\n"
+            "from jobs import cli, stopping\n"
+            "def done(argv=None):\n"
+            "    stopping.stop_on_signals()\n"
+            "    return 0\n"
+            "cli.main = done\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), sum(range(100))))\n"
+            "cli.entry()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_a_stop_while_a_run_is_claimed_for_a_resume_ends_it_killed(tracking_uri, monkeypatch, stop_signals):
@@ -321,7 +380,7 @@ def test_a_stop_while_a_sweep_is_opened_or_claimed_ends_it_killed(tracking_uri, 
 
     plan = plan_from(None, ["validation_size=300", "epochs=2", "eta=0.5,3.0"], None)
     _stopped_in(monkeypatch, MlflowClient, "log_batch")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"ended KILLED before its first trial; continue it: .* sweep --resume"):
         sweep_run.start(plan, tracking_uri)
     client = MlflowClient(tracking_uri)
     (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
