@@ -59,9 +59,9 @@ def connect(cpus_needed: float) -> bool:
 @contextlib.contextmanager
 def keeping_sigterm_handler():
     """``ray.init`` replaces the SIGTERM handler with ``sys.exit`` (Ray 2.60); keep the caller's own, and its
-    SIGHUP handler too."""
+    SIGHUP and SIGINT handlers too."""
     main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)} if main else {}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)} if main else {}
     try:
         yield
     finally:
