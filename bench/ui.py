@@ -56,7 +56,7 @@ def pages(store: Path) -> list[Page]:
     """The pages to visit, from what the store holds."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.store import run_path
+    from jobs.store import model_version_path, run_path
 
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "digits"]
@@ -77,8 +77,9 @@ def pages(store: Path) -> list[Page]:
                                                                 "Best: trial"], image=True),
         Page("compare trials", f"#/compare-runs?runs={ids}&experiments={json.dumps([e])}&{ml}",
              ["Parameters:", "eta", "Metrics:", "accuracy/validation"], ("run_name",)),
-        Page("registered model", "#/models/digits-best/versions/1", ["The best trial", "kept_epoch",
-                                                                     "validation_accuracy"]),
+        Page("registered model", model_version_path("digits-best", "1"), ["The best trial", "kept_epoch",
+                                                                           "validation_accuracy"],
+             ("Evaluation runs", "Prompts")),
     ]
 
 

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import quote, urlparse, urlsplit
 
 from jobs.errors import UserError, reason
 
@@ -283,12 +283,21 @@ def program(name: str) -> str:
     return name if found and Path(found).resolve() == beside.resolve() else str(beside)
 
 
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_path(experiment_id: str, run_id: str) -> str:
     """A run's page in the MLflow UI, from its root, in the UI's view of training runs: MLflow 3.17's UI opens
     an experiment on its GenAI pages (traces, evaluations) unless the address or the browser's last choice
     ("GenAI | Model training", top left) says ``workflowType=machine_learning``; it does not read the
     experiment's kind tag (``jobs.runs.EXPERIMENT_KIND``) while that switch is shown."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def model_version_path(name: str, version: str) -> str:
+    """A registered model version's page in the MLflow UI, from its root, in the UI's view of training runs
+    (without it, MLflow 3.17 shows the page beside its GenAI menu: prompts, AI gateway)."""
+    return f"#/models/{quote(name, safe='')}/versions/{version}?{TRAINING_VIEW}"
 
 
 def free_port() -> int:

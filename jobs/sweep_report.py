@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jobs import runs
 from jobs.config import show
-from jobs.store import TrackingError, logged_models, process_uri
+from jobs.store import TrackingError, logged_models, model_version_path, process_uri, ui_hint
 from jobs.sweep import Plan, Trial
 from jobs.text import plural
 from jobs.trials import Outcome
@@ -124,7 +124,8 @@ def register_once(client, uri: str, parent_id: str, name: str | None, best_id: s
     client.update_model_version(name, version, description=_version_text(parent, best, tags))
     runs.set_tag(client, parent_id, runs.REGISTERED_MODEL, f"models:/{name}/{version}")
     number = tags.get("trial", "?")
-    stream.write(f"gradavg: registered trial {number}'s model as models:/{name}/{version}\n")
+    page = f" (its page: {ui_hint(uri, model_version_path(name, version))})" if uri.startswith("http") else ""
+    stream.write(f"gradavg: registered trial {number}'s model as models:/{name}/{version}{page}\n")
     if best.data.params.get("keep", "last") != "best" and tags.get("kept_epoch") != tags.get("best_epoch"):
         stream.write(f"gradavg: note: the trials kept their last epoch's weights (keep=last), so this model is epoch "
                      f"{tags.get('kept_epoch')}'s, not that of its best validation accuracy (epoch "

@@ -89,6 +89,15 @@ def test_keep_best_logs_the_best_epochs_weights_and_the_run_says_what_happened(t
     assert f"accuracy {accuracy[4]:.2f}%" in capsys.readouterr().out
 
 
+def test_a_registered_versions_page_opens_on_the_training_view():
+    """The address a sweep prints for the version it registered on a tracking server: the page in the UI's view of
+    training runs (bench/ui.py checks it in a browser: without the view, MLflow shows its GenAI menu beside it)."""
+    from jobs.store import model_version_path, ui_hint
+
+    assert ui_hint("http://127.0.0.1:5000/", model_version_path("digits best", "3")) == \
+        "http://127.0.0.1:5000/#/models/digits%20best/versions/3?workflowType=machine_learning"
+
+
 def test_keep_best_needs_a_validation_set():
     from jobs.config import ConfigError
 
