@@ -89,6 +89,21 @@ def test_keep_best_logs_the_best_epochs_weights_and_the_run_says_what_happened(t
     assert f"accuracy {accuracy[4]:.2f}%" in capsys.readouterr().out
 
 
+def test_an_existing_experiment_is_marked_as_training_runs(tracking_uri, capsys):
+    """An experiment made before gradavg used it (by hand, by an older gradavg, or as MLflow's GenAI kind) opens on
+    its training runs once a run goes into it; its other tags stay."""
+    client = MlflowClient(tracking_uri)
+    genai = client.create_experiment("digits", tags={"mlflow.experimentKind": "genai_development", "team": "a"})
+    bare = client.create_experiment("bare")
+    assert main(["run", DIGITS, "epochs=1"]) == 0
+    assert main(["run", DIGITS, "epochs=1", "experiment=bare"]) == 0
+    capsys.readouterr()
+    for experiment_id in (genai, bare):
+        (run,) = client.search_runs([experiment_id])  # the run went into the experiment that was there
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(genai).tags["team"] == "a"
+
+
 def test_a_registered_versions_page_opens_on_the_training_view():
     """The address a sweep prints for the version it registered on a tracking server: the page in the UI's view of
     training runs (bench/ui.py checks it in a browser: without the view, MLflow shows its GenAI menu beside it)."""
