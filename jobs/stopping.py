@@ -19,25 +19,33 @@ STOPPING = threading.Event()
 # a dropped ssh session (SIGHUP).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
+# Signals this process was started with ignored, which stay ignored, as whoever started it asked: `nohup`
+# ignores SIGHUP (a run that outlives its terminal), a shell ignores SIGINT for `command &` in a script.
+IGNORED_AT_START = frozenset(s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) == signal.SIG_IGN)
+
 
 def stop_on_signals() -> None:
     """From now on, Ctrl-C or a stop signal (``STOP_SIGNALS``) interrupts this process and marks it stopping."""
-    for s in (signal.SIGINT, *STOP_SIGNALS):
+    for s in _handled((signal.SIGINT, *STOP_SIGNALS)):
         signal.signal(s, _on_stop_signal)
     sys.unraisablehook = _quiet_interrupts
 
 
 def default_stop_signals() -> None:
     """Every run has ended: a stop signal has nothing left to close."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_DFL)
+    for s in _handled((signal.SIGINT, *STOP_SIGNALS)):
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
 
 
 def ignore_stop_signals() -> None:
     """The command is done and its exit status known: a stop from now on would only change that status."""
     for s in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(s, signal.SIG_IGN)
+
+
+def _handled(signals: tuple) -> list:
+    """Of ``signals``, those this process may handle: not those it was started with ignored."""
+    return [s for s in signals if s not in IGNORED_AT_START]
 
 
 def raise_if_stopping() -> None:
@@ -82,7 +90,7 @@ def stop_once_on_signals(signals: tuple = (signal.SIGINT, *STOP_SIGNALS)) -> Non
     Not ``stop_on_signals``'s handler, which interrupts at every signal, on purpose: one stop of a sweep
     reaches a trial's process more than once (Ctrl-C's SIGINT reaches the whole process group, then the
     driver SIGTERMs each trial), and a second interrupt would cut the closing of its run short."""
-    for s in signals:
+    for s in _handled(signals):
         signal.signal(s, _interrupt_once)
     sys.unraisablehook = _quiet_interrupts
 

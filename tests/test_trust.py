@@ -257,6 +257,23 @@ def test_a_closed_terminal_ends_the_run_killed(tracking_uri, tmp_path, backend):
     assert client.get_run(run_id).info.status == "KILLED"
 
 
+def test_a_run_started_with_nohup_outlives_its_terminal(tracking_uri, tmp_path):
+    """`nohup` starts a job with SIGHUP ignored, so that it outlives its terminal: the job keeps it ignored (it
+    once installed its own handler, and a closed terminal stopped the run). SIGTERM still stops it: its exit
+    status, 128 + the first signal that stopped it, says which did."""
+    args = [str(CONFIGS / "digits.yaml"), "epochs=2"]
+    job = subprocess.Popen(["nohup", sys.executable, "-m", "jobs.cli", "run", *args], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=holding_at(1),
+                           start_new_session=True)
+    client = MlflowClient(tracking_uri)
+    run_id = _wait_for_checkpoint(client, 120)  # held after epoch 1
+    os.killpg(job.pid, signal.SIGHUP)  # the terminal closes: nothing happens
+    os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate(timeout=60)[1]
+    assert job.returncode == 128 + signal.SIGTERM, err
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 @pytest.fixture
 def stop_signals():
     """SIGTERM stops this process as it stops a job (``jobs.stopping.stop_on_signals``), for one test."""
