@@ -4,6 +4,7 @@ command, returning its exit status (an error it raises is mapped to one by ``job
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -296,11 +297,13 @@ def cmd_jobs(args) -> int:
 
 def cmd_cluster(args) -> int:
     from jobs import local_cluster
+    from jobs.store import PROJECT_ROOT
 
+    state = Path(args.state_dir).resolve()  # printed commands work pasted in any folder
     if args.action == "down":
         stopped = local_cluster.down(args.state_dir)
-        print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing to stop ({args.state_dir}/cluster.json "
-                                                                "is absent)")
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing to stop: {state / 'cluster.json'} is absent "
+                                                                "(pass the --state-dir that `cluster up` was given)")
         return 0
     for option, port in (("--dashboard-port", args.dashboard_port), ("--mlflow-port", args.mlflow_port)):
         if not 1 <= port <= 65535:
@@ -311,11 +314,12 @@ def cmd_cluster(args) -> int:
     servers = local_cluster.up(args.state_dir, args.num_cpus, args.dashboard_port, args.mlflow_port)
     print(f"Ray dashboard   {servers.dashboard}")
     print(f"MLflow server   {servers.tracking_uri}")
-    print(f"submit a job:   {_gradavg()} submit configs/digits.yaml workers=2 chunk_size=5 --address "
+    print(f"submit a job:   {_gradavg()} submit {shlex.quote(str(PROJECT_ROOT / 'configs' / 'digits.yaml'))} "
+          "workers=2 chunk_size=5 --address "
           f"{servers.dashboard} "
           f"--tracking-uri {servers.tracking_uri} --follow")
     print(f"Ray's status:   {local_cluster.status_command(servers)}")
-    print(f"stop both:      {_gradavg()} cluster down --state-dir {args.state_dir}")
+    print(f"stop both:      {_gradavg()} cluster down --state-dir {shlex.quote(str(state))}")
     return 0
 
 

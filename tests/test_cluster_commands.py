@@ -124,6 +124,32 @@ def test_up_refuses_a_taken_port_and_starts_nothing(option, tmp_path, capsys, mo
     assert not (tmp_path / "state").exists()
 
 
+def test_up_prints_commands_that_work_pasted_in_any_folder(tmp_path, capsys, monkeypatch):
+    """`cluster up --state-dir` given relative: the printed `cluster down` names the folder absolutely, and the
+    printed `submit` a config that exists wherever it is pasted. A `down` pasted in the wrong folder (the old
+    relative hint) stopped nothing and said only that a relative file was absent."""
+    import shlex
+
+    started = []
+
+    def up(state_dir, *args):
+        started.append(Path(state_dir).resolve())
+        return local_cluster.Servers(str(state_dir), 1, 6379, "http://127.0.0.1:8265", 2, "http://127.0.0.1:5000")
+
+    monkeypatch.setattr(local_cluster, "up", up)
+    monkeypatch.chdir(tmp_path)
+    assert main(["cluster", "up", "--state-dir", "here state"]) == 0
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines() if ":   " in line)
+    down = shlex.split(lines["stop both"])
+    assert down[1:4] == ["cluster", "down", "--state-dir"] and Path(down[4]) == tmp_path / "here state" == started[0]
+    job = shlex.split(lines["submit a job"])
+    assert Path(job[2]) == CONFIGS / "digits.yaml" and job[1] == "submit"
+    monkeypatch.chdir(ROOT)
+    assert main(down[1:]) == 0  # nothing there to stop: says where it looked
+    assert capsys.readouterr().out.strip() == (f"nothing to stop: {tmp_path / 'here state' / 'cluster.json'} is absent"
+                                               " (pass the --state-dir that `cluster up` was given)")
+
+
 class Healthy(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
