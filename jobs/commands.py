@@ -222,7 +222,7 @@ def cmd_sweep(args) -> int:
         else:
             sweep_run.check_data(plan)
             stop_on_signals()  # a stopped sweep, or one whose terminal closed, ends its runs KILLED, as Ctrl-C does
-        parent_id = sweep_run.start(plan, uri, driven_here=not args.address)
+        parent_id = sweep_run.start(plan, uri, driven_here=not args.address, register=args.register)
     if args.address:
         return _submit_sweep(args, uri, parent_id, plan.base.allow_pickle)
     stop_on_signals()
@@ -235,7 +235,7 @@ def cmd_sweep(args) -> int:
     print(f"look at it: {ui_hint(uri, run_path(result.experiment_id, parent_id))}")
     failed = [r for r in result.rows if r.status != "FINISHED"]
     if failed:
-        again = runs.continue_command(parent_id, uri, sweep=True)
+        again = runs.continue_command(parent_id, uri, sweep=True, register=args.register)
         print(f"gradavg: {len(failed)} of {len(result.rows)} trials did not finish (the table's status column); "
               f"`{again}` runs them again (from their checkpoints, where they have one)", file=sys.stderr)
     return 1 if failed else 0

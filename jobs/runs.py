@@ -69,6 +69,7 @@ BEST_ACCURACY = "best_validation_accuracy"
 BEST_EPOCH = "best_epoch"
 BEST_VALUE = "best."  # and a swept key: the best trial's value of the key
 REGISTERED_MODEL = "registered_model"
+REGISTER_AS = "register_as"  # the name a sweep was started with, --register NAME
 
 
 # A submitted job's environment: the address of the cluster it was submitted to (``jobs.submit``), so that
@@ -77,13 +78,17 @@ SUBMITTED_TO = "GRADAVG_SUBMITTED_TO"
 JOB_ID = "GRADAVG_JOB_ID"  # and its Ray job's id: the run is tagged RAY_JOBS with it
 
 
-def continue_command(run_id: str, uri: str, sweep: bool = False, address: str | None = None) -> str:
+def continue_command(run_id: str, uri: str, sweep: bool = False, address: str | None = None,
+                     register: str | None = None) -> str:
     """The command that continues a run (or, ``sweep``, a sweep) from its last checkpoint, to paste as it
     is: on the cluster at ``address`` (by default, the one a submitted job runs on), with the store it
-    tracks to."""
+    tracks to; a sweep that was to ``register`` its best model still does."""
+    import shlex
+
     address = address or os.environ.get(SUBMITTED_TO)
     if sweep:
         command = f"sweep --resume {run_id}" + (f" --address {address}" if address else "")
+        command += f" --register {shlex.quote(register)}" if register else ""
     elif address:
         command = f"submit --resume {run_id} --address {address}"
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,11 @@ def register_once(client, uri: str, parent_id: str, name: str | None, best_id: s
         if name:
             stream.write(f"gradavg: the best trial's model is registered already, as {registered}\n")
         return
+    asked = parent.data.tags.get(runs.REGISTER_AS)
+    if not name and asked and best_id is not None:  # registering is done only when the command line asks
+        again = f"--register {shlex.quote(asked)}"
+        stream.write(f"gradavg: note: this sweep was started with {again}, and its best trial's model is not "
+                     f"registered yet: pass {again} to register it\n")
     if not name or best_id is None:
         return
     best = client.get_run(best_id)

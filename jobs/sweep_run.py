@@ -31,15 +31,16 @@ from jobs.trials import LocalTrials, Outcome, RayTrials
 PLAN_ARTIFACT = "sweep/plan.json"
 
 
-def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
-    """Open the sweep's parent run: the swept keys as params, the plan and base config as files. Unless
+def start(plan: Plan, uri: str, driven_here: bool = True, register: str | None = None) -> str:
+    """Open the sweep's parent run: the swept keys as params, the plan and base config as files (and the name it
+    is to ``register`` its best model as, which its continue commands repeat). Unless
     ``driven_here``, the run is not claimed by this process (a submitted sweep's job drives it). Stopped while
     it opens the run, it ends the run KILLED."""
     client = open_store(uri)
     run_id = None
     try:
         with interrupts_deferred():  # opened whole, so that it is known, and closed if stopped
-            run_id = _open(plan, uri, client, driven_here)
+            run_id = _open(plan, uri, client, driven_here, register)
     except KeyboardInterrupt:
         if run_id is None:
             raise
@@ -48,15 +49,16 @@ def start(plan: Plan, uri: str, driven_here: bool = True) -> str:
         if not driven_here:
             raise
         raise Interrupted(f"sweep {run_id} ended KILLED before its first trial; continue it: "
-                          f"{runs.continue_command(run_id, uri, sweep=True)}") from None
+                          f"{runs.continue_command(run_id, uri, sweep=True, register=register)}") from None
     return run_id
 
 
-def _open(plan: Plan, uri: str, client, driven_here: bool) -> str:
+def _open(plan: Plan, uri: str, client, driven_here: bool, register: str | None) -> str:
     keys = [a.key for a in plan.axes]
     try:
         tags = {**runs.run_tags(runs.FROM_SWEEP, claims.driver_tags(claim=driven_here)),
-                runs.SWEEP_KEYS: ", ".join(keys), runs.SWEEP_TRIALS: str(len(plan.trials))}
+                runs.SWEEP_KEYS: ", ".join(keys), runs.SWEEP_TRIALS: str(len(plan.trials)),
+                **({runs.REGISTER_AS: register} if register else {})}
         name = f"{plan.base.run_name or ''} sweep of {', '.join(keys)}".strip()
         params = {**{a.key: a.text for a in plan.axes}, "trials": len(plan.trials), "scheduler": _scheduler_text(plan),
                   **({"samples": plan.samples} if plan.samples else {})}
@@ -153,7 +155,8 @@ def run_sweep(plan: Plan, uri: str, parent_id: str, at_once: int | None = None, 
             except Exception:  # the store is gone too: `gradavg runs repair` settles the runs once it answers
                 pass
         raise Interrupted(f"sweep {parent_id} ended KILLED; continue it (its finished trials are kept, the others "
-                          f"resume from their checkpoints): {runs.continue_command(parent_id, uri, sweep=True)}") \
+                          f"resume from their checkpoints): "
+                          f"{runs.continue_command(parent_id, uri, sweep=True, register=register)}") \
             from None
 
 
@@ -164,7 +167,7 @@ def _drive(plan: Plan, uri: str, parent_id: str, parent, children: dict[int, Any
         pending = _pending(client, plan, children)
     except Exception as e:  # nothing was deleted: the sweep is as it was, for a resume once the store answers
         runs.try_close(client, parent_id, parent.info.status if parent.info.status != "RUNNING" else "KILLED")
-        again = runs.continue_command(parent_id, uri, sweep=True)
+        again = runs.continue_command(parent_id, uri, sweep=True, register=register)
         raise TrackingError(f"tracking store {uri} failed while the sweep's trials were read ({reason(e)}); nothing "
                             f"was changed: run `{again}` again when it answers") from None
     scheduler = scheduler_for(plan)
@@ -186,7 +189,7 @@ def _drive(plan: Plan, uri: str, parent_id: str, parent, children: dict[int, Any
         from jobs.tracking import TrackingLostError
 
         runs.try_close(client, parent_id, "FAILED")  # a parent left RUNNING would look driven
-        again = runs.continue_command(parent_id, uri, sweep=True)
+        again = runs.continue_command(parent_id, uri, sweep=True, register=register)
         raise TrackingLostError(f"the tracking store {uri} failed while the sweep's results were logged "
                                 f"({reason(e)}); each trial's run holds its own; when the store answers again, "
                                 f"`{again}` logs the sweep's table and plots") from None

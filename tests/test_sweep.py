@@ -389,6 +389,35 @@ def test_the_best_model_is_registered(tracking_uri, capsys):
     assert version.description.startswith(f"The best trial (trial 2: eta=3.0) of sweep run {parent.info.run_id}")
 
 
+def test_a_stopped_sweeps_continue_command_still_registers_its_model(tracking_uri, capsys, monkeypatch):
+    """A sweep started with --register and stopped: the command it prints to continue it repeats --register (once
+    it did not, and the continued sweep registered nothing); continued without it, the sweep says how to register."""
+    from jobs import store, sweep_run
+
+    real = sweep_run._run_trials
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C as the trials start
+
+    monkeypatch.setattr(sweep_run, "_run_trials", stopped)
+    assert main(["sweep", DIGITS, "epochs=2", "eta=0.5,3.0", "validation_size=300", "--register", "my best"]) == 130
+    client, (parent,), _ = _sweep_runs(tracking_uri)
+    parent_id = parent.info.run_id
+    gradavg = store.program("gradavg")
+    again = f"{gradavg} sweep --resume {parent_id} --register 'my best' --tracking-uri {tracking_uri}"
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"resume from their checkpoints): {again}")
+    monkeypatch.setattr(sweep_run, "_run_trials", real)
+    assert main(["sweep", "--resume", parent_id]) == 0  # without it: registers nothing, says how
+    assert "note: this sweep was started with --register 'my best', and its best trial's model is not registered " \
+           "yet: pass --register 'my best' to register it" in capsys.readouterr().err
+    assert not client.search_registered_models()
+    import shlex
+
+    assert main(shlex.split(again)[1:]) == 0  # the command it printed, pasted
+    assert "registered trial 2's model as models:/my best/1" in capsys.readouterr().err
+    assert client.get_run(parent_id).data.tags["registered_model"] == "models:/my best/1"
+
+
 def test_a_trial_whose_process_dies_fails_and_resumes(tracking_uri, capsys):
     import psutil
 
