@@ -9,7 +9,7 @@ DataFrame or a list of rows; the model's signature checks the count and that the
 (integers are refused, not silently cast), and NaN or infinite values are refused. The inputs are used
 as they are, never rescaled: a network trained on inputs in [0, 1] (every bundled dataset) refuses a
 value above 1, the sign of unscaled pixels, with the fix (divide pixels in [0, 255] by 255, the
-digits' 0 to 16 by 16).
+digits' 0 to 16 by 16), and a value below 0. No rows in, no rows out.
 """
 
 import json
@@ -41,13 +41,16 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         x = np.ascontiguousarray(model_input, dtype=self.network.dtype)  # a DataFrame's columns: rows, as trained
         if x.ndim == 1:
             x = x[None, :]
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], -1) if x.shape[0] else x.reshape(0, self.network.sizes[0])  # no rows: none out
         if not np.all(np.isfinite(x)):
             raise ValueError("an input value is NaN or infinite; pass finite numbers")
         if self.unit_range and x.size and x.max() > 1.0:
             raise ValueError(f"an input value is {x.max():g}, but this network was trained on inputs in [0, 1]; "
                              "scale the inputs as its training data was (pixels in [0, 255]: divide by 255; "
                              "scikit-learn's digits, 0 to 16: divide by 16)")
+        if self.unit_range and x.size and x.min() < 0.0:
+            raise ValueError(f"an input value is {x.min():g}, but this network was trained on inputs in [0, 1]; "
+                             "pass inputs scaled as its training data was, in [0, 1] (not centred on 0)")
         if output == "labels":
             return self.network.predict(x)
         activations = self.network.feedforward(x)

@@ -81,6 +81,10 @@ def test_keep_best_logs_the_best_epochs_weights_and_the_run_says_what_happened(t
     assert np.array_equal(activations, weights.feedforward(x))
     with pytest.raises(Exception, match=r"pixels in \[0, 255\]: divide by 255; scikit-learn's digits, 0 to 16"):
         model.predict(x * 255)
+    with pytest.raises(Exception, match=r"an input value is -1, but this network was trained on inputs in \[0, 1\]"):
+        model.predict(x - x.max())  # centred, not scaled as trained: once answered with labels
+    assert model.predict(x[:0]).shape == (0,)  # no rows, no labels (it once failed to reshape them)
+    assert model.predict(x[:0], params={"output": "probabilities"}).shape == (0, 10)
     with pytest.raises(Exception, match="an input value is NaN or infinite"):
         model.predict(np.where(x > 0.5, np.nan, x))
     with pytest.raises(Exception, match="ask for one of labels, probabilities, activations"):
