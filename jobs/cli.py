@@ -111,8 +111,9 @@ def _main(argv: list[str] | None) -> int:
         from jobs.store import program
 
         if hint := getattr(e, "hint", ""):  # jobs.stopping.Interrupted: what was stopped, and how to continue it
-            again = f": {shlex.join([program('gradavg'), *(sys.argv[1:] if argv is None else argv)])}" \
-                if e.start_over else ""
+            again = f": cd {shlex.quote(os.getcwd())} && " \
+                f"{shlex.join([program('gradavg'), *(sys.argv[1:] if argv is None else argv)])}" \
+                if e.start_over else ""  # as typed, in the folder it was typed in: its paths may be relative
             _say(f"gradavg: interrupted: {hint}{again}")
         else:
             _say("gradavg: interrupted" + _unopened(args))

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 
 from jobs.errors import reason
-from jobs.store import TrackingError, git_commit, open_store, process_uri, program
+from jobs.store import TrackingError, absolute_uri, git_commit, open_store, process_uri, program
 
 # What started a run: its mlflow.source.name
 FROM_RUN = "gradavg run"
@@ -93,7 +93,7 @@ def continue_command(run_id: str, uri: str, sweep: bool = False, address: str | 
         command = f"submit --resume {run_id} --address {address}"
     else:
         command = f"run --resume {run_id}"
-    return f"{program('gradavg')} {command} --tracking-uri {uri}"  # the store, whatever folder it is pasted in
+    return f"{program('gradavg')} {command} --tracking-uri {absolute_uri(uri)}"  # the store, in any folder
 
 
 def artifact_image(run_id: str, path: str, text: str) -> str:

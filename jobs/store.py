@@ -187,6 +187,16 @@ def private_file(path: Path) -> None:
         pass
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` as a printed command names it, for the same store in any folder it is pasted in: a relative
+    ``sqlite:///PATH`` made absolute (from this process's folder), any other URI as it is."""
+    path = _sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    query = uri.partition("?")[2]
+    return f"sqlite:///{Path.cwd() / path}" + (f"?{query}" if query else "")
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The file of a ``sqlite:///PATH`` URI; None for any other URI and for an in-memory ``sqlite://``."""
     if not uri.startswith("sqlite:///"):
@@ -266,7 +276,7 @@ def ui_hint(uri: str, path: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     port = free_port()
-    return (f"{program('mlflow')} ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
+    return (f"{program('mlflow')} ui --backend-store-uri {absolute_uri(uri)} --host 127.0.0.1 --port {port}, then open "
             f"http://127.0.0.1:{port}/{path}")
 
 

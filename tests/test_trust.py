@@ -315,7 +315,7 @@ def test_a_stop_while_a_run_is_opened_ends_it_killed_and_written_whole(tracking_
     assert run.data.params == input_params(load_job(*args[1:2], args[2:]))  # the write it came in was not cut short
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"gradavg: interrupted: run {run.info.run_id} ended KILLED before its first checkpoint; run the job again "
-        f"to start over: {program('gradavg')} run {CONFIGS / 'digits.yaml'} epochs=2")
+        f"to start over: cd {os.getcwd()} && {program('gradavg')} run {CONFIGS / 'digits.yaml'} epochs=2")
 
 
 def test_a_stop_before_a_run_is_opened_says_nothing_was_recorded(tracking_uri, monkeypatch, capsys):

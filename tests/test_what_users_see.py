@@ -108,6 +108,24 @@ def test_an_existing_experiment_is_marked_as_training_runs(tracking_uri, capsys)
     assert client.get_experiment(genai).tags["team"] == "a"
 
 
+def test_a_relative_sqlite_store_is_named_absolutely_in_what_is_printed_to_paste(tmp_path, monkeypatch, capsys):
+    """`--tracking-uri sqlite:///runs.db` is relative to the folder the command ran in: the commands it prints
+    (look at it, continue it) name the file absolutely, so that pasted elsewhere they find the same store (once
+    they named a new, empty one)."""
+    from jobs.runs import continue_command
+    from jobs.store import absolute_uri, program
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["run", DIGITS, "epochs=1", "--tracking-uri", "sqlite:///runs.db"]) == 0
+    look = capsys.readouterr().out.splitlines()[-1]
+    assert f"--backend-store-uri sqlite:///{tmp_path / 'runs.db'} --host" in look
+    assert continue_command("ID", "sqlite:///sub/runs.db?timeout=5") == \
+        f"{program('gradavg')} run --resume ID --tracking-uri sqlite:///{tmp_path / 'sub' / 'runs.db'}?timeout=5"
+    for same in (f"sqlite:///{tmp_path / 'runs.db'}", "http://127.0.0.1:5000", "file:///tmp/mlruns"):
+        assert absolute_uri(same) == same
+
+
 def test_a_registered_versions_page_opens_on_the_training_view():
     """The address a sweep prints for the version it registered on a tracking server: the page in the UI's view of
     training runs (bench/ui.py checks it in a browser: without the view, MLflow shows its GenAI menu beside it)."""
