@@ -68,10 +68,22 @@ def check_uri(uri: str, where: str) -> str:
                             "sqlite:///PATH.db") from None
     if parts.scheme in ("http", "https") and not parts.hostname:
         raise TrackingError(f"{where} {masked(uri)}: names no host; write http://HOST:PORT")
+    if parts.scheme in ("", "file"):
+        raise TrackingError(_not_a_store(uri, where))
     if parts.scheme == "sqlite" and _sqlite_path(uri) is None:
         raise TrackingError(f"{where} {uri}: an in-memory store is gone when the process ends (and a job's other "
                             "processes cannot see it); write sqlite:///PATH.db for a file")
     return uri
+
+
+def _not_a_store(uri: str, where: str) -> str:
+    """What a path given as a tracking URI needs: a sqlite file is named ``sqlite:///PATH``; a folder is MLflow's
+    file store, which MLflow 3 keeps for old runs only (in "maintenance mode"), a job's run needs a database."""
+    path = Path(urlsplit(uri).path if uri.startswith("file:") else uri).expanduser().absolute()
+    if path.suffix in (".db", ".sqlite", ".sqlite3") or path.is_file():
+        return f"{where} {uri}: a file is named by a URI; write sqlite:///{path}"
+    return (f"{where} {uri}: a folder of runs is MLflow's file store, which takes no new runs in MLflow 3; write "
+            f"sqlite:///PATH.db (`mlflow migrate-filestore` moves a folder's runs into one) or http://HOST:PORT")
 
 
 def bound_requests() -> None:

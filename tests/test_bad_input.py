@@ -150,7 +150,7 @@ def sharded_folders(d: Path) -> None:
     (d / "shard-classes" / "manifest.json").write_text(json.dumps(manifest))
 
 
-# (arguments, with {d} for the folder of files above; what the error line must say)
+# (arguments, with {d} for the folder of files above; what the error line must say, {d} likewise)
 ROWS = [
     (["run", DIGITS, "eta=0"], "eta=0.0: the learning rate η must be a finite number > 0"),
     (["run", DIGITS, "eta=-1"], "eta=-1.0: the learning rate"),
@@ -275,6 +275,11 @@ ROWS = [
     (["run", DIGITS, "--tracking-uri", "sqlite://"], "an in-memory store is gone when the process ends"),
     (["run", DIGITS, "--tracking-uri", "sqlite:///{d}/ro.db?mode=ro"], "is opened read-only (mode=ro)"),
     (["run", DIGITS, "--tracking-uri", " "], "--tracking-uri is blank"),
+    (["run", DIGITS, "--tracking-uri", "{d}/mlflow.db"], "--tracking-uri {d}/mlflow.db: a file is named by a URI; "
+                                                         "write sqlite:///{d}/mlflow.db"),
+    (["run", DIGITS, "--tracking-uri", "./mlruns"], "--tracking-uri ./mlruns: a folder of runs is MLflow's file "
+                                                    "store, which takes no new runs in MLflow 3; write sqlite:///"),
+    (["evaluate", "runs:/abc", "--tracking-uri", "file:///tmp/mlruns"], "a folder of runs is MLflow's file store"),
     (["evaluate", "runs:/abc", "--tracking-uri", "http://[::1"], "not a valid URI"),
     (["runs", "repair", "--tracking-uri", "http://127.0.0.1:abc"], "not a valid URI"),
     (["sweep", DIGITS, "validation_size=300", "eta=1,2", "--tracking-uri", "http://[::1"], "not a valid URI"),
@@ -343,7 +348,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_store_opens(files, tmp_path
     """Refused before a store is opened, so no run can be left RUNNING: the store named is never made."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    assert message in run_row(args, files, capsys, monkeypatch)
+    assert message.replace("{d}", str(files)) in run_row(args, files, capsys, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no mlruns/, nothing written here
 
 
@@ -353,7 +358,7 @@ IN_A_STORE = [row for row in ROWS if needs_a_store(row[0])]
 @pytest.mark.parametrize("args, message", IN_A_STORE, ids=[" ".join(a)[:60] for a, _ in IN_A_STORE])
 def test_bad_input_about_a_stored_run_is_one_line_and_leaves_no_run_running(files, tracking_uri, capsys,
                                                                             monkeypatch, args, message):
-    assert message in run_row(args, files, capsys, monkeypatch)
+    assert message.replace("{d}", str(files)) in run_row(args, files, capsys, monkeypatch)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
