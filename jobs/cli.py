@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -178,8 +179,21 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return parser.parse_args(argv)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one line, as every other mistake is: what is wrong, and where the usage is
+    (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        flags = re.findall(r"--([a-z_]+)", message) if message.startswith("unrecognized arguments") else []
+        from jobs.config import KEYS
+
+        keys = [f for f in flags if f in KEYS]  # --epochs 5 for epochs=5
+        advice = f" (config keys are written key=value, e.g. {keys[0]}=...)" if keys else ""
+        self.exit(2, f"{self.prog}: error: {message}{advice}; `{self.prog} --help` shows the usage\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradavg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Train neural networks by backpropagation, averaging gradient sums exactly, "
                     "in one process or on a Ray cluster, tracked in MLflow.")

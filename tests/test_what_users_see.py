@@ -126,6 +126,22 @@ def test_a_relative_sqlite_store_is_named_absolutely_in_what_is_printed_to_paste
         assert absolute_uri(same) == same
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["run", DIGITS, "--epochs", "5"], "gradavg run: error: unrecognized arguments: --epochs 5 (config keys are "
+                                       "written key=value, e.g. epochs=...); `gradavg run --help` shows the usage"),
+    (["evaluate", "w.npz", "--split", "valid"], "gradavg evaluate: error: argument --split: invalid choice: 'valid' "
+                                                "(choose from 'test', 'validation', 'train'); `gradavg evaluate "
+                                                "--help` shows the usage"),
+    (["jobs"], "gradavg jobs: error: the following arguments are required: action; `gradavg jobs --help` shows the "
+               "usage"),
+])
+def test_a_command_line_mistake_is_one_line(argv, line, capsys):
+    """As every other mistake: one line, exit status 2 (argparse printed its whole usage first)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and capsys.readouterr().err == line + "\n"
+
+
 def test_a_registered_versions_page_opens_on_the_training_view():
     """The address a sweep prints for the version it registered on a tracking server: the page in the UI's view of
     training runs (bench/ui.py checks it in a browser: without the view, MLflow shows its GenAI menu beside it)."""
