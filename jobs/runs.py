@@ -47,6 +47,7 @@ DATASET_DIGEST = "dataset_digest"
 EPOCHS = "epochs"  # the epochs it trains to: set as it opens, and again by each resume (which may extend it)
 DATA_CONTEXT = "mlflow.data.context"  # a tag of the run's dataset input, not of the run
 RESUMED = "resumed"  # how many times
+FORCED = "forced"  # what a --force resume changed, from which epoch (its params keep the values it started with)
 STOPPED_EPOCH = "stopped_epoch"
 STOPPED_REASON = "stopped_reason"
 KEPT_EPOCH = "kept_epoch"  # the epoch whose weights are the run's model and weights.npz (keep)

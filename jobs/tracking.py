@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from jobs import claims, runs
-from jobs.config import JobConfig, input_params, renamed
+from jobs.config import JobConfig, input_params, renamed, result_changes
 from jobs.data import Dataset
 from jobs.errors import JobFailed, reason
 from jobs.store import TrackingError, open_store, retry_locked
@@ -75,6 +75,7 @@ class RunTracker(Hooks):
         self.lost: str | None = None  # why the store stopped answering
         self._warned = False
         self.stored_epoch = 0  # the last epoch whose checkpoint the store holds
+        self.forced = ""  # what a --force resume changed (runs.FORCED)
         self._ended = threading.Event()  # stops the heartbeat
         self.data_name = cfg.data  # the dataset's name, for the run's description
         self.last: tuple[EpochResult, TrainingState] | None = None  # the latest epoch, for the description
@@ -155,10 +156,16 @@ class RunTracker(Hooks):
             run = self.client.get_run(run_id)  # its experiment, data and jobs: none of which the claim changes
             jobs = runs.job_tag(run.data.tags.get(runs.RAY_JOBS, ""))
             name = renamed(run.info.run_name or "", saved, self.cfg)
+            if changes := result_changes(saved, self.cfg):  # --force: said where a person reads the run
+                now = f"from epoch {stored_epoch}: {', '.join(changes)}"
+                self.forced = "; ".join(filter(None, [run.data.tags.get(runs.FORCED, ""), now]))[-5000:]
             claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
                                                                     runs.EPOCHS: str(self.cfg.epochs),
                                                                     **self.backend_tags, **jobs,
-                                                                    **({runs.NAME: name} if name else {})})
+                                                                    **({runs.NAME: name} if name else {}),
+                                                                    **({runs.FORCED: self.forced} if changes else {})})
+            if changes:  # the config it now runs with (params cannot change: they keep the values it started with)
+                self.client.log_text(run_id, self.cfg.to_yaml(), "config.yaml")
             for key in self.client.get_run(run_id).data.metrics:
                 self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         except claims.DriverConflict:
@@ -238,6 +245,8 @@ class RunTracker(Hooks):
             elif status != "FINISHED" and self.stored_epoch:
                 text += (f" Continue it from its checkpoint of epoch {self.stored_epoch}: "
                          f"`{runs.continue_command(self.run_id, self.uri)}`")
+        if self.forced:
+            text += f" Resumed with --force {self.forced} (its params are the values it started with)."
         if status == "FINISHED" and self.curves_logged:  # the curves, drawn together, atop the Overview
             text += "\n\n" + runs.artifact_image(self.run_id, "plots/curves.png", "train, validation and test curves")
         return text

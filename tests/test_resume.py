@@ -18,7 +18,7 @@ from core import Network
 from jobs import checkpoint
 from jobs.backends import LocalBackend
 from jobs.cli import main
-from jobs.config import load_config
+from jobs.config import load_config, load_job
 from jobs.data import load_dataset
 from jobs.store import program
 from jobs.train import train
@@ -73,6 +73,14 @@ def test_a_resume_that_would_change_the_result_is_refused(tracking_uri, capsys):
     assert len(err.splitlines()) == 1
     assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
     assert main(["run", DIGITS, "epochs=2", "eta=0.5", "--resume", run_id, "--force", "--quiet"]) == 0
+    # forced: the run says so where a person reads it (once nothing did, and its config.yaml still said 3.0)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["forced"] == "from epoch 1: eta: 3.0 -> 0.5"
+    assert run.info.run_name == "digits epochs=2" and run.data.params["eta"] == "3.0"  # a param cannot change
+    assert "Resumed with --force from epoch 1: eta: 3.0 -> 0.5 (its params are the values it started with)." in \
+        run.data.tags["mlflow.note.content"]
+    assert load_job(client.download_artifacts(run_id, "config.yaml"), []).eta == 0.5
 
 
 def test_resume_of_a_run_that_does_not_exist(tracking_uri, capsys):
