@@ -76,6 +76,8 @@ class RunTracker(Hooks):
         self._warned = False
         self.stored_epoch = 0  # the last epoch whose checkpoint the store holds
         self.forced = ""  # what a --force resume changed (runs.FORCED)
+        # test, validation, the kept epoch (keep=best): of the weights a resume that trained none logs
+        self.accuracies: tuple[float, float | None, int | None] | None = None
         self._ended = threading.Event()  # stops the heartbeat
         self.data_name = cfg.data  # the dataset's name, for the run's description
         self.last: tuple[EpochResult, TrainingState] | None = None  # the latest epoch, for the description
@@ -226,7 +228,13 @@ class RunTracker(Hooks):
         backend = self.backend_tags.get("backend", self.cfg.backend)
         where = f"{self.data_name}, {backend} backend" + (f", {self.backend_tags['workers']} workers"
                                                            if "workers" in self.backend_tags else "")
-        if self.last is None:  # none trained by this driver: a resumed run's, where its checkpoint was
+        if self.last is None and self.accuracies:  # a resume that had only the results to log: what they are
+            test, val, best = self.accuracies
+            validation = "" if val is None else f", validation {percent(val):.2f}%"
+            kept = f" with the weights of epoch {best} (keep=best: its best validation accuracy)," if best else ""
+            text = (f"{status}: test accuracy {percent(test):.2f}%{validation}{kept} after epoch {self.stored_epoch} "
+                    f"of {self.cfg.epochs} ({where}).")
+        elif self.last is None:  # none trained by this driver: a resumed run's, where its checkpoint was
             text = f"{status} after epoch {self.stored_epoch} of {self.cfg.epochs} ({where})." if self.stored_epoch \
                 else f"{status} before its first epoch ({where})."
         else:

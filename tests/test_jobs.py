@@ -274,9 +274,13 @@ def test_resume_finishes_what_a_killed_close_left_undone(tracking_uri, monkeypat
     weights = Network.load(client.download_artifacts(run_id, "weights.npz")).params
     capsys.readouterr()
     assert main([*args, "--resume", run_id]) == 0
-    assert "after 2 epochs" in capsys.readouterr().out
+    line = capsys.readouterr().out.splitlines()[0]  # test accuracy A%, validation B% after 2 epochs (...) in ...
+    assert "after 2 epochs" in line
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    accuracies = line.split(" after ")[0]  # the description gives them too (once only "FINISHED after epoch 2")
+    assert run.data.tags["mlflow.note.content"].startswith(
+        f"FINISHED: {accuracies} after epoch 2 of 2 (digits, local backend).")
     (model,) = mlflow.search_logged_models(experiment_ids=experiment, output_format="list")
     assert model.source_run_id == run_id
     assert np.array_equal(Network.load(client.download_artifacts(run_id, "weights.npz")).params, weights)
