@@ -4,6 +4,7 @@ says where to look at it, keep=best, the served model's outputs, and the command
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,18 +109,19 @@ def test_an_existing_experiment_is_marked_as_training_runs(tracking_uri, capsys)
     assert client.get_experiment(genai).tags["team"] == "a"
 
 
-def test_a_relative_sqlite_store_is_named_absolutely_in_what_is_printed_to_paste(tmp_path, monkeypatch, capsys):
+def test_a_relative_sqlite_store_is_named_absolutely_in_what_is_printed_to_paste(tracking_uri, tmp_path, monkeypatch,
+                                                                                 capsys):
     """`--tracking-uri sqlite:///runs.db` is relative to the folder the command ran in: the commands it prints
     (look at it, continue it) name the file absolutely, so that pasted elsewhere they find the same store (once
     they named a new, empty one)."""
     from jobs.runs import continue_command
     from jobs.store import absolute_uri, program
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert main(["run", DIGITS, "epochs=1", "--tracking-uri", "sqlite:///runs.db"]) == 0
+    assert tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and Path.cwd() == tmp_path  # the fixture's store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["run", DIGITS, "epochs=1", "--tracking-uri", "sqlite:///mlflow.db"]) == 0  # relative to here
     look = capsys.readouterr().out.splitlines()[-1]
-    assert f"--backend-store-uri sqlite:///{tmp_path / 'runs.db'} --host" in look
+    assert f"--backend-store-uri {tracking_uri} --host" in look
     assert continue_command("ID", "sqlite:///sub/runs.db?timeout=5") == \
         f"{program('gradavg')} run --resume ID --tracking-uri sqlite:///{tmp_path / 'sub' / 'runs.db'}?timeout=5"
     for same in (f"sqlite:///{tmp_path / 'runs.db'}", "http://127.0.0.1:5000", "file:///tmp/mlruns"):
