@@ -24,6 +24,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+# The tests play a terminal's signals (Ctrl-C's SIGINT, a closed terminal's SIGHUP) on the jobs they run, in this
+# process and in the ones it starts. A job started with a signal ignored keeps it ignored (jobs.stopping.
+# IGNORED_AT_START), and a process inherits what its parent ignores: a test run started by a script in the
+# background (SIGINT ignored) or under nohup (SIGHUP ignored) would find every job deaf to them. So this process
+# ignores neither: SIGINT interrupts as Python's default does; SIGHUP gets a handler that does nothing, so that
+# the test run still outlives its terminal while the processes it starts hear it (a handler is not inherited).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
+
 
 @pytest.fixture(scope="module")
 def local_ray():
