@@ -184,10 +184,10 @@ class _Parser(argparse.ArgumentParser):
     (argparse prints the whole usage first)."""
 
     def error(self, message: str):
-        flags = re.findall(r"--([a-z_]+)", message) if message.startswith("unrecognized arguments") else []
+        flags = re.findall(r"--([\w-]+)", message) if message.startswith("unrecognized arguments") else []
         from jobs.config import KEYS
 
-        keys = [f for f in flags if f in KEYS]  # --epochs 5 for epochs=5
+        keys = [k for f in flags if (k := f.replace("-", "_")) in KEYS]  # --epochs 5, --init-scale 0.1
         advice = f" (config keys are written key=value, e.g. {keys[0]}=...)" if keys else ""
         self.exit(2, f"{self.prog}: error: {message}{advice}; `{self.prog} --help` shows the usage\n")
 

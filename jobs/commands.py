@@ -314,7 +314,9 @@ def cmd_cluster(args) -> int:
     servers = local_cluster.up(args.state_dir, args.num_cpus, args.dashboard_port, args.mlflow_port)
     print(f"Ray dashboard   {servers.dashboard}")
     print(f"MLflow server   {servers.tracking_uri}")
-    print(f"submit a job:   {_gradavg()} submit {shlex.quote(str(PROJECT_ROOT / 'configs' / 'digits.yaml'))} "
+    config = PROJECT_ROOT / "configs" / "digits.yaml"  # a checkout's (an installed wheel has no configs/)
+    config = shlex.quote(str(config)) if config.exists() else "configs/digits.yaml"
+    print(f"submit a job:   {_gradavg()} submit {config} "
           "workers=2 chunk_size=5 --address "
           f"{servers.dashboard} "
           f"--tracking-uri {servers.tracking_uri} --follow")

@@ -121,7 +121,8 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         if resume:
             previous, state, saved_cfg = runs.fetch_checkpoint(tracking_uri, resume)
             refuse_if_driven(previous, f"--resume {resume}")  # at once; RunTracker.resume claims it for good
-            _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
+            forced: list[str] = []  # what --force let the config change
+            _check_resumable(resume, previous, state, saved_cfg, cfg, data, force, forced)
             if previous.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):
                 return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True,
                                  previous.info.experiment_id)
@@ -142,7 +143,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
             with interrupts_deferred():  # the run is opened whole, so that the tracker can close it
                 if tracker and resume:
                     tracker.resume(resume, int(previous.data.tags.get(runs.RESUMED, "0")) + 1, state.epoch,
-                                   backend.tags, saved_cfg)
+                                   backend.tags, saved_cfg, forced)
                 elif tracker:
                     tracker.start(data, backend.tags)
             hooks.hooks.extend([tracker] if tracker else [])
@@ -239,12 +240,13 @@ def complete(run_id: str, state: TrainingState) -> str:
 
 
 def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,
-                     force: bool) -> None:
+                     force: bool, forced: list[str]) -> None:
     """A resume continues the run it names: the same computation (or --force), to at least its own end."""
     digest = run.data.tags.get(runs.DATASET_DIGEST)
     changed_data = [f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)"] \
         if digest and digest != data.digest else []
     changes = check_resume_config(run_id, state, saved, cfg, force, changed_data, run.info.status == "FINISHED")
+    forced[:] = changes  # what --force let through, for the run to say
     n_batches = batch_count(data.n_train, saved.batch_size)
     if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
         raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "

@@ -14,6 +14,7 @@ transport): ``cluster`` imports nothing of ``jobs`` but its error kinds (``jobs.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from contextlib import contextmanager
 
@@ -84,17 +85,16 @@ def continue_command(run_id: str, uri: str, sweep: bool = False, address: str | 
     """The command that continues a run (or, ``sweep``, a sweep) from its last checkpoint, to paste as it
     is: on the cluster at ``address`` (by default, the one a submitted job runs on), with the store it
     tracks to; a sweep that was to ``register`` its best model still does."""
-    import shlex
-
     address = address or os.environ.get(SUBMITTED_TO)
     if sweep:
-        command = f"sweep --resume {run_id}" + (f" --address {address}" if address else "")
+        command = f"sweep --resume {run_id}" + (f" --address {shlex.quote(address)}" if address else "")
         command += f" --register {shlex.quote(register)}" if register else ""
     elif address:
-        command = f"submit --resume {run_id} --address {address}"
+        command = f"submit --resume {run_id} --address {shlex.quote(address)}"
     else:
         command = f"run --resume {run_id}"
-    return f"{program('gradavg')} {command} --tracking-uri {absolute_uri(uri)}"  # the store, in any folder
+    # the store, in any folder; every part quoted for the shell (a folder's name may hold a space or a quote)
+    return f"{shlex.quote(program('gradavg'))} {command} --tracking-uri {shlex.quote(absolute_uri(uri))}"
 
 
 def artifact_image(run_id: str, path: str, text: str) -> str:

@@ -83,14 +83,16 @@ def _quiet_interrupts(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
-def stop_once_on_signals(signals: tuple = (signal.SIGINT, *STOP_SIGNALS)) -> None:
+def stop_once_on_signals(signals: tuple = (signal.SIGINT, *STOP_SIGNALS), as_started: bool = True) -> None:
     """From now on, the first SIGINT or stop signal interrupts this process (a sweep's trial); later ones are
     ignored, the run closing.
 
     Not ``stop_on_signals``'s handler, which interrupts at every signal, on purpose: one stop of a sweep
     reaches a trial's process more than once (Ctrl-C's SIGINT reaches the whole process group, then the
-    driver SIGTERMs each trial), and a second interrupt would cut the closing of its run short."""
-    for s in _handled(signals):
+    driver SIGTERMs each trial), and a second interrupt would cut the closing of its run short. ``as_started``:
+    the signals this process was started with ignored stay so; not for a Ray task, which Ray cancels with SIGINT
+    (``_thread.interrupt_main``, which does nothing where SIGINT is ignored)."""
+    for s in _handled(signals) if as_started else signals:  # a Ray task: how Ray cancels it, whatever Ray ignored
         signal.signal(s, _interrupt_once)
     sys.unraisablehook = _quiet_interrupts
 

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import urllib.error
@@ -68,22 +69,30 @@ def check_uri(uri: str, where: str) -> str:
                             "sqlite:///PATH.db") from None
     if parts.scheme in ("http", "https") and not parts.hostname:
         raise TrackingError(f"{where} {masked(uri)}: names no host; write http://HOST:PORT")
-    if parts.scheme in ("", "file"):
-        raise TrackingError(_not_a_store(uri, where))
+    if parts.scheme in ("", "file") and (problem := _not_a_store(uri, where)):
+        raise TrackingError(problem)
     if parts.scheme == "sqlite" and _sqlite_path(uri) is None:
         raise TrackingError(f"{where} {uri}: an in-memory store is gone when the process ends (and a job's other "
                             "processes cannot see it); write sqlite:///PATH.db for a file")
     return uri
 
 
-def _not_a_store(uri: str, where: str) -> str:
-    """What a path given as a tracking URI needs: a sqlite file is named ``sqlite:///PATH``; a folder is MLflow's
-    file store, which MLflow 3 keeps for old runs only (in "maintenance mode"), a job's run needs a database."""
-    path = Path(urlsplit(uri).path if uri.startswith("file:") else uri).expanduser().absolute()
+def _not_a_store(uri: str, where: str) -> str | None:
+    """What a path given as a tracking URI needs, or None where MLflow takes it: a sqlite file is named
+    ``sqlite:///PATH``; a server, ``http://HOST:PORT``; a folder is MLflow's file store, which MLflow 3 opens only
+    when ``MLFLOW_ALLOW_FILE_STORE`` says so (its "maintenance mode")."""
+    from urllib.parse import unquote
+
+    if re.fullmatch(r"/*[\w.-]+:\d+/?", uri):  # a server's address without its scheme
+        return f"{where} {uri}: a tracking server is named with its scheme; write http://{uri.strip('/')}"
+    path = Path(unquote(urlsplit(uri).path) if uri.startswith("file:") else uri).expanduser().absolute()
     if path.suffix in (".db", ".sqlite", ".sqlite3") or path.is_file():
         return f"{where} {uri}: a file is named by a URI; write sqlite:///{path}"
-    return (f"{where} {uri}: a folder of runs is MLflow's file store, which takes no new runs in MLflow 3; write "
-            f"sqlite:///PATH.db (`mlflow migrate-filestore` moves a folder's runs into one) or http://HOST:PORT")
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+        return None  # MLflow's own opt-out: its file store, as the user asked
+    return (f"{where} {uri}: a folder of runs is MLflow's file store, which MLflow 3 opens only with "
+            f"MLFLOW_ALLOW_FILE_STORE=true; write sqlite:///PATH.db (`mlflow migrate-filestore` moves a folder's runs "
+            f"into one) or http://HOST:PORT")
 
 
 def bound_requests() -> None:
@@ -288,7 +297,8 @@ def ui_hint(uri: str, path: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     port = free_port()
-    return (f"{program('mlflow')} ui --backend-store-uri {absolute_uri(uri)} --host 127.0.0.1 --port {port}, then open "
+    return (f"{shlex.quote(program('mlflow'))} ui --backend-store-uri {shlex.quote(absolute_uri(uri))} "
+            f"--host 127.0.0.1 --port {port}, then open "
             f"http://127.0.0.1:{port}/{path}")
 
 

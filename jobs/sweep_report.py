@@ -115,7 +115,7 @@ def register_once(client, uri: str, parent_id: str, name: str | None, best_id: s
         if name:
             stream.write(f"gradavg: the best trial's model is registered already, as {registered}\n")
         return
-    asked = parent.data.tags.get(runs.REGISTER_AS)
+    asked = "".join(c for c in parent.data.tags.get(runs.REGISTER_AS, "") if c.isprintable())  # printed, not run
     if not name and asked and best_id is not None:  # registering is done only when the command line asks
         again = f"--register {shlex.quote(asked)}"
         stream.write(f"gradavg: note: this sweep was started with {again}, and its best trial's model is not "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from jobs import claims, runs
-from jobs.config import JobConfig, input_params, renamed, result_changes
+from jobs.config import JobConfig, input_params, renamed
 from jobs.data import Dataset
 from jobs.errors import JobFailed, reason
 from jobs.store import TrackingError, open_store, retry_locked
@@ -149,18 +149,20 @@ class RunTracker(Hooks):
                 return self._mlflow.data.from_numpy(data.x_train, **described)  # so the code stands as the source
 
     def resume(self, run_id: str, times_resumed: int, stored_epoch: int, backend_tags: dict[str, str],
-               saved: JobConfig) -> None:
+               saved: JobConfig, changes: list[str] = ()) -> None:
         """Continue an existing run: the same run id, no metric logged twice at one step; its name states the
-        values of this config (``saved``: the config it ran with)."""
+        values of this config (``saved``: the config it ran with); ``changes``: what --force let this config
+        change in what the run computes, which the run says (``runs.FORCED``)."""
 
         self.backend_tags = dict(backend_tags)
         try:
             run = self.client.get_run(run_id)  # its experiment, data and jobs: none of which the claim changes
             jobs = runs.job_tag(run.data.tags.get(runs.RAY_JOBS, ""))
             name = renamed(run.info.run_name or "", saved, self.cfg)
-            if changes := result_changes(saved, self.cfg):  # --force: said where a person reads the run
+            self.forced = run.data.tags.get(runs.FORCED, "")  # an earlier --force's, kept in the description
+            if changes:  # --force: said where a person reads the run
                 now = f"from epoch {stored_epoch}: {', '.join(changes)}"
-                self.forced = "; ".join(filter(None, [run.data.tags.get(runs.FORCED, ""), now]))[-5000:]
+                self.forced = "; ".join(filter(None, [self.forced, now]))[-5000:]
             claims.take(self.client, run_id, f"--resume {run_id}", {runs.RESUMED: str(times_resumed),
                                                                     runs.EPOCHS: str(self.cfg.epochs),
                                                                     **self.backend_tags, **jobs,

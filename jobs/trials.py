@@ -161,7 +161,7 @@ def _ray_trial(config, uri, parent_id, number, resume_id, rungs) -> Outcome:
     import ray
 
     if threading.current_thread() is threading.main_thread():  # Ray cancels a task by interrupting it (SIGINT)
-        stop_once_on_signals((signal.SIGINT,))
+        stop_once_on_signals((signal.SIGINT,), as_started=False)  # even where Ray was started with it ignored
     ask = (lambda epoch, accuracy: ray.get(rungs.report.remote(number, epoch, accuracy))) if rungs else None
     return run_trial(config, uri, parent_id, number, resume_id, ask)
 

@@ -29,7 +29,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # IGNORED_AT_START), and a process inherits what its parent ignores: a test run started by a script in the
 # background (SIGINT ignored) or under nohup (SIGHUP ignored) would find every job deaf to them. So this process
 # ignores neither: SIGINT interrupts as Python's default does; SIGHUP gets a handler that does nothing, so that
-# the test run still outlives its terminal while the processes it starts hear it (a handler is not inherited).
+# the test run outlives its terminal (but while a test runs a job in this process, which installs its own; the
+# `_not_stopping` fixture puts it back) and the processes it starts hear it (a handler is not inherited).
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:

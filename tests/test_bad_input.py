@@ -278,7 +278,9 @@ ROWS = [
     (["run", DIGITS, "--tracking-uri", "{d}/mlflow.db"], "--tracking-uri {d}/mlflow.db: a file is named by a URI; "
                                                          "write sqlite:///{d}/mlflow.db"),
     (["run", DIGITS, "--tracking-uri", "./mlruns"], "--tracking-uri ./mlruns: a folder of runs is MLflow's file "
-                                                    "store, which takes no new runs in MLflow 3; write sqlite:///"),
+                                                    "store, which MLflow 3 opens only with MLFLOW_ALLOW_FILE_STORE="),
+    (["run", DIGITS, "--tracking-uri", "127.0.0.1:5000"], "a tracking server is named with its scheme; write "
+                                                          "http://127.0.0.1:5000"),
     (["evaluate", "runs:/abc", "--tracking-uri", "file:///tmp/mlruns"], "a folder of runs is MLflow's file store"),
     (["evaluate", "runs:/abc", "--tracking-uri", "http://[::1"], "not a valid URI"),
     (["runs", "repair", "--tracking-uri", "http://127.0.0.1:abc"], "not a valid URI"),

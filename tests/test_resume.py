@@ -81,6 +81,9 @@ def test_a_resume_that_would_change_the_result_is_refused(tracking_uri, capsys):
     assert "Resumed with --force from epoch 1: eta: 3.0 -> 0.5 (its params are the values it started with)." in \
         run.data.tags["mlflow.note.content"]
     assert load_job(client.download_artifacts(run_id, "config.yaml"), []).eta == 0.5
+    assert main(["run", "--resume", run_id, "epochs=3", "--quiet"]) == 0  # its own config now: nothing forced
+    assert "Resumed with --force from epoch 1: eta: 3.0 -> 0.5" in \
+        client.get_run(run_id).data.tags["mlflow.note.content"]  # the earlier --force is still said
 
 
 def test_resume_of_a_run_that_does_not_exist(tracking_uri, capsys):
