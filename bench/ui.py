@@ -56,7 +56,7 @@ def pages(store: Path) -> list[Page]:
     """The pages to visit, from what the store holds."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.store import model_version_path, run_path
+    from jobs.store import TRAINING_VIEW, model_version_path, run_path
 
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "digits"]
@@ -64,7 +64,7 @@ def pages(store: Path) -> list[Page]:
     run = next(r for r in found if r.info.run_name.startswith("digits epochs=8"))
     parent = next(r for r in found if "sweep_keys" in r.data.tags)
     trials = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    e, ml = experiment.experiment_id, "workflowType=machine_learning"
+    e, ml = experiment.experiment_id, TRAINING_VIEW
     page = run_path(e, run.info.run_id)
     ids = json.dumps([r.info.run_id for r in trials])
     return [

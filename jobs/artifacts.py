@@ -31,10 +31,8 @@ def finish(tracker: RunTracker, state: TrainingState, data: Dataset, backend_tag
         changed.update({runs.STOPPED_EPOCH: str(state.epoch), runs.STOPPED_REASON: state.stopped[:4000]})
     network = state.kept(tracker.cfg)  # keep=best: the best epoch's weights are the run's model
     if not trained and data.shards is None:  # its description's figures, as the job's last line gives them
-        kept = state.best_epoch if tracker.cfg.keep == "best" and state.best_params is not None else None
-        tracker.accuracies = (network.evaluate(np.asarray(data.x_test, dtype=network.dtype), data.y_test)[1],
-                              network.evaluate(np.asarray(data.x_validation, dtype=network.dtype),
-                                               data.y_validation)[1] if data.n_validation else None, kept)
+        tracker.accuracies = (*state.kept_accuracies(tracker.cfg, data),
+                              state.best_epoch if state.keeps_best(tracker.cfg) else None)
     changed[runs.KEPT_EPOCH] = str(state.kept_epoch(tracker.cfg))
     if changed:  # a transport that fell back during the run; where training stopped early
         tracker.call("tagging the run", runs.set_tags, tracker.client, tracker.run_id, changed)

@@ -23,7 +23,7 @@ from jobs.progress import HookChain, Progress
 from jobs.shards import is_sharded
 from jobs.stopping import STOPPING, Interrupted, interrupts_deferred, no_interrupts, raise_if_stopping
 from jobs.store import TrackingError
-from jobs.text import percent, plural
+from jobs.text import accuracies, plural
 from jobs.train import Hooks, TrainingState, initial_state, start_backend, train
 
 
@@ -121,8 +121,7 @@ def run_job(cfg: JobConfig, tracking_uri: str | None = None, stream: TextIO | No
         if resume:
             previous, state, saved_cfg = runs.fetch_checkpoint(tracking_uri, resume)
             refuse_if_driven(previous, f"--resume {resume}")  # at once; RunTracker.resume claims it for good
-            forced: list[str] = []  # what --force let the config change
-            _check_resumable(resume, previous, state, saved_cfg, cfg, data, force, forced)
+            forced = _check_resumable(resume, previous, state, saved_cfg, cfg, data, force)
             if previous.info.status == "FINISHED" and (state.epoch >= cfg.epochs or state.stopped):
                 return JobResult(state, data, resume, tracking_uri, time.perf_counter() - started, True,
                                  previous.info.experiment_id)
@@ -214,20 +213,11 @@ def _note_idle_workers(cfg: JobConfig, progress: Progress) -> None:
 def summary(result: JobResult, cfg: JobConfig) -> str:
     """The job's last line: test (and validation) accuracy after its epochs, and its time."""
     state, data = result.state, result.data
-    network = state.kept(cfg)  # keep=best: the accuracies are those of the weights the run keeps
-    last = state.kept_result(cfg) or (state.history[-1] if state.history else None)
-    if data.shards is not None and last is not None:  # the driver may hold no rows: the last epoch's figures
-        test, accuracy = last.test_accuracy, last.validation_accuracy
-    else:
-        test = network.evaluate(np.asarray(data.x_test, dtype=network.dtype), data.y_test)[1]
-        accuracy = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1] \
-            if data.n_validation else None
-    validation = "" if accuracy is None else f", validation {percent(accuracy):.2f}%"
-    kept = f" with the weights of epoch {state.best_epoch} (keep=best: its best validation accuracy)," \
-        if cfg.keep == "best" and state.best_params is not None else ""
+    figures = accuracies(*state.kept_accuracies(cfg, data),  # keep=best: those of the weights the run keeps
+                         state.best_epoch if state.keeps_best(cfg) else None)
     stopped = f"; {state.stopped}" if state.stopped else ""
-    return (f"test accuracy {percent(test):.2f}%{validation}{kept} after {plural(state.epoch, 'epoch')} ({data.name}, "
-            f"{cfg.backend} backend) in {result.seconds:.1f} s{stopped}")
+    return (f"{figures} after {plural(state.epoch, 'epoch')} ({data.name}, {cfg.backend} backend) in "
+            f"{result.seconds:.1f} s{stopped}")
 
 
 def complete(run_id: str, state: TrainingState) -> str:
@@ -240,18 +230,19 @@ def complete(run_id: str, state: TrainingState) -> str:
 
 
 def _check_resumable(run_id: str, run, state: TrainingState, saved: JobConfig, cfg: JobConfig, data: Dataset,
-                     force: bool, forced: list[str]) -> None:
-    """A resume continues the run it names: the same computation (or --force), to at least its own end."""
+                     force: bool) -> list[str]:
+    """A resume continues the run it names: the same computation (or --force), to at least its own end. Returns
+    what --force let change in what it computes, for the run to say."""
     digest = run.data.tags.get(runs.DATASET_DIGEST)
     changed_data = [f"the contents of data={cfg.data} (sha256 {digest[:12]}… -> {data.digest[:12]}…)"] \
         if digest and digest != data.digest else []
     changes = check_resume_config(run_id, state, saved, cfg, force, changed_data, run.info.status == "FINISHED")
-    forced[:] = changes  # what --force let through, for the run to say
     n_batches = batch_count(data.n_train, saved.batch_size)
     if not changes and state.step != state.epoch * n_batches:  # the same data split: the counts must agree
         raise TrackingError(f"--resume {run_id}: its checkpoint says epoch {state.epoch} at step {state.step}, but "
                             f"an epoch of {data.n_train} examples in mini-batches of {saved.batch_size} is "
                             f"{n_batches} steps; the checkpoint is damaged: start a new run instead")
+    return changes
 
 
 def check_resume_config(run_id: str, state: TrainingState, saved: JobConfig, cfg: JobConfig, force: bool,

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote, urlparse, urlsplit
+from urllib.parse import quote, unquote, urlparse, urlsplit
 
 from jobs.errors import UserError, reason
 
@@ -81,8 +81,6 @@ def _not_a_store(uri: str, where: str) -> str | None:
     """What a path given as a tracking URI needs, or None where MLflow takes it: a sqlite file is named
     ``sqlite:///PATH``; a server, ``http://HOST:PORT``; a folder is MLflow's file store, which MLflow 3 opens only
     when ``MLFLOW_ALLOW_FILE_STORE`` says so (its "maintenance mode")."""
-    from urllib.parse import unquote
-
     if re.fullmatch(r"/*[\w.-]+:\d+/?", uri):  # a server's address without its scheme
         return f"{where} {uri}: a tracking server is named with its scheme; write http://{uri.strip('/')}"
     path = Path(unquote(urlsplit(uri).path) if uri.startswith("file:") else uri).expanduser().absolute()
@@ -153,7 +151,6 @@ def _without_credentials(uri: str) -> tuple[str, dict[str, str]]:
     """``http://user:password@host/`` as ``http://host/`` and the Basic authorization header that MLflow's
     client sends for it (urllib would take the credentials for part of the host name)."""
     import base64
-    from urllib.parse import unquote
 
     parts = urlsplit(uri)
     if parts.username is None:

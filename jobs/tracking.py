@@ -27,7 +27,7 @@ from jobs.config import JobConfig, input_params, renamed
 from jobs.data import Dataset
 from jobs.errors import JobFailed, reason
 from jobs.store import TrackingError, open_store, retry_locked
-from jobs.text import percent, plural
+from jobs.text import accuracies, plural
 from jobs.train import EpochResult, Hooks, TrainingState
 
 # While training, metrics and checkpoints go to the store at most this often, and at the end: each send
@@ -231,23 +231,17 @@ class RunTracker(Hooks):
         where = f"{self.data_name}, {backend} backend" + (f", {self.backend_tags['workers']} workers"
                                                            if "workers" in self.backend_tags else "")
         if self.last is None and self.accuracies:  # a resume that had only the results to log: what they are
-            test, val, best = self.accuracies
-            validation = "" if val is None else f", validation {percent(val):.2f}%"
-            kept = f" with the weights of epoch {best} (keep=best: its best validation accuracy)," if best else ""
-            text = (f"{status}: test accuracy {percent(test):.2f}%{validation}{kept} after epoch {self.stored_epoch} "
-                    f"of {self.cfg.epochs} ({where}).")
+            text = f"{status}: {accuracies(*self.accuracies)} after epoch {self.stored_epoch} of {self.cfg.epochs} " \
+                f"({where})."
         elif self.last is None:  # none trained by this driver: a resumed run's, where its checkpoint was
             text = f"{status} after epoch {self.stored_epoch} of {self.cfg.epochs} ({where})." if self.stored_epoch \
                 else f"{status} before its first epoch ({where})."
         else:
             last, state = self.last
             result = state.kept_result(self.cfg) or last  # keep=best: the accuracies of the weights it keeps
-            validation = "" if result.validation_accuracy is None else \
-                f", validation {percent(result.validation_accuracy):.2f}%"
-            kept = f" with the weights of epoch {result.epoch} (keep=best: its best validation accuracy)," \
-                if result is not last else ""
-            text = (f"{status}: test accuracy {percent(result.test_accuracy):.2f}%{validation}{kept} after "
-                    f"{plural(last.epoch, 'epoch')} of {self.cfg.epochs} ({where}).")
+            kept = accuracies(result.test_accuracy, result.validation_accuracy,
+                              result.epoch if result is not last else None)
+            text = f"{status}: {kept} after {plural(last.epoch, 'epoch')} of {self.cfg.epochs} ({where})."
             if state.stopped:
                 text += f" Stopped by {state.stopped}."
             elif status != "FINISHED" and (parent := self._tags.get(runs.PARENT)):  # a trial: its sweep goes on

@@ -81,19 +81,35 @@ class TrainingState:
     stopped: str | None = None  # why training ended before cfg.epochs, when it did
     best_params: np.ndarray | None = None  # keep=best: the weights of best_epoch
 
+    def keeps_best(self, cfg: JobConfig) -> bool:
+        """Whether the run ends with its best validation epoch's weights (``keep=best``, once it has one)."""
+        return cfg.keep == "best" and self.best_params is not None
+
     def kept(self, cfg: JobConfig) -> Network:
         """The network a run ends with (``keep``): the last epoch's, or that of its best validation accuracy."""
-        if cfg.keep == "best" and self.best_params is not None:
+        if self.keeps_best(cfg):
             net = self.network
             return Network(list(net.sizes), self.best_params.copy(), net.cost, net.activation)
         return self.network
 
     def kept_epoch(self, cfg: JobConfig) -> int:
-        return self.best_epoch if cfg.keep == "best" and self.best_params is not None else self.epoch
+        return self.best_epoch if self.keeps_best(cfg) else self.epoch
 
     def kept_result(self, cfg: JobConfig) -> EpochResult | None:
         """The evaluation of the kept epoch's weights, where this process trained that epoch."""
         return next((r for r in self.history if r.epoch == self.kept_epoch(cfg)), None)
+
+    def kept_accuracies(self, cfg: JobConfig, data: Dataset) -> tuple[float, float | None]:
+        """The test and validation accuracy of the weights the run ends with: evaluated here, or, for a sharded
+        dataset (the driver may hold no rows), the figures of the latest epoch this process trained."""
+        last = self.kept_result(cfg) or (self.history[-1] if self.history else None)
+        if data.shards is not None and last is not None:
+            return last.test_accuracy, last.validation_accuracy
+        network = self.kept(cfg)
+        test = network.evaluate(np.asarray(data.x_test, dtype=network.dtype), data.y_test)[1]
+        validation = network.evaluate(np.asarray(data.x_validation, dtype=network.dtype), data.y_validation)[1] \
+            if data.n_validation else None
+        return test, validation
 
 
 class Hooks:
